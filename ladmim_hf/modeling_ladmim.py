@@ -1,0 +1,963 @@
+"""LADMIM models: the HVQ-Trans tokenizer, the LAViT histogram predictor and the anomaly detector.
+
+Shipped to the Hub next to the weights and loaded with ``trust_remote_code=True``: imports only
+torch, numpy, transformers and the flat sibling files (``configuration_ladmim``, ``backbone_ladmim``,
+``masking``), never the rest of ``ladmim_hf``.
+
+Shapes use B = batch, M = masks per image, N = grid cells (grid_size ** 2), L = codebook levels,
+K = codebook size, C = feature channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbone_ladmim import LadmimBackbone
+from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
+from .masking import BlockMaskGenerator
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LadmimTokenizerOutput(ModelOutput):
+    """Output of [`LadmimTokenizerModel.forward`].
+
+    Args:
+        loss: feature MSE + `commitment_weight` x summed commitment losses (scalar).
+        reconstruction_loss: MSE between reconstructed and backbone features (scalar).
+        commitment_loss: commitment losses summed over the top and lower levels (scalar).
+        codes: code indices of the lower levels `(B, L, N)`.
+        features: frozen backbone features `(B, C, g, g)`.
+        reconstruction: decoder output `(B, C, g, g)`.
+        anomaly_map: structural map at input resolution `(B, S, S)` (eval mode only).
+        pred_score: structural image score `(B,)` (eval mode only).
+        codebook_perplexity: perplexity of the batch's codes per level, top level last `(L + 1,)`.
+        codebook_usage: fraction of codes used in the batch per level, top level last `(L + 1,)`.
+        dead_codes_restarted: codes restarted during this step (training mode only).
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    features: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    pred_score: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    dead_codes_restarted: int | None = None
+
+
+@dataclass
+class LadmimPredictorOutput(ModelOutput):
+    """Output of [`LadmimPredictorModel.forward`].
+
+    Args:
+        loss: histogram loss (scalar) when `labels` were given.
+        logits: hist-token logits `(B, L, K)`, or `(B, M, L, K)` for several masks per image.
+        token_logits: per-masked-token logits `(B, N, L, K)` (only for `loss_type="token_ce"`).
+        last_hidden_state: final-norm token states `(B, 2 + N, D)` (only if requested).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    token_logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class LadmimAnomalyOutput(ModelOutput):
+    """Output of [`LadmimForAnomalyDetection.forward`] (names follow anomalib where they overlap).
+
+    Args:
+        pred_score: fused score z(logical) + z(structural) `(B,)`.
+        pred_label: `pred_score > threshold` `(B,)` bool.
+        logical_score: mean over masks of the summed L1 histogram distance `(B,)` (range 0..2L).
+        structural_score: HVQ-Trans image score `(B,)`.
+        anomaly_map: fused map z(logical_map) + z(structural_map) `(B, S, S)`.
+        logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)`.
+        structural_map: HVQ-Trans reconstruction map `(B, S, S)`.
+        mask_scores: per-mask L1 distance `(B, M)`.
+        masks: the masks used `(B, M, N)`.
+        predicted_histograms: `softmax` of the hist logits `(B, M, L, K)` (if requested).
+        target_histograms: true code histograms of the masked cells `(B, M, L, K)` (if requested).
+    """
+
+    pred_score: torch.FloatTensor | None = None
+    pred_label: torch.BoolTensor | None = None
+    logical_score: torch.FloatTensor | None = None
+    structural_score: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    logical_map: torch.FloatTensor | None = None
+    structural_map: torch.FloatTensor | None = None
+    mask_scores: torch.FloatTensor | None = None
+    masks: torch.BoolTensor | None = None
+    predicted_histograms: torch.FloatTensor | None = None
+    target_histograms: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def code_histograms(codes: torch.Tensor, masks: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Normalised histograms of the codes under each mask.
+
+    Args:
+        codes: `(B, L, N)` integer codes.
+        masks: `(B, N)` or `(B, M, N)` bool.
+
+    Returns:
+        `(B, L, K)` or `(B, M, L, K)` float histograms summing to 1 over K (0 where a mask is empty).
+    """
+    squeeze = masks.dim() == 2
+    if squeeze:
+        masks = masks[:, None]
+    batch, num_masks, cells = masks.shape
+    levels = codes.shape[1]
+    weights = masks.to(torch.float32)[:, :, None, :].expand(batch, num_masks, levels, cells)
+    index = codes[:, None].expand(batch, num_masks, levels, cells).long()
+    hist = torch.zeros(batch, num_masks, levels, codebook_size, dtype=torch.float32, device=codes.device)
+    hist.scatter_add_(-1, index, weights)
+    hist = hist / masks.sum(-1).clamp(min=1).to(torch.float32)[:, :, None, None]
+    return hist[:, 0] if squeeze else hist
+
+
+def resolve_category_ids(categories: Sequence[str], category, batch_size: int, device=None) -> torch.Tensor:
+    """Category name(s) or id(s) -> LongTensor `(B,)`, with errors naming unknown categories."""
+    if isinstance(category, torch.Tensor):
+        ids = category.to(device=device, dtype=torch.long).reshape(-1)
+        if ids.numel() == 1 and batch_size > 1:
+            ids = ids.expand(batch_size)
+    else:
+        names = [category] * batch_size if isinstance(category, (str, int)) else list(category)
+        if len(names) != batch_size:
+            raise ValueError(f"got {len(names)} categories for a batch of {batch_size} images")
+        id_list = []
+        for name in names:
+            if isinstance(name, str):
+                if name not in categories:
+                    raise ValueError(f"unknown category {name!r}; this model was trained on {list(categories)}")
+                id_list.append(categories.index(name))
+            else:
+                id_list.append(int(name))
+        ids = torch.tensor(id_list, dtype=torch.long, device=device)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(categories)):
+        raise ValueError(f"category ids must be in 0..{len(categories) - 1}, got {ids.tolist()}")
+    return ids
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Temporarily switch `module` to eval mode (scoring must never run dropout or EMA updates)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer (HVQ-Trans)
+# --------------------------------------------------------------------------------------------------
+
+
+class LadmimAttention(nn.Module):
+    """Multi-head attention with separate query/key/value inputs (positions are added by the caller)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = query.shape
+        heads = self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, dim // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value)),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class LadmimFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class LadmimEncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer; positions are added to queries and keys only (DETR style)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.self_attn = LadmimAttention(dim, heads, dropout)
+        self.ffn = LadmimFeedForward(dim, hidden, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = x + pos
+        x = self.norm1(x + self.dropout(self.self_attn(qk, qk, x)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+class LadmimDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention on the target, cross-attention to one quantised level."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float):
+        super().__init__()
+        self.self_attn = LadmimAttention(dim, heads, dropout)
+        self.cross_attn = LadmimAttention(dim, heads, dropout)
+        self.ffn = LadmimFeedForward(dim, hidden, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, target: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = target + pos
+        target = self.norm1(target + self.dropout(self.self_attn(qk, qk, target)))
+        target = self.norm2(target + self.dropout(self.cross_attn(target + pos, memory + pos, memory)))
+        return self.norm3(target + self.dropout(self.ffn(target)))
+
+
+class LadmimVectorQuantizer(nn.Module):
+    """Class-switched EMA vector quantiser: one `(K, D)` codebook per category.
+
+    Codebooks are buffers trained by an exponential moving average of the vectors assigned to them
+    (not by gradients); EMA updates and dead-code restarts run only when `update=True` is passed
+    in training mode.
+    """
+
+    def __init__(self, num_categories: int, codebook_size: int, dim: int, decay: float, epsilon: float,
+                 dead_code_threshold: float, restart_dead_codes: bool):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.decay = decay
+        self.epsilon = epsilon
+        self.dead_code_threshold = dead_code_threshold
+        self.restart_dead_codes = restart_dead_codes
+        embed = torch.randn(num_categories, codebook_size, dim)
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("cluster_size", torch.zeros(num_categories, codebook_size))
+        self.register_buffer("restart_count", torch.zeros((), dtype=torch.long))
+
+    def codebooks(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Codebook of each sample `(B, K, D)`."""
+        return self.embed.index_select(0, class_ids)
+
+    def nearest(self, x: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes by squared Euclidean distance: `x (B, N, D)` -> indices `(B, N)`, vectors `(B, N, D)`."""
+        books = self.codebooks(class_ids)
+        distances = (
+            x.pow(2).sum(-1, keepdim=True)
+            - 2 * torch.bmm(x, books.transpose(1, 2))
+            + books.pow(2).sum(-1)[:, None, :]
+        )
+        indices = distances.argmin(-1)
+        vectors = torch.gather(books, 1, indices[..., None].expand(-1, -1, books.shape[-1]))
+        return indices, vectors
+
+    def forward(self, x: torch.Tensor, class_ids: torch.Tensor, update: bool = False):
+        """Quantise `x (B, N, D)`.
+
+        Returns:
+            straight-through quantised vectors `(B, N, D)`, indices `(B, N)`, commitment loss (scalar)
+            and the number of restarted codes.
+        """
+        indices, vectors = self.nearest(x.detach().float(), class_ids)
+        vectors = vectors.to(x.dtype)
+        restarted = 0
+        if update and self.training:
+            restarted = self._ema_update(x.detach().float(), indices, class_ids)
+        commitment = F.mse_loss(x, vectors.detach())
+        quantized = x + (vectors - x).detach()
+        return quantized, indices, commitment, restarted
+
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor, indices: torch.Tensor, class_ids: torch.Tensor) -> int:
+        num_categories, size, dim = self.embed.shape
+        flat_index = (class_ids[:, None] * size + indices).reshape(-1)
+        flat_x = x.reshape(-1, dim)
+        counts = torch.zeros(num_categories * size, device=x.device).index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
+        sums = torch.zeros(num_categories * size, dim, device=x.device).index_add_(0, flat_index, flat_x)
+        counts = counts.view(num_categories, size)
+        sums = sums.view(num_categories, size, dim)
+        present = torch.zeros(num_categories, dtype=torch.bool, device=x.device)
+        present[class_ids] = True
+        # Only categories in the batch decay: an absent category's codebook must not drift.
+        decay = torch.where(present, torch.full_like(present, self.decay, dtype=torch.float32), torch.ones_like(present, dtype=torch.float32))
+        self.cluster_size.mul_(decay[:, None]).add_((1 - decay)[:, None] * counts)
+        self.embed_avg.mul_(decay[:, None, None]).add_((1 - decay)[:, None, None] * sums)
+        total = self.cluster_size.sum(-1, keepdim=True)
+        smoothed = (self.cluster_size + self.epsilon) / (total + size * self.epsilon) * total
+        self.embed.copy_(torch.where(present[:, None, None], self.embed_avg / smoothed.clamp(min=1e-12)[..., None], self.embed))
+        if not self.restart_dead_codes:
+            return 0
+        restarted = 0
+        for category in torch.nonzero(present).flatten().tolist():
+            dead = torch.nonzero(self.cluster_size[category] < self.dead_code_threshold).flatten()
+            if dead.numel() == 0:
+                continue
+            pool = x[class_ids == category].reshape(-1, dim)
+            pick = torch.randint(0, pool.shape[0], (dead.numel(),), device=x.device)
+            self.embed[category, dead] = pool[pick]
+            self.embed_avg[category, dead] = pool[pick]
+            self.cluster_size[category, dead] = 1.0
+            restarted += dead.numel()
+        self.restart_count.add_(restarted)
+        return restarted
+
+
+def _perplexity_and_usage(indices: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp(min=1)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum()
+    return entropy.exp(), (counts > 0).float().mean()
+
+
+class LadmimPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and Hub plumbing shared by the LADMIM models."""
+
+    config_class = LadmimConfig
+    base_model_prefix = "ladmim"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LadmimPredictorLayer", "LadmimEncoderLayer", "LadmimDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, LadmimBackbone):
+            return  # the frozen CNN keeps its own init (or the ImageNet weights loaded into it)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            scale = getattr(module, "_init_scale", 1.0)
+            # Truncated at +-1 std, as the official LAViT init (BEiT's trunc_normal_ with a=-std, b=std).
+            nn.init.trunc_normal_(module.weight, std=std * scale, a=-std * scale, b=std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, LadmimPositionTables):
+            nn.init.uniform_(module.row)
+            nn.init.uniform_(module.col)
+        elif isinstance(module, LadmimClassSwitchedHead):
+            nn.init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, LadmimPredictorEmbeddings):
+            for tensor in (module.cls_token, module.hist_token, module.mask_token, module.position_embeddings):
+                nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+        elif isinstance(module, LadmimPredictorLayer) and module.gamma_1 is not None:
+            nn.init.constant_(module.gamma_1, module.layer_scale_init_value)
+            nn.init.constant_(module.gamma_2, module.layer_scale_init_value)
+        elif isinstance(module, LadmimPredictorAttention) and module.q_bias is not None:
+            nn.init.zeros_(module.q_bias)
+            nn.init.zeros_(module.v_bias)
+
+
+class LadmimPositionTables(nn.Module):
+    """Learned 2-D positions: a row table and a column table, each `dim / 2` wide."""
+
+    def __init__(self, grid_size: int, dim: int):
+        super().__init__()
+        self.grid_size = grid_size
+        self.row = nn.Parameter(torch.rand(grid_size, dim // 2))
+        self.col = nn.Parameter(torch.rand(grid_size, dim // 2))
+
+    def forward(self) -> torch.Tensor:
+        """Positions `(1, N, dim)` in row-major order."""
+        g = self.grid_size
+        pos = torch.cat([self.col[None, :, :].expand(g, g, -1), self.row[:, None, :].expand(g, g, -1)], dim=-1)
+        return pos.reshape(1, g * g, -1)
+
+
+class LadmimClassSwitchedHead(nn.Module):
+    """One `Linear(in_dim -> out_dim)` per category, chosen per sample."""
+
+    def __init__(self, num_categories: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_categories, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(num_categories, out_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`x (B, N, in_dim)` -> `(B, N, out_dim)`."""
+        return torch.baddbmm(self.bias[class_ids][:, None, :], x, self.weight[class_ids].transpose(1, 2))
+
+
+class LadmimTokenizerModel(LadmimPreTrainedModel):
+    """HVQ-Trans tokenizer: frozen CNN features -> encoder -> hierarchical class-switched VQ -> decoder.
+
+    It turns an image into `num_levels` grids of discrete codes (the predictor's targets) and
+    reconstructs the CNN features; the reconstruction error is the structural anomaly map.
+    """
+
+    config_class = LadmimTokenizerConfig
+    base_model_prefix = "tokenizer"
+
+    def __init__(self, config: LadmimTokenizerConfig):
+        super().__init__(config)
+        if config.num_levels > config.num_encoder_layers:
+            raise ValueError(f"num_levels ({config.num_levels}) cannot exceed num_encoder_layers ({config.num_encoder_layers})")
+        self.backbone = LadmimBackbone(config.backbone, config.backbone_taps, config.grid_size, config.image_size)
+        if config.feature_channels is None:
+            config.feature_channels = self.backbone.out_channels
+        if self.backbone.out_channels != config.feature_channels:
+            raise ValueError(
+                f"feature_channels={config.feature_channels} but backbone {config.backbone} with taps "
+                f"{config.backbone_taps} gives {self.backbone.out_channels} channels"
+            )
+        dim, channels, cats = config.hidden_size, config.feature_channels, config.num_categories
+        self.input_proj = nn.Linear(channels, dim)
+        self.position_tables = LadmimPositionTables(config.grid_size, dim)
+        self.encoder = nn.ModuleList([
+            LadmimEncoderLayer(dim, config.num_attention_heads, config.intermediate_size, config.dropout)
+            for _ in range(config.num_encoder_layers)
+        ])
+        vq_args = (config.codebook_size,)
+        vq_kwargs = dict(decay=config.ema_decay, epsilon=config.ema_epsilon,
+                         dead_code_threshold=config.dead_code_threshold, restart_dead_codes=config.restart_dead_codes)
+        self.top_quantizer = LadmimVectorQuantizer(cats, *vq_args, dim, **vq_kwargs)
+        self.quantizers = nn.ModuleList([
+            LadmimVectorQuantizer(cats, *vq_args, 2 * dim, **vq_kwargs) for _ in range(config.num_levels)
+        ])
+        self.decoder = nn.ModuleList([
+            LadmimDecoderLayer(2 * dim, config.num_attention_heads, config.intermediate_size, config.dropout)
+            for _ in range(config.num_decoder_layers)
+        ])
+        self.decoder_norm = nn.LayerNorm(2 * dim)
+        self.output_heads = LadmimClassSwitchedHead(cats, 2 * dim, channels)
+        self.post_init()
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.config.categories)
+
+    def category_ids(self, category, batch_size: int) -> torch.Tensor:
+        return resolve_category_ids(self.config.categories, category, batch_size, device=self.device)
+
+    def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen multi-scale CNN features `(B, 3, S, S)` -> `(B, C, g, g)`."""
+        with torch.no_grad():
+            return self.backbone(pixel_values)
+
+    def _quantize(self, features: torch.Tensor, class_ids: torch.Tensor, update: bool):
+        """Encoder + hierarchical VQ. Returns quantised lower levels (L x `(B, N, 2E)`), codes
+        `(B, L, N)`, top codes `(B, N)`, the pre-quantisation bottom-level vectors, commitment sum
+        and the number of restarted codes."""
+        tokens = features.flatten(2).transpose(1, 2)
+        pos = self.position_tables()
+        hidden = self.input_proj(tokens)
+        encoded = [hidden]
+        for layer in self.encoder:
+            hidden = layer(hidden, pos)
+            encoded.append(hidden)
+        top, top_codes, commitment, restarted = self.top_quantizer(encoded[-1], class_ids, update)
+        quantized, codes, bottom_input = [], [], None
+        depth = len(encoded) - 1
+        for level, quantizer in enumerate(self.quantizers):
+            level_input = torch.cat([encoded[depth - 1 - level], top], dim=-1)
+            q, idx, c, r = quantizer(level_input, class_ids, update)
+            quantized.append(q)
+            codes.append(idx)
+            commitment = commitment + c
+            restarted += r
+            bottom_input = level_input
+        return quantized, torch.stack(codes, 1), top_codes, bottom_input, commitment, restarted
+
+    def _decode(self, quantized: list[torch.Tensor], class_ids: torch.Tensor) -> torch.Tensor:
+        pos = self.position_tables().repeat(1, 1, 2)
+        target = quantized[0]
+        for i, layer in enumerate(self.decoder):
+            target = layer(target, quantized[i % len(quantized)], pos)
+        out = self.output_heads(self.decoder_norm(target), class_ids)
+        g = self.config.grid_size
+        return out.transpose(1, 2).reshape(out.shape[0], -1, g, g)
+
+    def encode(self, pixel_values: torch.Tensor | None = None, category=None,
+               features: torch.Tensor | None = None) -> torch.LongTensor:
+        """Code indices of the lower levels `(B, L, N)` (row-major grid cells). No EMA updates."""
+        if features is None:
+            features = self.extract_features(pixel_values)
+        class_ids = self.category_ids(category, features.shape[0])
+        _, codes, _, _, _, _ = self._quantize(features, class_ids, update=False)
+        return codes
+
+    def ot_map(self, bottom_input: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """OT-style term `(B, N)`: expected cosine dissimilarity between each bottom-level vector and
+        the codebook, weighted by a softmax over codes of `f . e_k / ot_temperature`."""
+        books = self.quantizers[-1].codebooks(class_ids)
+        logits = torch.bmm(bottom_input, books.transpose(1, 2)) / self.config.ot_temperature
+        cosine = torch.bmm(F.normalize(bottom_input, dim=-1), F.normalize(books, dim=-1).transpose(1, 2))
+        return (logits.softmax(-1) * (1 - cosine)).sum(-1)
+
+    def structural_maps(self, features: torch.Tensor, reconstruction: torch.Tensor,
+                        bottom_input: torch.Tensor | None = None, class_ids: torch.Tensor | None = None,
+                        use_ot: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Structural anomaly map at input resolution `(B, S, S)` and image score `(B,)`.
+
+        The map is the per-cell L2 norm of the reconstruction error (plus `ot_weight` x the OT term
+        when enabled), bilinearly upsampled; the score is the max of its `score_filter_size` mean
+        filter.
+        """
+        config = self.config
+        grid = (reconstruction - features).pow(2).sum(1).sqrt()
+        use_ot = config.use_ot_score if use_ot is None else use_ot
+        if use_ot and bottom_input is not None:
+            grid = grid + config.ot_weight * self.ot_map(bottom_input, class_ids).view_as(grid)
+        size = config.image_size
+        full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=True)
+        kernel = min(config.score_filter_size, size)
+        score = F.avg_pool2d(full, kernel_size=kernel, stride=1).flatten(1).amax(-1)
+        return full[:, 0], score
+
+    def forward(self, pixel_values: torch.Tensor | None = None, category=None,
+                features: torch.Tensor | None = None, update_codebooks: bool = True,
+                return_maps: bool | None = None) -> LadmimTokenizerOutput:
+        """Reconstruct the backbone features and compute the HVQ-Trans loss.
+
+        Args:
+            pixel_values: images `(B, 3, S, S)` (ImageNet-normalised); or give `features`.
+            category: category name(s) or ids `(B,)` selecting each sample's codebooks and head.
+            features: precomputed backbone features `(B, C, g, g)`.
+            update_codebooks: EMA codebook updates and dead-code restarts (training mode only).
+            return_maps: compute the structural map and score (default: in eval mode).
+        """
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or features")
+            features = self.extract_features(pixel_values)
+        class_ids = self.category_ids(category, features.shape[0])
+        quantized, codes, top_codes, bottom_input, commitment, restarted = self._quantize(
+            features, class_ids, update=update_codebooks and self.training
+        )
+        reconstruction = self._decode(quantized, class_ids)
+        reconstruction_loss = F.mse_loss(reconstruction, features)
+        loss = reconstruction_loss + self.config.commitment_weight * commitment
+        anomaly_map = score = None
+        if return_maps if return_maps is not None else not self.training:
+            anomaly_map, score = self.structural_maps(features, reconstruction.detach(), bottom_input.detach(), class_ids)
+        with torch.no_grad():
+            stats = [_perplexity_and_usage(codes[:, level], self.config.codebook_size) for level in range(codes.shape[1])]
+            stats.append(_perplexity_and_usage(top_codes, self.config.codebook_size))
+        return LadmimTokenizerOutput(
+            loss=loss, reconstruction_loss=reconstruction_loss, commitment_loss=commitment, codes=codes,
+            features=features, reconstruction=reconstruction, anomaly_map=anomaly_map, pred_score=score,
+            codebook_perplexity=torch.stack([s[0] for s in stats]), codebook_usage=torch.stack([s[1] for s in stats]),
+            dead_codes_restarted=restarted,
+        )
+
+    @torch.no_grad()
+    def tokenize(self, pixel_values: torch.Tensor | None = None, category=None, features: torch.Tensor | None = None,
+                 use_ot: bool | None = None) -> dict[str, torch.Tensor]:
+        """Everything scoring needs in one pass, without EMA updates or dropout.
+
+        Returns:
+            dict with `features (B, C, g, g)`, `codes (B, L, N)`, `structural_map (B, S, S)` and
+            `structural_score (B,)`.
+        """
+        with _eval_mode(self):
+            if features is None:
+                features = self.extract_features(pixel_values)
+            class_ids = self.category_ids(category, features.shape[0])
+            quantized, codes, _, bottom_input, _, _ = self._quantize(features, class_ids, update=False)
+            reconstruction = self._decode(quantized, class_ids)
+            structural_map, structural_score = self.structural_maps(features, reconstruction, bottom_input, class_ids, use_ot)
+        return {"features": features, "codes": codes, "structural_map": structural_map, "structural_score": structural_score}
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictor (LAViT)
+# --------------------------------------------------------------------------------------------------
+
+
+class LadmimPredictorEmbeddings(nn.Module):
+    """1x1 patch embedding of the feature grid, mask token, cls and hist tokens, absolute positions."""
+
+    def __init__(self, config: LadmimPredictorConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.patch_embeddings = nn.Linear(config.input_channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.hist_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 2, dim))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` or `(B, N, C)` -> patch embeddings `(B, N, D)`."""
+        if features.dim() == 4:
+            features = features.flatten(2).transpose(1, 2)
+        return self.patch_embeddings(features)
+
+    def forward(self, patches: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings `(B, N, D)` and masks `(B, M, N)` -> token sequences `(B * M, 2 + N, D)`.
+
+        The patch embedding is computed once per image and shared by all of its masks.
+        """
+        batch, num_masks, cells = bool_masked_pos.shape
+        dim = patches.shape[-1]
+        tokens = torch.where(bool_masked_pos[..., None], self.mask_token.to(patches.dtype), patches[:, None])
+        tokens = tokens.reshape(batch * num_masks, cells, dim)
+        special = torch.cat([self.cls_token, self.hist_token], dim=1).to(patches.dtype).expand(batch * num_masks, -1, -1)
+        return self.dropout(torch.cat([special, tokens], dim=1) + self.position_embeddings.to(patches.dtype))
+
+
+class LadmimPredictorAttention(nn.Module):
+    """BEiT attention: one bias-free qkv projection plus learnable q and v biases (k bias fixed at 0),
+    computed with `scaled_dot_product_attention`."""
+
+    def __init__(self, config: LadmimPredictorConfig, layer_index: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if config.use_qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+        self.proj._init_scale = 1.0 / math.sqrt(2.0 * (layer_index + 1))
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class LadmimPredictorLayer(nn.Module):
+    """Pre-norm transformer block with LayerScale."""
+
+    def __init__(self, config: LadmimPredictorConfig, layer_index: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = LadmimPredictorAttention(config, layer_index)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, dim)
+        self.fc2._init_scale = 1.0 / math.sqrt(2.0 * (layer_index + 1))
+        self.act = nn.GELU() if config.hidden_act == "gelu" else nn.SiLU() if config.hidden_act in ("silu", "swish") else nn.ReLU()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_scale_init_value = float(config.layer_scale_init_value)
+        if config.layer_scale_init_value > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn(self.norm1(x))
+        x = x + (attn if self.gamma_1 is None else self.gamma_1 * attn)
+        mlp = self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
+        return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
+
+
+class LadmimPredictorModel(LadmimPreTrainedModel):
+    """LAViT: predicts, from the masked feature grid, the histogram of codes in the masked region.
+
+    A BEiT-style ViT over the feature grid (one token per cell) with an extra hist token whose
+    output gives `(L, K)` logits, one code distribution per codebook level.
+    """
+
+    config_class = LadmimPredictorConfig
+    base_model_prefix = "predictor"
+    main_input_name = "features"
+
+    def __init__(self, config: LadmimPredictorConfig):
+        super().__init__(config)
+        self.embeddings = LadmimPredictorEmbeddings(config)
+        self.layers = nn.ModuleList([LadmimPredictorLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.num_levels * config.codebook_size)
+        self.post_init()
+
+    def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False, max_sequences_per_chunk: int | None = None) -> LadmimPredictorOutput:
+        """Predict code histograms of the masked cells.
+
+        Args:
+            features: tokenizer features `(B, C, g, g)` (or `(B, N, C)`).
+            bool_masked_pos: masks `(B, N)` or several per image `(B, M, N)`; True = masked.
+            labels: tokenizer codes `(B, L, N)`; gives the loss against the masked-cell histograms.
+            output_hidden_states: also return the final token states.
+            max_sequences_per_chunk: run at most this many (image, mask) sequences at once to bound
+                memory; results are identical.
+
+        Returns:
+            `LadmimPredictorOutput` with `logits (B, L, K)` (or `(B, M, L, K)`).
+        """
+        config = self.config
+        multi = bool_masked_pos.dim() == 3
+        masks = bool_masked_pos if multi else bool_masked_pos[:, None]
+        masks = masks.to(torch.bool)
+        batch, num_masks, cells = masks.shape
+        if cells != config.num_patches:
+            raise ValueError(f"bool_masked_pos has {cells} cells, the predictor expects {config.num_patches} ({config.grid_size}x{config.grid_size})")
+        patches = self.embeddings.embed_patches(features)
+        need_tokens = config.loss_type == "token_ce" and labels is not None
+        total = batch * num_masks
+        chunk = max_sequences_per_chunk or total
+        logits_parts, hidden_parts, token_parts = [], [], []
+        flat_masks = masks.reshape(total, cells)
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            image_index = torch.arange(start, stop, device=masks.device) // num_masks
+            hidden = self.embeddings(patches[image_index], flat_masks[start:stop, None])
+            for layer in self.layers:
+                hidden = layer(hidden)
+            hidden = self.norm(hidden)
+            logits_parts.append(self.head(hidden[:, 1]))
+            if need_tokens:
+                token_parts.append(self.head(hidden[:, 2:]))
+            if output_hidden_states:
+                hidden_parts.append(hidden)
+        shape = (batch, num_masks, config.num_levels, config.codebook_size)
+        logits = torch.cat(logits_parts).view(shape)
+        token_logits = torch.cat(token_parts).view(batch, num_masks, cells, config.num_levels, config.codebook_size) if need_tokens else None
+        loss = None
+        if labels is not None:
+            loss = self.histogram_loss(logits, labels, masks, token_logits)
+        if not multi:
+            logits = logits[:, 0]
+            token_logits = token_logits[:, 0] if token_logits is not None else None
+        last_hidden = torch.cat(hidden_parts) if output_hidden_states else None
+        return LadmimPredictorOutput(loss=loss, logits=logits, token_logits=token_logits, last_hidden_state=last_hidden)
+
+    def histogram_loss(self, logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                       token_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss between predicted distributions `(B, M, L, K)` and the masked-cell histograms."""
+        config = self.config
+        target = code_histograms(labels, masks, config.codebook_size)
+        if config.loss_type == "l1":
+            per_sample = (logits.float().softmax(-1) - target).abs().sum((-1, -2))
+        elif config.loss_type == "kl":
+            log_probs = logits.float().log_softmax(-1)
+            per_sample = (target * (target.clamp(min=1e-8).log() - log_probs)).sum((-1, -2))
+        else:
+            # BEiT-style cross-entropy of every masked token's code, per level.
+            codes = labels.transpose(1, 2)[:, None].expand(-1, masks.shape[1], -1, -1)
+            ce = F.cross_entropy(token_logits.float().flatten(0, 3), codes.reshape(-1), reduction="none")
+            ce = ce.view(masks.shape + (config.num_levels,)).sum(-1)
+            per_sample = (ce * masks).sum(-1) / masks.sum(-1).clamp(min=1)
+        return per_sample.sum() if config.loss_reduction == "sum" else per_sample.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Detector
+# --------------------------------------------------------------------------------------------------
+
+
+class LadmimForAnomalyDetection(LadmimPreTrainedModel):
+    """LADMIM: a class-switched tokenizer, one predictor per category, and calibrated fusion.
+
+    `forward` scores images: the tokenizer runs once per image (codes and structural map), all
+    masks of all images go through the predictor in one batched forward, and the logical score is
+    the mean over masks of the L1 distance between predicted and true code histograms.
+
+    Example:
+        ```python
+        >>> from transformers import AutoModel, AutoImageProcessor
+        >>> model = AutoModel.from_pretrained("org/ladmim-loco", trust_remote_code=True)
+        >>> processor = AutoImageProcessor.from_pretrained("org/ladmim-loco", trust_remote_code=True)
+        >>> out = model(**processor(images), category="breakfast_box", num_masks=10, seed=0)
+        >>> out.pred_score, out.pred_label, out.anomaly_map.shape
+        ```
+    """
+
+    config_class = LadmimConfig
+    base_model_prefix = "ladmim"
+
+    def __init__(self, config: LadmimConfig):
+        super().__init__(config)
+        self.tokenizer = LadmimTokenizerModel(config.tokenizer_config)
+        names = ["shared"] if config.shared_predictor else config.categories
+        self.predictors = nn.ModuleDict({name: LadmimPredictorModel(config.predictor_config) for name in names})
+        self._warned_uncalibrated: set[str] = set()
+        self.post_init()
+
+    @property
+    def categories(self) -> list[str]:
+        return self.config.categories
+
+    def predictor_for(self, category: str) -> LadmimPredictorModel:
+        if category not in self.categories:
+            raise ValueError(f"unknown category {category!r}; this model was trained on {self.categories}")
+        return self.predictors["shared" if self.config.shared_predictor else category]
+
+    def mask_generator(self, training: bool = False) -> BlockMaskGenerator:
+        config = self.config
+        return BlockMaskGenerator(
+            config.tokenizer_config.grid_size,
+            config.train_num_masked if training else config.score_num_masked,
+            config.train_min_block if training else config.score_min_block,
+            config.min_aspect,
+        )
+
+    def calibration_for(self, category: str) -> dict:
+        """Calibration statistics of a category (identity statistics if it was never calibrated)."""
+        stats = self.config.calibration.get(category)
+        if stats is None:
+            if category not in self._warned_uncalibrated:
+                logger.warning("category %r has no calibration statistics; scores are not standardised", category)
+                self._warned_uncalibrated.add(category)
+            return {"logical_mean": 0.0, "logical_std": 1.0, "structural_mean": 0.0, "structural_std": 1.0,
+                    "threshold": self.config.default_threshold}
+        return stats
+
+    def logical_scores(self, features: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor, category: str,
+                       return_histograms: bool = False, max_sequences_per_chunk: int | None = None):
+        """Per-mask L1 distances `(B, M)` between predicted and true histograms, for one category.
+
+        Args:
+            features: `(B, C, g, g)`; codes: `(B, L, N)`; masks: `(B, M, N)` bool.
+        """
+        predictor = self.predictor_for(category)
+        logits = predictor(features, masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
+        predicted = logits.float().softmax(-1)
+        target = code_histograms(codes, masks, self.config.predictor_config.codebook_size)
+        mask_scores = (predicted - target).abs().sum((-1, -2))
+        if return_histograms:
+            return mask_scores, predicted, target
+        return mask_scores, None, None
+
+    def logical_map(self, mask_scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Spread each mask's discrepancy over the cells it hid: the mean score of the masks covering
+        each cell `(B, g, g)` (cells no mask covered get the image's mean score)."""
+        weights = masks.to(mask_scores.dtype)
+        covered = weights.sum(1)
+        summed = torch.einsum("bm,bmn->bn", mask_scores, weights)
+        mean = mask_scores.mean(1, keepdim=True).expand_as(summed)
+        cell_map = torch.where(covered > 0, summed / covered.clamp(min=1), mean)
+        g = self.config.tokenizer_config.grid_size
+        return cell_map.view(-1, g, g)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor | None = None, category=None, num_masks: int | None = None,
+                seed=None, bool_masked_pos: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                threshold: float | None = None, return_histograms: bool = False,
+                max_sequences_per_chunk: int | None = None) -> LadmimAnomalyOutput:
+        """Score images.
+
+        Args:
+            pixel_values: `(B, 3, S, S)` from [`LadmimImageProcessor`] (or give `features`).
+            category: a category name for the whole batch, or one name/id per image.
+            num_masks: test-time masks per image (default `config.num_masks`).
+            seed: int or one int per image for reproducible masks (per-image seeds make an image's
+                score independent of batching); `None` draws fresh masks.
+            bool_masked_pos: explicit masks `(B, M, N)`; overrides `num_masks` and `seed`.
+            features: precomputed backbone features `(B, C, g, g)`.
+            threshold: decision threshold on the fused score (default: the category's calibrated one).
+            return_histograms: also return predicted and true histograms `(B, M, L, K)`.
+            max_sequences_per_chunk: bound the predictor's working memory.
+        """
+        with _eval_mode(self):
+            if category is None:
+                if len(self.categories) != 1:
+                    raise ValueError(f"pass category= (one of {self.categories})")
+                category = self.categories[0]
+            batch = (pixel_values if features is None else features).shape[0]
+            class_ids = self.tokenizer.category_ids(category, batch)
+            tokens = self.tokenizer.tokenize(pixel_values, class_ids, features=features)
+            if bool_masked_pos is None:
+                masks = self.mask_generator()(batch, num_masks or self.config.num_masks, seed).to(tokens["codes"].device)
+            else:
+                masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
+                if masks.dim() == 2:
+                    masks = masks[:, None]
+            num = masks.shape[1]
+            mask_scores = torch.empty(batch, num, device=masks.device)
+            levels, size = self.config.predictor_config.num_levels, self.config.predictor_config.codebook_size
+            predicted_all = target_all = None
+            if return_histograms:
+                predicted_all = torch.empty(batch, num, levels, size, device=masks.device)
+                target_all = torch.empty_like(predicted_all)
+            # Mixed-category batches: one predictor call per category present.
+            for cid in class_ids.unique().tolist():
+                rows = torch.nonzero(class_ids == cid).flatten()
+                scores, predicted, target = self.logical_scores(
+                    tokens["features"][rows], tokens["codes"][rows], masks[rows], self.categories[cid],
+                    return_histograms, max_sequences_per_chunk,
+                )
+                mask_scores[rows] = scores
+                if return_histograms:
+                    predicted_all[rows], target_all[rows] = predicted, target
+            logical_score = mask_scores.mean(1)
+            size_px = self.config.tokenizer_config.image_size
+            logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
+                                        mode="bilinear", align_corners=True)[:, 0]
+            structural_score, structural_map = tokens["structural_score"], tokens["structural_map"]
+            stats = [self.calibration_for(self.categories[c]) for c in class_ids.tolist()]
+
+            def column(key: str) -> torch.Tensor:
+                return torch.tensor([float(s[key]) for s in stats], device=masks.device)
+
+            z_logical_scale, z_structural_scale = column("logical_std").clamp(min=1e-12), column("structural_std").clamp(min=1e-12)
+            z_logical = (logical_score - column("logical_mean")) / z_logical_scale
+            z_structural = (structural_score - column("structural_mean")) / z_structural_scale
+            pred_score = z_logical + z_structural
+            anomaly_map = ((logical_map - column("logical_mean")[:, None, None]) / z_logical_scale[:, None, None]
+                           + (structural_map - column("structural_mean")[:, None, None]) / z_structural_scale[:, None, None])
+            thresholds = torch.full_like(pred_score, float(threshold)) if threshold is not None else column("threshold")
+            return LadmimAnomalyOutput(
+                pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=logical_score,
+                structural_score=structural_score, anomaly_map=anomaly_map, logical_map=logical_map,
+                structural_map=structural_map, mask_scores=mask_scores, masks=masks,
+                predicted_histograms=predicted_all, target_histograms=target_all,
+            )
+
+
+__all__ = [
+    "LadmimAnomalyOutput",
+    "LadmimForAnomalyDetection",
+    "LadmimPredictorModel",
+    "LadmimPredictorOutput",
+    "LadmimPreTrainedModel",
+    "LadmimTokenizerModel",
+    "LadmimTokenizerOutput",
+    "code_histograms",
+]

@@ -1,0 +1,318 @@
+"""Model tests in the transformers ModelTester spirit: tiny configs, shapes, hand-computed values,
+round trips and determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CATEGORIES, tiny_config, tiny_predictor_kwargs, tiny_tokenizer_kwargs
+from ladmim_hf import (
+    LadmimConfig,
+    LadmimForAnomalyDetection,
+    LadmimPredictorConfig,
+    LadmimPredictorModel,
+    LadmimTokenizerConfig,
+    LadmimTokenizerModel,
+    code_histograms,
+)
+
+
+class LadmimModelTester:
+    """Builds tiny inputs and checks outputs, like transformers' ModelTester helpers."""
+
+    batch_size = 3
+    image_size = 64
+    grid = 4
+
+    def __init__(self, config: LadmimConfig | None = None):
+        self.config = config or tiny_config()
+
+    def prepare_inputs(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
+
+    def check_tokenizer(self, tokenizer: LadmimTokenizerModel, pixel_values):
+        cfg = tokenizer.config
+        tokenizer.train()
+        out = tokenizer(pixel_values, category=["breakfast_box", "pushpins", "pushpins"])
+        cells = cfg.grid_size**2
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert out.codes.shape == (self.batch_size, cfg.num_levels, cells)
+        assert out.codes.dtype == torch.long and int(out.codes.max()) < cfg.codebook_size
+        assert out.features.shape == (self.batch_size, cfg.feature_channels, cfg.grid_size, cfg.grid_size)
+        assert out.reconstruction.shape == out.features.shape
+        assert out.codebook_perplexity.shape == (cfg.num_levels + 1,)
+        assert out.anomaly_map is None  # maps are an eval-mode output
+        tokenizer.eval()
+        out = tokenizer(pixel_values, category="pushpins")
+        assert out.anomaly_map.shape == (self.batch_size, cfg.image_size, cfg.image_size)
+        assert out.pred_score.shape == (self.batch_size,)
+        torch.testing.assert_close(
+            tokenizer.encode(pixel_values, category="pushpins"), out.codes, rtol=0, atol=0
+        )
+
+
+@pytest.fixture
+def tester():
+    return LadmimModelTester()
+
+
+def test_tokenizer_shapes_and_loss_backward(tester):
+    torch.manual_seed(0)
+    tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs()))
+    pixel_values = tester.prepare_inputs()
+    tester.check_tokenizer(tokenizer, pixel_values)
+    tokenizer.train()
+    out = tokenizer(pixel_values, category="pushpins")
+    out.loss.backward()
+    assert tokenizer.input_proj.weight.grad is not None
+    assert all(p.grad is None for p in tokenizer.backbone.parameters()), "the backbone is frozen"
+    expected = out.reconstruction_loss + 0.25 * out.commitment_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_ema_codebooks_unchanged_in_eval_and_updated_in_training(tester):
+    torch.manual_seed(0)
+    tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs()))
+    pixel_values = tester.prepare_inputs()
+    before = {k: v.clone() for k, v in tokenizer.state_dict().items() if "quantizer" in k}
+    tokenizer.eval()
+    tokenizer(pixel_values, category="pushpins")
+    tokenizer.tokenize(pixel_values, category="pushpins")
+    tokenizer.train()
+    tokenizer(pixel_values, category="pushpins", update_codebooks=False)
+    for key, value in tokenizer.state_dict().items():
+        if key in before:
+            assert torch.equal(value, before[key]), f"{key} changed without an EMA update"
+    tokenizer(pixel_values, category="pushpins")
+    after = tokenizer.state_dict()
+    # The pushpins codebook (id 1) moves; the absent breakfast_box codebook (id 0) must not.
+    assert not torch.equal(after["top_quantizer.embed"][1], before["top_quantizer.embed"][1])
+    assert torch.equal(after["top_quantizer.embed"][0], before["top_quantizer.embed"][0])
+
+
+def test_ema_update_matches_hand_computation():
+    from ladmim_hf.modeling_ladmim import LadmimVectorQuantizer
+
+    quantizer = LadmimVectorQuantizer(1, 2, 1, decay=0.5, epsilon=0.0, dead_code_threshold=0.0, restart_dead_codes=False)
+    quantizer.embed.copy_(torch.tensor([[[0.0], [10.0]]]))
+    quantizer.embed_avg.copy_(quantizer.embed)
+    quantizer.cluster_size.fill_(1.0)
+    quantizer.train()
+    x = torch.tensor([[[1.0], [2.0], [9.0]]])
+    _, indices, commitment, _ = quantizer(x, torch.tensor([0]), update=True)
+    assert indices.tolist() == [[0, 0, 1]]
+    # cluster sizes: 0.5 * 1 + 0.5 * [2, 1] = [1.5, 1.0]; sums: 0.5 * [0, 10] + 0.5 * [3, 9] = [1.5, 9.5]
+    torch.testing.assert_close(quantizer.cluster_size, torch.tensor([[1.5, 1.0]]))
+    torch.testing.assert_close(quantizer.embed, torch.tensor([[[1.0], [9.5]]]))
+    torch.testing.assert_close(commitment, torch.tensor((1 + 4 + 1) / 3))
+
+
+def test_dead_code_restart_revives_unused_codes(tester):
+    torch.manual_seed(0)
+    tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs(dead_code_threshold=0.5)))
+    quantizer = tokenizer.quantizers[0]
+    # Park every code of category 1 far away: nothing is assigned to them, so all would be dead.
+    quantizer.embed[1] = 1e4
+    quantizer.embed_avg[1] = 1e4
+    tokenizer.train()
+    out = tokenizer(tester.prepare_inputs(), category="pushpins")
+    assert out.dead_codes_restarted > 0
+    assert int(quantizer.restart_count) > 0
+    assert quantizer.embed[1].abs().max() < 1e3, "dead codes were restarted from encoder outputs"
+    # After the restart the codes are used again.
+    tokenizer.eval()
+    codes = tokenizer.encode(tester.prepare_inputs(1), category="pushpins")
+    assert codes[:, 0].unique().numel() > 1
+
+
+def test_code_histograms_against_loop():
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 5, (2, 3, 9), generator=generator)
+    masks = torch.rand(2, 4, 9, generator=generator) > 0.5
+    masks[0, 0] = False  # an empty mask gives an all-zero histogram
+    hist = code_histograms(codes, masks, 5)
+    for b in range(2):
+        for m in range(4):
+            for level in range(3):
+                expected = np.zeros(5)
+                chosen = codes[b, level][masks[b, m]].tolist()
+                for code in chosen:
+                    expected[code] += 1.0 / len(chosen)
+                np.testing.assert_allclose(hist[b, m, level].numpy(), expected, atol=1e-6)
+
+
+def test_predictor_loss_against_hand_computed_histogram():
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=2, num_levels=2, codebook_size=4))
+    predictor = LadmimPredictorModel(config)
+    logits = torch.zeros(1, 1, 2, 4)  # uniform predictions: 0.25 per code
+    labels = torch.tensor([[[0, 0, 1, 3], [2, 2, 2, 2]]])
+    masks = torch.tensor([[[True, True, True, False]]])
+    # level 0: target [2/3, 1/3, 0, 0] -> |.25-.667| + |.25-.333| + .25 + .25 = 1.0
+    # level 1: target [0, 0, 1, 0]     -> .25 + .25 + .75 + .25 = 1.5
+    assert predictor.histogram_loss(logits, labels, masks).item() == pytest.approx(2.5, abs=1e-6)
+    # "sum" reduction adds samples; "mean" averages them.
+    two = predictor.histogram_loss(logits.repeat(2, 1, 1, 1), labels.repeat(2, 1, 1), masks.repeat(2, 1, 1))
+    assert two.item() == pytest.approx(5.0, abs=1e-6)
+    predictor.config.loss_reduction = "mean"
+    assert predictor.histogram_loss(logits.repeat(2, 1, 1, 1), labels.repeat(2, 1, 1), masks.repeat(2, 1, 1)).item() == pytest.approx(2.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "kl", "token_ce"])
+def test_predictor_forward_shapes_and_losses(loss_type):
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=4, num_levels=2, codebook_size=16, loss_type=loss_type))
+    torch.manual_seed(0)
+    predictor = LadmimPredictorModel(config)
+    features = torch.randn(3, 8, 4, 4)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[:, :6] = True
+    labels = torch.randint(0, 16, (3, 2, 16))
+    out = predictor(features, masks, labels=labels)
+    assert out.logits.shape == (3, 2, 16)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert predictor.embeddings.mask_token.grad is not None
+    multi = predictor(features, masks[:, None].repeat(1, 5, 1))
+    assert multi.logits.shape == (3, 5, 2, 16)
+
+
+def test_predictor_paper_size_parameter_count():
+    config = LadmimPredictorConfig()  # 384 in, width 512, depth 4, 8 heads, 24x24, 4 x 512 codes
+    with torch.device("meta"):
+        predictor = LadmimPredictorModel(config)
+    count = sum(p.numel() for p in predictor.parameters())
+    assert abs(count - 14.16e6) < 0.05e6, count
+
+
+def test_predictor_masked_positions_use_mask_token_and_chunking_is_exact():
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=4, num_levels=2, codebook_size=16, attention_probs_dropout_prob=0.0))
+    torch.manual_seed(0)
+    predictor = LadmimPredictorModel(config).eval()
+    features = torch.randn(2, 8, 4, 4)
+    masks = torch.rand(2, 6, 16) > 0.5
+    full = predictor(features, masks).logits
+    chunked = predictor(features, masks, max_sequences_per_chunk=5).logits
+    torch.testing.assert_close(full, chunked, rtol=1e-5, atol=1e-6)
+    # Masked cells carry no information about their features.
+    changed = features.clone().flatten(2)
+    changed[0, :, masks[0, 0]] += 100.0
+    again = predictor(changed.view_as(features), masks[:, :1]).logits
+    torch.testing.assert_close(again[0, 0], full[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def slow_reference_scores(model: LadmimForAnomalyDetection, pixel_values, category: str, masks: torch.Tensor):
+    """The official algorithm, literally: one predictor pass per mask with batch 1, the tokenizer codes
+    recomputed per mask, float64 softmax and histograms counted in a Python loop."""
+    scores = torch.zeros(masks.shape[:2], dtype=torch.float64)
+    predictor = model.predictor_for(category)
+    cfg = model.config.predictor_config
+    with torch.no_grad():
+        for b in range(masks.shape[0]):
+            for m in range(masks.shape[1]):
+                image = pixel_values[b:b + 1]
+                tokens = model.tokenizer.tokenize(image, category)
+                logits = predictor(tokens["features"], masks[b:b + 1, m]).logits[0].double()
+                probs = logits.softmax(-1)
+                total = 0.0
+                masked = torch.nonzero(masks[b, m]).flatten().tolist()
+                for level in range(cfg.num_levels):
+                    hist = torch.zeros(cfg.codebook_size, dtype=torch.float64)
+                    for cell in masked:
+                        hist[tokens["codes"][0, level, cell]] += 1.0 / len(masked)
+                    total += (probs[level] - hist).abs().sum().item()
+                scores[b, m] = total
+    return scores
+
+
+def test_batched_scoring_equals_slow_per_mask_loop(tiny_model, pixel_values):
+    out = tiny_model(pixel_values, category="pushpins", num_masks=4, seed=3)
+    reference = slow_reference_scores(tiny_model, pixel_values, "pushpins", out.masks)
+    torch.testing.assert_close(out.mask_scores.double(), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logical_score.double(), reference.mean(1), rtol=0, atol=1e-5)
+
+
+def test_detector_output_shapes_and_mixed_categories(tiny_model, pixel_values):
+    out = tiny_model(pixel_values, category=["pushpins", "breakfast_box", "pushpins"], num_masks=3, seed=0, return_histograms=True)
+    assert out.pred_score.shape == out.logical_score.shape == out.structural_score.shape == (3,)
+    assert out.pred_label.dtype == torch.bool
+    for name in ("anomaly_map", "logical_map", "structural_map"):
+        assert getattr(out, name).shape == (3, 64, 64), name
+    assert out.mask_scores.shape == (3, 3) and out.masks.shape == (3, 3, 16)
+    assert out.predicted_histograms.shape == out.target_histograms.shape == (3, 3, 2, 16)
+    torch.testing.assert_close(out.predicted_histograms.sum(-1), torch.ones(3, 3, 2))
+    assert ((out.logical_score >= 0) & (out.logical_score <= 4)).all()  # L1 of L distributions is in [0, 2L]
+    # Each image is scored by its own category's predictor: same image, same masks, other predictor.
+    single = tiny_model(pixel_values[1:2], category="breakfast_box", bool_masked_pos=out.masks[1:2])
+    torch.testing.assert_close(single.mask_scores[0], out.mask_scores[1], rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_scoring_is_deterministic_and_batch_independent(tiny_model, pixel_values):
+    a = tiny_model(pixel_values, category="pushpins", seed=[5, 6, 7])
+    b = tiny_model(pixel_values, category="pushpins", seed=[5, 6, 7])
+    torch.testing.assert_close(a.pred_score, b.pred_score, rtol=0, atol=0)
+    alone = tiny_model(pixel_values[2:], category="pushpins", seed=[7])
+    torch.testing.assert_close(alone.logical_score[0], a.logical_score[2], rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_fusion_and_threshold(tiny_model, pixel_values):
+    raw = tiny_model(pixel_values, category="pushpins", seed=0)
+    tiny_model.config.calibration = {"pushpins": {"logical_mean": 1.0, "logical_std": 2.0, "structural_mean": 0.5,
+                                                  "structural_std": 0.25, "threshold": 0.0}}
+    out = tiny_model(pixel_values, category="pushpins", seed=0)
+    expected = (raw.logical_score - 1.0) / 2.0 + (raw.structural_score - 0.5) / 0.25
+    torch.testing.assert_close(out.pred_score, expected)
+    assert torch.equal(out.pred_label, expected > 0.0)
+    forced = tiny_model(pixel_values, category="pushpins", seed=0, threshold=1e9)
+    assert not forced.pred_label.any()
+
+
+def test_scoring_runs_in_eval_mode_and_restores_training_mode(tiny_model, pixel_values):
+    tiny_model.train()
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    first = tiny_model(pixel_values, category="pushpins", seed=1)
+    second = tiny_model(pixel_values, category="pushpins", seed=1)
+    torch.testing.assert_close(first.pred_score, second.pred_score, rtol=0, atol=0)  # no dropout
+    assert tiny_model.training
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_unknown_category_is_a_clear_error(tiny_model, pixel_values):
+    with pytest.raises(ValueError, match=r"unknown category 'screw_bag'.*breakfast_box"):
+        tiny_model(pixel_values, category="screw_bag")
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_model, pixel_values):
+    tiny_model.config.calibration = {"pushpins": {"logical_mean": 1.0, "logical_std": 2.0, "structural_mean": 0.5,
+                                                  "structural_std": 0.25, "threshold": 0.1}}
+    tiny_model.save_pretrained(tmp_path)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    for name in ("config.json", "model.safetensors", "configuration_ladmim.py", "modeling_ladmim.py",
+                 "backbone_ladmim.py", "masking.py"):
+        assert name in saved, saved
+    import json
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_ladmim.LadmimForAnomalyDetection"
+    assert config["auto_map"]["AutoConfig"] == "configuration_ladmim.LadmimConfig"
+    loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.calibration == tiny_model.config.calibration
+    assert loaded.config.categories == TINY_CATEGORIES
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    a = tiny_model(pixel_values, category="pushpins", seed=0)
+    b = loaded(pixel_values, category="pushpins", seed=0)
+    for name in ("pred_score", "logical_score", "structural_score", "anomaly_map"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+def test_shared_predictor_option(pixel_values):
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(tiny_config(shared_predictor=True)).eval()
+    assert list(model.predictors) == ["shared"]
+    assert model.predictor_for("pushpins") is model.predictor_for("breakfast_box")
+    assert model(pixel_values, category="pushpins", num_masks=2, seed=0).pred_score.shape == (3,)
