@@ -1,0 +1,312 @@
+"""Figures for reports and the demo app: heat-map overlays, ROC curves, score and code histograms.
+
+Everything renders off-screen through matplotlib's object-oriented API
+(``matplotlib.figure.Figure`` + the Agg canvas). ``matplotlib.pyplot`` is never imported, so no
+GUI backend is selected, no window opens, and the global backend of an application that imports
+this module is left untouched (no ``matplotlib.use`` call is needed).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "heatmap_grid",
+    "heatmap_overlay",
+    "plot_histogram_comparison",
+    "plot_roc_curves",
+    "plot_score_histograms",
+]
+
+# Colours of the three LOCO test subsets, used consistently across figures.
+TYPE_COLORS = {"good": "tab:green", "logical": "tab:orange", "structural": "tab:red"}
+
+
+def _new_figure(width: float, height: float, dpi: int = 100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=fig.dpi)
+    return path
+
+
+def _to_pil(fig, path: str | os.PathLike | None = None) -> Image.Image:
+    """Render once to PNG bytes; optionally write those bytes to ``path`` too."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
+    buf.seek(0)
+    image = Image.open(buf)
+    image.load()
+    return image.convert("RGB")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = _to_numpy(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # CHW -> HWC
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (3, H, W), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if arr.size and arr.max() <= 1.0 and arr.min() >= 0.0:
+            arr = arr * 255.0
+        else:  # e.g. an ImageNet-normalised tensor: rescale its own range
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr).convert("RGB")
+
+
+def _colorize(anomaly_map: np.ndarray, size: tuple[int, int], vmin, vmax, cmap: str) -> np.ndarray:
+    """Resize a float map to ``size`` (W, H) bilinearly and map it to RGB uint8 with ``cmap``."""
+    import matplotlib
+
+    m = _to_numpy(anomaly_map).astype(np.float32)
+    m = np.squeeze(m)
+    if m.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {m.shape}")
+    if not np.isfinite(m).all():
+        m = np.nan_to_num(m, nan=float(np.nanmin(m)) if np.isfinite(m).any() else 0.0)
+    lo = float(m.min()) if vmin is None else float(vmin)
+    hi = float(m.max()) if vmax is None else float(vmax)
+    resized = np.asarray(Image.fromarray(m, mode="F").resize(size, Image.BILINEAR), dtype=np.float32)
+    norm = np.clip((resized - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(resized)
+    rgba = matplotlib.colormaps[cmap](norm)
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_overlay(
+    image: Image.Image | np.ndarray,
+    anomaly_map: np.ndarray,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "jet",
+) -> Image.Image:
+    """Blend a colour-mapped anomaly map over an image.
+
+    Args:
+        image: PIL image or array ``(H, W)``, ``(H, W, 3)`` or ``(3, H, W)`` (uint8, or floats in
+            [0, 1]; other float ranges are rescaled to their own min/max).
+        anomaly_map: ``(h, w)`` float map; resized bilinearly to the image size.
+        alpha: weight of the heat map (0 = image only, 1 = heat map only).
+        vmin, vmax: colour range; default the map's own min and max (pass fixed values to compare
+            images on one scale). A constant map renders as the lowest colour.
+        cmap: matplotlib colormap name (default ``"jet"``: blue = low, red = high).
+
+    Returns:
+        RGB ``PIL.Image`` of the image's size.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = _as_rgb_image(image)
+    heat = Image.fromarray(_colorize(anomaly_map, base.size, vmin, vmax, cmap), mode="RGB")
+    return Image.blend(base, heat, alpha)
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[Any, Any, float]],
+    path: str | os.PathLike,
+    title: str = "ROC",
+) -> Path:
+    """Plot several ROC curves in one axes and save a PNG.
+
+    Args:
+        curves: ``{label: (fpr, tpr, auroc)}``; the legend shows ``label (AUROC 0.xxx)``.
+        path: output PNG path (parent folders are created).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    fig = _new_figure(5.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance")
+    for label, (fpr, tpr, auroc) in curves.items():
+        ax.plot(np.asarray(fpr), np.asarray(tpr), linewidth=1.8, label=f"{label} (AUROC {float(auroc):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_score_histograms(
+    scores: Any,
+    anomaly_types: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Anomaly scores",
+    bins: int = 30,
+) -> Path:
+    """Overlaid histograms of image scores for good / logical / structural test images.
+
+    Args:
+        scores: ``(N,)`` image scores.
+        anomaly_types: ``N`` labels, usually ``"good"``, ``"logical"``, ``"structural"`` (other
+            labels get their own histogram too).
+        path: output PNG path.
+        title: figure title.
+        bins: number of bins, shared by all groups.
+
+    Returns:
+        The path written.
+    """
+    s = _to_numpy(scores).astype(np.float64).reshape(-1)
+    types = np.asarray([str(t) for t in anomaly_types])
+    if types.shape[0] != s.shape[0]:
+        raise ValueError(f"scores and anomaly_types differ in length: {s.shape[0]} vs {types.shape[0]}")
+    finite = np.isfinite(s)
+    edges = np.histogram_bin_edges(s[finite], bins=bins) if finite.any() else np.linspace(0, 1, bins + 1)
+    order = [t for t in TYPE_COLORS if t in set(types)] + sorted(set(types) - set(TYPE_COLORS))
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind in order:
+        vals = s[(types == kind) & finite]
+        ax.hist(vals, bins=edges, alpha=0.45, color=TYPE_COLORS.get(kind), label=f"{kind} (n={vals.size})")
+    ax.set_xlabel("score")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    if order:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def heatmap_grid(
+    items: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    alpha: float = 0.5,
+    shared_scale: bool = False,
+    cell_size: float = 2.6,
+) -> Path:
+    """Grid PNG: one row per item, showing the image and then one overlay per map.
+
+    Args:
+        items: dicts ``{"image": PIL or array, "title": str, "maps": {name: (h, w) array}}``, e.g.
+            ``maps={"structural": ..., "logical": ...}``. Columns are the map names in order of
+            first appearance; a row without some map leaves that cell empty.
+        path: output PNG path.
+        alpha: overlay weight.
+        shared_scale: colour range per column shared across rows (compare rows) instead of per map.
+        cell_size: inches per cell.
+
+    Returns:
+        The path written.
+    """
+    if not items:
+        raise ValueError("heatmap_grid needs at least one item")
+    names: list[str] = []
+    for item in items:
+        for name in item.get("maps", {}) or {}:
+            if name not in names:
+                names.append(name)
+    ranges: dict[str, tuple[float | None, float | None]] = {n: (None, None) for n in names}
+    if shared_scale:
+        for n in names:
+            vals = [_to_numpy(it["maps"][n]) for it in items if n in (it.get("maps") or {})]
+            ranges[n] = (min(float(np.min(v)) for v in vals), max(float(np.max(v)) for v in vals))
+    rows, cols = len(items), 1 + len(names)
+    fig = _new_figure(cell_size * cols, cell_size * rows + 0.2)
+    for r, item in enumerate(items):
+        image = _as_rgb_image(item["image"])
+        ax = fig.add_subplot(rows, cols, r * cols + 1)
+        ax.imshow(np.asarray(image))
+        ax.set_title(str(item.get("title", "")), fontsize=8)
+        ax.axis("off")
+        maps = item.get("maps") or {}
+        for c, name in enumerate(names, start=2):
+            ax = fig.add_subplot(rows, cols, r * cols + c)
+            ax.axis("off")
+            if name not in maps:
+                continue
+            vmin, vmax = ranges[name]
+            ax.imshow(np.asarray(heatmap_overlay(image, maps[name], alpha=alpha, vmin=vmin, vmax=vmax)))
+            m = _to_numpy(maps[name])
+            ax.set_title(f"{name} (max {float(np.max(m)):.3g})", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_histogram_comparison(
+    predicted: Any,
+    actual: Any,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+    level_names: Sequence[str] | None = None,
+) -> Image.Image:
+    """Predicted vs actual code histograms of one test mask, one panel per tokenizer level.
+
+    Args:
+        predicted: ``(levels, K)`` predicted code distributions (e.g. softmax outputs).
+        actual: ``(levels, K)`` normalised histograms of the tokenizer codes at the masked positions.
+        path: optional PNG path to save to as well.
+        title: figure title; default shows the per-mask L1 distance (the LADMIM score, 0..2 per level).
+        level_names: panel titles (default ``level 0`` ...).
+
+    Returns:
+        The figure as an RGB ``PIL.Image`` (what a Gradio ``Image`` output accepts).
+    """
+    p = _to_numpy(predicted).astype(np.float64)
+    q = _to_numpy(actual).astype(np.float64)
+    if p.ndim == 1:
+        p, q = p[None], q.reshape(1, -1)
+    if p.shape != q.shape or p.ndim != 2:
+        raise ValueError(f"predicted and actual must both be (levels, K); got {p.shape} and {q.shape}")
+    levels, k = p.shape
+    names = list(level_names) if level_names is not None else [f"level {i}" for i in range(levels)]
+    if len(names) != levels:
+        raise ValueError(f"{len(names)} level_names for {levels} levels")
+    l1 = np.abs(p - q).sum(axis=1)
+    fig = _new_figure(7.0, 1.9 * levels + 0.6)
+    x = np.arange(k)
+    for i in range(levels):
+        ax = fig.add_subplot(levels, 1, i + 1)
+        if k <= 64:
+            ax.bar(x - 0.2, q[i], width=0.4, color="tab:blue", label="actual")
+            ax.bar(x + 0.2, p[i], width=0.4, color="tab:orange", label="predicted")
+        else:
+            ax.fill_between(x, q[i], step="mid", color="tab:blue", alpha=0.35, label="actual")
+            ax.step(x, p[i], where="mid", color="tab:orange", linewidth=1.0, label="predicted")
+        ax.set_xlim(-0.5, k - 0.5)
+        ax.set_ylabel("share", fontsize=8)
+        ax.set_title(f"{names[i]}: L1 = {l1[i]:.3f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.axes[-1].set_xlabel("code index", fontsize=8)
+    fig.suptitle(title if title is not None else f"predicted vs actual code histograms (sum L1 = {l1.sum():.3f})",
+                 fontsize=10)
+    fig.tight_layout()
+    return _to_pil(fig, path)
