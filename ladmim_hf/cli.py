@@ -1,0 +1,96 @@
+"""The `ladmim` command: `ladmim train|evaluate|predict|synth ...`.
+
+Each subcommand reuses the argument definitions and entry points of its module, so options are
+defined once (`scripts/train.py` and `ladmim train` accept exactly the same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .evaluation import load_detector
+    from .image_processing_ladmim import ImageDecodeError, load_image
+    from .visualization import heatmap_overlay
+
+    detector, processor = load_detector(args.model)
+    category = args.category or (detector.categories[0] if len(detector.categories) == 1 else None)
+    if category is None:
+        raise SystemExit(f"pass --category (one of {', '.join(detector.categories)})")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], 0
+    for index, path in enumerate(args.images):
+        try:
+            image = load_image(path)
+        except ImageDecodeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
+                       threshold=args.threshold)
+        anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
+        heatmap = out_dir / f"{Path(path).stem}_heatmap.png"
+        heatmap_overlay(image, anomaly_map).save(heatmap)
+        rows.append((path, float(out.pred_score[0]), "anomalous" if bool(out.pred_label[0]) else "good",
+                     float(out.logical_score[0]), float(out.structural_score[0]), heatmap))
+    if rows:
+        width = max(len(str(r[0])) for r in rows)
+        print(f"{'image':<{width}}  {'score':>8}  {'verdict':<9}  {'logical':>8}  {'structural':>10}  heatmap")
+        for path, score, verdict, logical, structural, heatmap in rows:
+            print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  {heatmap}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import evaluation, training
+
+    parser = argparse.ArgumentParser(prog="ladmim", description="LADMIM logical anomaly detection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train tokenizer, predictors and calibration")
+    training.add_train_arguments(train)
+    train.set_defaults(func=training.run_from_args)
+
+    evaluate = sub.add_parser("evaluate", help="score a test split and write metrics and a report")
+    evaluation.add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=evaluation.run_from_args)
+
+    predict = sub.add_parser("predict", help="score images, print a table and write heatmaps")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--model", required=True, help="model folder or Hub id")
+    predict.add_argument("--category", default=None, help="category the images belong to")
+    predict.add_argument("--num_masks", type=int, default=None)
+    predict.add_argument("--seed", type=int, default=0)
+    predict.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
+    predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
+    predict.set_defaults(func=_predict)
+
+    synth = sub.add_parser("synth", help="generate the synthloco benchmark")
+    synth.add_argument("--out", default="data/synthloco")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--small", action="store_true")
+    synth.add_argument("--categories", nargs="+", default=None)
+
+    def run_synth(args):
+        from .data.synthetic import generate_synthloco
+
+        print(generate_synthloco(args.out, seed=args.seed, small=args.small, categories=args.categories))
+        return 0
+
+    synth.set_defaults(func=run_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

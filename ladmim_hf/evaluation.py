@@ -1,0 +1,291 @@
+"""Evaluation: score every test image, compute LOCO metrics, and write metrics.json, scores.csv and
+a report with pictures.
+
+`python scripts/evaluate.py --model DIR_OR_HUB_ID --data_root ROOT --categories all --output_dir OUT`
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .baselines import KNNPatchBaseline
+from .image_processing_ladmim import LadmimImageProcessor, load_image
+from .io_utils import atomic_write_json, atomic_write_text
+from .metrics import image_auroc, loco_au_spro, loco_image_aurocs, roc_curve_points
+from .modeling_ladmim import LadmimForAnomalyDetection
+
+logger = logging.getLogger("ladmim_hf.evaluation")
+
+ANOMALY_TYPE_NAMES = ["good", "logical", "structural"]
+
+
+def load_detector(model: str) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor]:
+    """A trained detector and its image processor from a folder or Hub id."""
+    path = Path(model)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: pass the model folder written by training (OUTPUT_DIR/model)")
+    detector = LadmimForAnomalyDetection.from_pretrained(model).eval()
+    try:
+        processor = LadmimImageProcessor.from_pretrained(model)
+    except (OSError, ValueError):
+        processor = LadmimImageProcessor(size=detector.config.tokenizer_config.image_size)
+    return detector, processor
+
+
+def _test_rows(data_root: str, category: str, dataset_format: str) -> list[dict]:
+    from .data import load_loco, load_mvtec_ad
+
+    if dataset_format == "loco":
+        dataset = load_loco(data_root, category, "test")
+    elif dataset_format == "mvtec_ad":
+        dataset = load_mvtec_ad(data_root, category, "test")
+    else:
+        raise ValueError(f"dataset_format must be 'loco' or 'mvtec_ad', got {dataset_format!r}")
+    names = dataset.features["anomaly_type"].names
+    rows = []
+    for row in dataset:
+        regions = [np.asarray(mask) for mask in (row.get("masks") or [])]
+        rows.append({"path": row["path"], "anomaly_type": names[row["anomaly_type"]], "regions": regions})
+    return rows
+
+
+def _train_paths(data_root: str, category: str, dataset_format: str) -> list[str]:
+    from .data import load_loco, load_mvtec_ad
+
+    loader = load_loco if dataset_format == "loco" else load_mvtec_ad
+    return list(loader(data_root, category, "train").select_columns(["path"])["path"])
+
+
+@torch.no_grad()
+def _features(model: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str], batch_size: int,
+              description: str) -> torch.Tensor:
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", leave=False):
+        pixel_values = processor(paths[start:start + batch_size])["pixel_values"]
+        chunks.append(model.tokenizer.extract_features(pixel_values))
+    return torch.cat(chunks)
+
+
+def _resize_map(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(anomaly_map[None, None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _defects_config(data_root: str, category: str):
+    path = Path(data_root) / category / "defects_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _auroc_or_nan(scores, labels) -> float:
+    try:
+        return image_auroc(scores, labels)
+    except ValueError:
+        return float("nan")
+
+
+def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
+    out = loco_image_aurocs(scores, types)
+    return {"auroc_logical": out["auroc_logical"], "auroc_structural": out["auroc_structural"]}
+
+
+def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: str = "outputs/eval", num_masks: int | None = None,
+             seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "loco",
+             feature_cache: str | None = None, report_images: int = 3) -> dict:
+    """Score the test split of every category and write the results to `output_dir`.
+
+    Returns the `metrics.json` content.
+    """
+    from .data import resolve_categories
+
+    started = time.time()
+    out_dir = Path(output_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    detector, processor = load_detector(model)
+    trained = detector.categories
+    wanted = resolve_categories(data_root, categories)
+    missing = [c for c in wanted if c not in trained]
+    if missing:
+        raise ValueError(f"the model was not trained on {missing}; it knows {trained}")
+    num_masks = num_masks or detector.config.num_masks
+    cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
+
+    metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}}, "num_masks": num_masks, "seed": seed}
+    score_rows: list[dict] = []
+    roc_curves: dict[str, dict] = {}
+    heatmap_items: list[dict] = []
+    for category in wanted:
+        rows = _test_rows(data_root, category, dataset_format)
+        if not rows:
+            raise FileNotFoundError(f"no test images for category {category!r} under {data_root}")
+        paths = [r["path"] for r in rows]
+        types = [r["anomaly_type"] for r in rows]
+        features = _features(detector, processor, paths, batch_size, f"features {category}")
+        outputs = {"pred_score": [], "logical_score": [], "structural_score": [], "anomaly_map": [], "logical_map": [], "structural_map": []}
+        for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
+            chunk = features[start:start + batch_size]
+            seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
+            out = detector(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+            for key in outputs:
+                outputs[key].append(getattr(out, key).cpu())
+        result = {key: torch.cat(value) for key, value in outputs.items()}
+        fused = result["pred_score"].numpy().astype(np.float64)
+        logical = result["logical_score"].numpy().astype(np.float64)
+        structural = result["structural_score"].numpy().astype(np.float64)
+        entry = dict(loco_image_aurocs(fused, types))
+        maps, regions, spro_types = [], [], []
+        for i, row in enumerate(rows):
+            shape = row["regions"][0].shape if row["regions"] else Image.open(row["path"]).size[::-1]
+            maps.append(_resize_map(result["anomaly_map"][i], shape))
+            regions.append(row["regions"])
+            spro_types.append(row["anomaly_type"])
+        defects = _defects_config(data_root, category)
+        entry["spro_0.05"] = float("nan")
+        if defects is not None and any(regions):
+            entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
+        entry["branches"] = {"logical": _branch_aurocs(logical, types), "structural": _branch_aurocs(structural, types)}
+        metrics["categories"][category] = entry
+
+        if knn_baseline:
+            train_features = cache.get(f"train/{category}")
+            if train_features is None:
+                train_features = _features(detector, processor, _train_paths(data_root, category, dataset_format), batch_size, f"knn bank {category}")
+            knn_scores, _ = KNNPatchBaseline().fit(train_features).score(features)
+            metrics["baselines"]["knn"][category] = _branch_aurocs(np.asarray(knn_scores, dtype=np.float64), types)
+
+        labels = np.array([t != "good" for t in types])
+        roc_curves[category] = {}
+        for name, scores in (("fused", fused), ("logical branch", logical), ("structural branch", structural)):
+            for kind in ("logical", "structural"):
+                keep = np.array([t in ("good", kind) for t in types])
+                if keep.sum() and labels[keep].any() and (~labels[keep]).any():
+                    fpr, tpr, _ = roc_curve_points(scores[keep], labels[keep])
+                    roc_curves[category][f"{name}, {kind}"] = (fpr, tpr, image_auroc(scores[keep], labels[keep]))
+        order = np.argsort(fused)
+        picks = list(order[::-1][:report_images]) + list(order[:max(1, report_images // 2)])
+        for i in picks:
+            image = load_image(paths[i]).resize((detector.config.tokenizer_config.image_size,) * 2)
+            heatmap_items.append({"image": image, "title": f"{category} {types[i]} score {fused[i]:.2f}",
+                                  "maps": {"structural": result["structural_map"][i].numpy(), "logical": result["logical_map"][i].numpy()}})
+        for i, row in enumerate(rows):
+            score_rows.append({"path": row["path"], "category": category, "anomaly_type": types[i], "pred_score": fused[i],
+                               "logical_score": logical[i], "structural_score": structural[i],
+                               "pred_label": bool(result["pred_score"][i] > detector.calibration_for(category)["threshold"])})
+
+    keys = ("auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05")
+    for key in keys:
+        values = [v[key] for v in metrics["categories"].values() if not math.isnan(v[key])]
+        metrics["mean"][key] = float(np.mean(values)) if values else float("nan")
+    if knn_baseline:
+        per = metrics["baselines"]["knn"]
+        metrics["baselines"]["knn"]["mean"] = {k: float(np.nanmean([per[c][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+    metrics["branches_mean"] = {
+        branch: {k: float(np.nanmean([metrics["categories"][c]["branches"][branch][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+        for branch in ("logical", "structural")
+    }
+    metrics["seconds"] = round(time.time() - started, 1)
+    _write_outputs(out_dir, metrics, score_rows, roc_curves, heatmap_items, model)
+    return metrics
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def results_table(metrics: dict) -> str:
+    """Markdown table: per category the fused AUROCs, AU-sPRO, each branch alone, and the kNN baseline."""
+    knn = metrics.get("baselines", {}).get("knn", {})
+    lines = ["| category | logical | structural | mean | AU-sPRO@0.05 | logical branch (log/str) | structural branch (log/str) | kNN (log/str) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in list(metrics["categories"].items()) + [("**mean**", None)]:
+        if entry is None:
+            entry = dict(metrics["mean"])
+            entry["branches"] = metrics.get("branches_mean", {})
+            base = knn.get("mean")
+        else:
+            base = knn.get(name)
+        branches = entry.get("branches", {})
+        lb, sb = branches.get("logical", {}), branches.get("structural", {})
+        knn_cell = f"{_fmt(base['auroc_logical'])} / {_fmt(base['auroc_structural'])}" if base else "n/a"
+        lines.append(
+            f"| {name} | {_fmt(entry['auroc_logical'])} | {_fmt(entry['auroc_structural'])} | {_fmt(entry['auroc_mean'])} | "
+            f"{_fmt(entry['spro_0.05'])} | {_fmt(lb.get('auroc_logical'))} / {_fmt(lb.get('auroc_structural'))} | "
+            f"{_fmt(sb.get('auroc_logical'))} / {_fmt(sb.get('auroc_structural'))} | {knn_cell} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_curves: dict, heatmap_items: list[dict], model: str) -> None:
+    from .visualization import heatmap_grid, plot_roc_curves, plot_score_histograms
+
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(score_rows[0]))
+    writer.writeheader()
+    writer.writerows(score_rows)
+    atomic_write_text(out_dir / "scores.csv", buffer.getvalue())
+    figures = []
+    for category, curves in roc_curves.items():
+        if curves:
+            plot_roc_curves(curves, out_dir / "figures" / f"roc_{category}.png", title=f"ROC: {category}")
+            figures.append((f"ROC curves: {category}", f"figures/roc_{category}.png"))
+        rows = [r for r in score_rows if r["category"] == category]
+        plot_score_histograms([r["pred_score"] for r in rows], [r["anomaly_type"] for r in rows],
+                              out_dir / "figures" / f"scores_{category}.png", title=f"Fused scores: {category}")
+        figures.append((f"Score histogram: {category}", f"figures/scores_{category}.png"))
+    if heatmap_items:
+        heatmap_grid(heatmap_items, out_dir / "figures" / "heatmaps.png")
+        figures.append(("Most and least anomalous test images (structural and logical maps)", "figures/heatmaps.png"))
+    report = [f"# LADMIM evaluation report", "", f"Model: `{model}`; {metrics['num_masks']} masks per image, seed {metrics['seed']}.", "",
+              results_table(metrics), "",
+              "AUROCs are image-level (good vs logical, good vs structural). Branch columns score with one branch alone; "
+              "kNN is a PatchCore-style nearest-neighbour baseline on the same backbone features.", ""]
+    for title, path in figures:
+        report += [f"## {title}", "", f"![{title}]({path})", ""]
+    atomic_write_text(out_dir / "report.md", "\n".join(report))
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (OUTPUT_DIR/model) or Hub id")
+    parser.add_argument("--data_root", required=True, help="dataset root with one folder per category")
+    parser.add_argument("--categories", nargs="+", default=["all"], help="category names or 'all'")
+    parser.add_argument("--output_dir", required=True, help="where metrics.json, scores.csv and report.md go")
+    parser.add_argument("--num_masks", type=int, default=None, help="test-time masks per image (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
+    parser.add_argument("--no_knn", action="store_true", help="skip the kNN baseline")
+    parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    categories = "all" if args.categories == ["all"] else args.categories
+    metrics = evaluate(args.model, args.data_root, categories, args.output_dir, args.num_masks, args.seed, args.batch_size,
+                       not args.no_knn, args.dataset_format, args.feature_cache)
+    print(results_table(metrics))
+    print(f"metrics: {Path(args.output_dir) / 'metrics.json'}  report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="ladmim evaluate", description="Evaluate a trained LADMIM detector on a test split.")
+    add_evaluate_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

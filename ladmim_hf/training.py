@@ -1,0 +1,626 @@
+"""Training with Accelerate: tokenizer (stage 1), per-category predictors (stage 2), calibration (stage 3).
+
+Run as `python scripts/train.py --config configs/synthloco-cpu.yaml` or
+`accelerate launch scripts/train.py --config ...`. Every stage checkpoints with
+`Accelerator.save_state` into `OUTPUT_DIR/checkpoints/<stage>/step_XXXXXXX` (written to a temporary
+folder and renamed, so a killed run never leaves a half-written checkpoint) and `--resume` continues
+from the latest complete one with the same data order and masks, hence the same loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .configuration_ladmim import LadmimConfig
+from .image_processing_ladmim import LadmimImageProcessor
+from .io_utils import atomic_write_json, atomic_save_directory
+from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
+
+logger = logging.getLogger("ladmim_hf.training")
+
+STAGE_TOKENIZER = "tokenizer"
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or infinite; the message names the stage, the step and likely causes."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the run stopped after saving a checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSettings:
+    """Optimisation settings of one stage (`tokenizer` or `predictor`)."""
+
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 1e-6
+    warmup_fraction: float = 0.04
+    schedule: str = "cosine"  # "cosine" (LAViT) or "step" (HVQ-Trans: x gamma at step_fraction)
+    step_fraction: float = 0.8
+    step_gamma: float = 0.1
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 200
+
+    def total_steps(self, num_samples: int, num_processes: int = 1) -> int:
+        per_epoch = max(1, num_samples // (self.batch_size * num_processes))
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        if self.epochs is None:
+            raise ValueError("set epochs or max_steps for every stage")
+        return max(1, int(math.ceil(self.epochs * per_epoch)))
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run reads; built from a YAML file plus command-line overrides."""
+
+    data_root: str = "data/synthloco"
+    categories: Any = "all"
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    dataset_format: str = "loco"  # "loco", "mvtec_ad" or "folder"
+    model: dict = field(default_factory=dict)  # LadmimConfig kwargs (tokenizer_config, predictor_config, ...)
+    tokenizer: StageSettings = field(default_factory=lambda: StageSettings(schedule="step", max_grad_norm=0.1))
+    predictor: StageSettings = field(default_factory=StageSettings)
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    feature_batch_size: int = 16
+    calibration_fpr: float = 0.01
+    calibration_num_masks: int | None = None
+    skip_bad_files: bool = False
+    load_imagenet_weights: bool = True
+    backbone_weights: str | None = None
+    log_with: str | None = "tensorboard"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainSettings":
+        raw = dict(raw)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        for stage in ("tokenizer", "predictor"):
+            if stage in raw:
+                stage_raw = dict(raw[stage] or {})
+                bad = sorted(set(stage_raw) - set(StageSettings.__dataclass_fields__))
+                if bad:
+                    raise ValueError(f"unknown {stage} setting(s) {bad}; known: {sorted(StageSettings.__dataclass_fields__)}")
+                if "betas" in stage_raw:
+                    stage_raw["betas"] = tuple(stage_raw["betas"])
+                base = cls().tokenizer if stage == "tokenizer" else StageSettings()
+                raw[stage] = StageSettings(**{**base.__dict__, **stage_raw})
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["tokenizer"] = dict(self.tokenizer.__dict__)
+        out["predictor"] = dict(self.predictor.__dict__)
+        return out
+
+
+def load_settings(config_path: str | None, overrides: dict[str, Any]) -> TrainSettings:
+    """Read a YAML config and apply overrides; dotted keys (`predictor.max_steps`) reach nested fields."""
+    raw: dict = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return TrainSettings.from_dict(raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and feature cache
+# --------------------------------------------------------------------------------------------------
+
+
+def list_images(settings: TrainSettings, category: str, split: str) -> list[dict]:
+    """Rows (`path`, `anomaly_type`, `masks`, ...) of one split, through the datasets loaders."""
+    from .data import load_folder, load_loco, load_mvtec_ad
+
+    if settings.dataset_format == "loco":
+        dataset = load_loco(settings.data_root, category, split, skip_bad_files=settings.skip_bad_files)
+    elif settings.dataset_format == "mvtec_ad":
+        dataset = load_mvtec_ad(settings.data_root, category, split)
+    elif settings.dataset_format == "folder":
+        dataset = load_folder(Path(settings.data_root) / category, split)
+    else:
+        raise ValueError(f"dataset_format must be 'loco', 'mvtec_ad' or 'folder', got {settings.dataset_format!r}")
+    return [dict(path=row["path"]) for row in dataset.select_columns(["path"])]
+
+
+def resolve_categories(settings: TrainSettings) -> list[str]:
+    from .data import resolve_categories as resolve
+
+    return resolve(settings.data_root, settings.categories)
+
+
+@torch.no_grad()
+def extract_features(tokenizer: LadmimTokenizerModel, processor: LadmimImageProcessor, paths: list[str],
+                     batch_size: int, description: str, disable: bool = False) -> torch.Tensor:
+    """Frozen backbone features `(num_images, C, g, g)` for image files, with a progress bar."""
+    chunks = []
+    device = tokenizer.device
+    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", disable=disable, leave=False):
+        pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(device)
+        chunks.append(tokenizer.extract_features(pixel_values).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_lambda_for(stage: StageSettings, total_steps: int):
+    """Multiplier of the base learning rate at each step: linear warm-up then cosine to the minimum
+    (LAViT), or a step drop at `step_fraction` (HVQ-Trans)."""
+    warmup = int(round(stage.warmup_fraction * total_steps))
+    floor = stage.min_learning_rate / stage.learning_rate if stage.learning_rate > 0 else 0.0
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return floor + (1.0 - floor) * (step + 1) / warmup
+        if stage.schedule == "step":
+            return stage.step_gamma if step >= stage.step_fraction * total_steps else 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def latest_checkpoint(stage_dir: Path) -> tuple[Path | None, int]:
+    """The newest complete `step_XXXXXXX` folder of a stage (temporary folders are ignored)."""
+    if not stage_dir.is_dir():
+        return None, 0
+    steps = sorted(
+        (int(p.name.split("_")[1]), p) for p in stage_dir.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and p.name.split("_")[1].isdigit()
+    )
+    return (steps[-1][1], steps[-1][0]) if steps else (None, 0)
+
+
+class Progress:
+    """`progress.json`: the finished stages of a run, written atomically."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "progress.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"completed": [], "history": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["completed"]
+
+    def mark(self, stage: str, summary: dict, is_main: bool) -> None:
+        if stage not in self.data["completed"]:
+            self.data["completed"].append(stage)
+        self.data["history"][stage] = summary
+        if is_main:
+            atomic_write_json(self.path, self.data)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run stops after a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %s received: stopping after saving a checkpoint (press again to abort)", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingDivergedError(
+            f"{stage}: loss is {loss.item()} at step {step}. Likely causes: {hint}. The last good checkpoint "
+            "is kept; lower the learning rate or check the data, then rerun with --resume."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage loop
+# --------------------------------------------------------------------------------------------------
+
+
+def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str, stage: StageSettings,
+              model: torch.nn.Module, dataset: TensorDataset, loss_fn, hint: str, stop: _StopFlag,
+              resume: bool, log_prefix: str) -> dict:
+    """Train `model` on `dataset` with `loss_fn(model, batch, step) -> (loss, logs)`; returns a summary."""
+    output_dir = Path(settings.output_dir)
+    stage_dir = output_dir / "checkpoints" / stage_name.replace("/", "-")
+    total = stage.total_steps(len(dataset), accelerator.num_processes)
+    accelerator.free_memory()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate,
+                                  betas=stage.betas, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(stage, total))
+    generator = torch.Generator().manual_seed(settings.seed)
+    batch_size = min(stage.batch_size, len(dataset))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    step = 0
+    if resume:
+        checkpoint, step = latest_checkpoint(stage_dir)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            accelerator.print(f"[{stage_name}] resumed from {checkpoint} (step {step}/{total})")
+    per_epoch = len(loader)
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=step, desc=f"{log_prefix}", unit="step", disable=not accelerator.is_local_main_process)
+    model.train()
+
+    def save(at_step: int) -> None:
+        # Every process writes its part (e.g. its RNG state) into one temporary folder; the main
+        # process then renames it, so `step_XXXXXXX` folders are always complete.
+        target = stage_dir / f"step_{at_step:07d}"
+        if target.exists():
+            return
+        tmp = stage_dir / f".step_{at_step:07d}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.replace(tmp, target)
+        accelerator.wait_for_everyone()
+
+    started = time.time()
+    while step < total:
+        epoch = step // per_epoch
+        loader.set_epoch(epoch)
+        skip = step - epoch * per_epoch
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                loss, logs = loss_fn(model, batch, step)
+                _check_finite(loss.detach(), stage_name, step, hint)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and stage.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            loss_value = loss.detach().float().item()
+            losses.append(loss_value)
+            lr = scheduler.get_last_lr()[0]
+            record = {f"{log_prefix}/loss": loss_value, f"{log_prefix}/lr": lr, **{f"{log_prefix}/{k}": v for k, v in logs.items()}}
+            if grad_norm is not None:
+                record[f"{log_prefix}/grad_norm"] = float(grad_norm)
+            accelerator.log(record, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if step % stage.checkpoint_every == 0 or step == total or stop.requested:
+                save(step)
+            if stop.requested:
+                bar.close()
+                raise TrainingInterrupted(f"{stage_name}: stopped at step {step}/{total}; rerun with --resume to continue")
+            if step >= total:
+                break
+    bar.close()
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    return {"steps": total, "final_loss": float(np.mean(tail)), "seconds": round(time.time() - started, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Main job
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(settings: TrainSettings, categories: list[str]) -> LadmimForAnomalyDetection:
+    model_kwargs = json.loads(json.dumps(settings.model))  # deep copy
+    tokenizer_kwargs = dict(model_kwargs.pop("tokenizer_config", {}) or {})
+    tokenizer_kwargs["categories"] = categories
+    config = LadmimConfig(tokenizer_config=tokenizer_kwargs, **model_kwargs)
+    model = LadmimForAnomalyDetection(config)
+    if settings.load_imagenet_weights:
+        model.tokenizer.backbone.load_imagenet_weights(settings.backbone_weights)
+    return model
+
+
+def _masks_for_step(generator_factory, batch_size: int, step: int, seed: int, process: int) -> torch.Tensor:
+    seeds = [int(np.random.SeedSequence([seed, step, process, i]).generate_state(1)[0]) for i in range(batch_size)]
+    return generator_factory(batch_size, seed=seeds)
+
+
+def train(settings: TrainSettings, resume: bool = False) -> Path:
+    """Run all stages and save the detector to `OUTPUT_DIR/model`. Returns that folder."""
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=settings.log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(settings.seed)
+    disable_bars = not accelerator.is_local_main_process
+    progress = Progress(output_dir)
+    if not resume and (progress.data["completed"] or any((output_dir / "checkpoints").glob("*/step_*"))):
+        raise FileExistsError(f"{output_dir} holds a previous run (checkpoints or {progress.path.name}); pass --resume "
+                              "to continue it or choose another --output_dir")
+    if accelerator.is_main_process:
+        atomic_write_json(output_dir / "train_settings.json", settings.to_dict())
+    if settings.log_with:
+        flat = {k: v for k, v in settings.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("ladmim", config=flat)
+
+    categories = resolve_categories(settings)
+    accelerator.print(f"categories: {', '.join(categories)}")
+    torch.manual_seed(settings.seed)
+    model = build_model(settings, categories)
+    processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
+    tokenizer = model.tokenizer.to(accelerator.device)
+
+    # Stage 0: frozen backbone features, once per image (no augmentation, so they never change).
+    cache_path = output_dir / "cache" / "features.pt"
+    cache: dict[str, torch.Tensor] = {}
+    if cache_path.exists():
+        cache = torch.load(cache_path, weights_only=True)
+    for category in categories:
+        for split in ("train", "validation"):
+            key = f"{split}/{category}"
+            if key not in cache:
+                paths = [row["path"] for row in list_images(settings, category, split)]
+                if not paths:
+                    raise FileNotFoundError(f"no {split} images for category {category!r} under {settings.data_root}")
+                cache[key] = extract_features(tokenizer, processor, paths, settings.feature_batch_size,
+                                              f"features {key}", disable_bars)
+    if accelerator.is_main_process:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save(cache, tmp)
+        os.replace(tmp, cache_path)
+
+    summary: dict[str, Any] = {}
+    stop = _StopFlag()
+    with stop:
+        # Stage 1: the class-switched tokenizer on every category's train/good features.
+        stage_dir = output_dir / "stages" / STAGE_TOKENIZER
+        if progress.done(STAGE_TOKENIZER):
+            tokenizer.load_state_dict(LadmimTokenizerModel.from_pretrained(stage_dir).state_dict())
+            accelerator.print(f"[tokenizer] done earlier, loaded {stage_dir}")
+        else:
+            features = torch.cat([cache[f"train/{c}"] for c in categories])
+            class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]),), i, dtype=torch.long) for i, c in enumerate(categories)])
+
+            def tokenizer_loss(module, batch, step):
+                batch_features, batch_ids = batch
+                out = module(features=batch_features, category=batch_ids)
+                perplexity = out.codebook_perplexity.float()
+                return out.loss, {"reconstruction": out.reconstruction_loss.item(),
+                                  "commitment": out.commitment_loss.item(),
+                                  "perplexity_mean": perplexity[:-1].mean().item(),
+                                  "usage_mean": out.codebook_usage[:-1].float().mean().item(),
+                                  "dead_codes_restarted": float(out.dead_codes_restarted or 0)}
+
+            summary[STAGE_TOKENIZER] = run_stage(
+                accelerator, settings, STAGE_TOKENIZER, settings.tokenizer, tokenizer,
+                TensorDataset(features, class_ids), tokenizer_loss,
+                "learning rate too high for the encoder, or collapsed codebooks (check tokenizer/perplexity_mean)",
+                stop, resume, "tokenizer",
+            )
+            tokenizer = accelerator.unwrap_model(tokenizer)
+            if accelerator.is_main_process:
+                atomic_save_directory(stage_dir, lambda tmp: tokenizer.save_pretrained(tmp), True)
+            progress.mark(STAGE_TOKENIZER, summary[STAGE_TOKENIZER], accelerator.is_main_process)
+            accelerator.print(f"[tokenizer] {summary[STAGE_TOKENIZER]}")
+        tokenizer.eval()
+        model.tokenizer = tokenizer
+
+        # Stage 2: predictors, trained from the frozen tokenizer's cached features and codes.
+        codes = {}
+        for category in categories:
+            for split in ("train", "validation"):
+                key = f"{split}/{category}"
+                codes[key] = torch.cat([
+                    tokenizer.encode(features=chunk.to(accelerator.device), category=category).cpu()
+                    for chunk in cache[key].split(64)
+                ])
+        mask_factory = model.mask_generator(training=True)
+        predictor_names = ["shared"] if model.config.shared_predictor else categories
+        for name in predictor_names:
+            stage_name = f"predictor/{name}"
+            stage_dir = output_dir / "stages" / f"predictor-{name}"
+            if progress.done(stage_name):
+                model.predictors[name].load_state_dict(LadmimPredictorModel.from_pretrained(stage_dir).state_dict())
+                accelerator.print(f"[{stage_name}] done earlier, loaded {stage_dir}")
+                continue
+            members = categories if name == "shared" else [name]
+            features = torch.cat([cache[f"train/{c}"] for c in members])
+            labels = torch.cat([codes[f"train/{c}"] for c in members])
+            process = accelerator.process_index
+
+            def predictor_loss(module, batch, step, _factory=mask_factory, _process=process):
+                batch_features, batch_codes = batch
+                masks = _masks_for_step(_factory, batch_features.shape[0], step, settings.seed, _process).to(batch_features.device)
+                out = module(batch_features, masks, labels=batch_codes)
+                return out.loss, {}
+
+            summary[stage_name] = run_stage(
+                accelerator, settings, stage_name, settings.predictor, model.predictors[name],
+                TensorDataset(features, labels), predictor_loss,
+                "learning rate too high, an empty mask, or collapsed tokenizer codebooks",
+                stop, resume, stage_name,
+            )
+            predictor = accelerator.unwrap_model(model.predictors[name])
+            model.predictors[name] = predictor
+            if accelerator.is_main_process:
+                atomic_save_directory(stage_dir, lambda tmp: predictor.save_pretrained(tmp), True)
+            progress.mark(stage_name, summary[stage_name], accelerator.is_main_process)
+            accelerator.print(f"[{stage_name}] {summary[stage_name]}")
+
+    # Stage 3: calibration on normal validation images (never on test images).
+    model.eval()
+    calibration = {}
+    num_masks = settings.calibration_num_masks or model.config.num_masks
+    for category in tqdm(categories, desc="calibration", disable=disable_bars):
+        features = cache[f"validation/{category}"]
+        logical, structural = [], []
+        for start in range(0, len(features), 16):
+            chunk = features[start:start + 16].to(accelerator.device)
+            seeds = [settings.seed * 1_000_003 + start + i for i in range(len(chunk))]
+            out = model(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+            logical.append(out.logical_score.cpu())
+            structural.append(out.structural_score.cpu())
+        calibration[category] = calibration_statistics(torch.cat(logical), torch.cat(structural), settings.calibration_fpr)
+    model.config.calibration = calibration
+    model_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            (tmp / "training_summary.json").write_text(json.dumps({"stages": summary, "calibration": calibration}, indent=2))
+        atomic_save_directory(model_dir, write, True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"done: model saved to {model_dir} ({len(categories)} categories, "
+                      f"{sum(v.get('steps', 0) for v in summary.values())} steps this run)")
+    return model_dir
+
+
+def calibration_statistics(logical: torch.Tensor, structural: torch.Tensor, fpr: float) -> dict[str, float]:
+    """Per-branch mean/std on normal images and the fused-score threshold at the target false-positive rate.
+
+    The threshold is mean + z * std of the fused validation scores (normal approximation, since
+    validation sets are small), with z the standard-normal quantile of `1 - fpr`.
+    """
+    stats = {
+        "logical_mean": float(logical.mean()), "logical_std": float(logical.std(unbiased=False).clamp(min=1e-6)),
+        "structural_mean": float(structural.mean()), "structural_std": float(structural.std(unbiased=False).clamp(min=1e-6)),
+    }
+    fused = (logical - stats["logical_mean"]) / stats["logical_std"] + (structural - stats["structural_mean"]) / stats["structural_std"]
+    z = statistics.NormalDist().inv_cdf(1.0 - fpr)
+    stats["threshold"] = float(fused.mean() + z * fused.std(unbiased=False))
+    stats["num_images"] = int(logical.numel())
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ladmim train", description="Train a LADMIM detector (tokenizer, predictors, calibration).")
+    add_train_arguments(parser)
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file under configs/ (e.g. configs/synthloco-cpu.yaml)")
+    parser.add_argument("--data_root", default=None, help="dataset root holding one folder per category")
+    parser.add_argument("--categories", nargs="+", default=None, help="category names or 'all'")
+    parser.add_argument("--output_dir", default=None, help="run folder (checkpoints, logs, model)")
+    parser.add_argument("--max_steps", type=int, default=None, help="steps per stage (both stages)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs per stage (both stages)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--skip_bad_files", action="store_true", default=None, help="skip unreadable images (listed in the log)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override any setting, e.g. predictor.batch_size=16 model.num_masks=20")
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    overrides: dict[str, Any] = {
+        "data_root": args.data_root, "output_dir": args.output_dir, "seed": args.seed,
+        "mixed_precision": args.mixed_precision, "skip_bad_files": args.skip_bad_files,
+    }
+    if args.categories is not None:
+        overrides["categories"] = "all" if args.categories == ["all"] else args.categories
+    for stage in ("tokenizer", "predictor"):
+        if args.max_steps is not None:
+            overrides[f"{stage}.max_steps"] = args.max_steps
+        if args.epochs is not None:
+            overrides[f"{stage}.epochs"] = args.epochs
+            overrides[f"{stage}.max_steps"] = None
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    settings = load_settings(args.config, {k: v for k, v in overrides.items() if not k.endswith(".max_steps") or v is not None})
+    if args.epochs is not None and args.max_steps is None:
+        settings.tokenizer.max_steps = settings.predictor.max_steps = None
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        train(settings, resume=args.resume)
+    except TrainingInterrupted as error:
+        logger.warning("%s", error)
+        return 130
+    except TrainingDivergedError as error:
+        logger.error("%s", error)
+        return 3
+    except FileExistsError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Train a LADMIM detector: `python scripts/train.py --config configs/synthloco-cpu.yaml`
+(or `accelerate launch scripts/train.py ...`). See `ladmim_hf/training.py`."""
+
+import sys
+
+from ladmim_hf.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())

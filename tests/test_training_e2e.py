@@ -1,0 +1,156 @@
+"""End to end through the real scripts: a tiny training run, evaluation, resume after SIGKILL, and a
+2-process CPU launch with accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = ["pushpins", "screw_bag"]
+
+TINY_SETTINGS = {
+    "categories": CATEGORIES,
+    "seed": 0,
+    "model": {
+        "tokenizer_config": dict(backbone="efficientnet_lite0", backbone_taps=[2, 4], feature_channels=64, image_size=64,
+                                 grid_size=4, hidden_size=32, num_encoder_layers=2, num_decoder_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, num_levels=2, codebook_size=16,
+                                 score_filter_size=8),
+        "predictor_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0),
+        "num_masks": 3,
+    },
+    "tokenizer": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3},
+    "predictor": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3},
+    "feature_batch_size": 8,
+    "log_with": "tensorboard",
+}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from ladmim_hf.data.synthetic import generate_synthloco
+
+    root = tmp_path_factory.mktemp("synthloco")
+    generate_synthloco(root, seed=0, small=True, categories=CATEGORIES)
+    return root
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _write_config(path: Path, synth_root: Path, output_dir: Path, **changes) -> Path:
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings.update(data_root=str(synth_root), output_dir=str(output_dir))
+    for key, value in changes.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def _train(config: Path, *extra: str, launcher: list[str] | None = None, timeout: int = 600):
+    command = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train.py"), "--config", str(config), *extra]
+    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
+    out = tmp_path / "run"
+    result = _train(_write_config(tmp_path / "tiny.yaml", synth_root, out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "done: model saved to" in result.stdout + result.stderr
+    model_dir = out / "model"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_ladmim.py"):
+        assert (model_dir / name).exists(), name
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["completed"] == ["tokenizer", "predictor/pushpins", "predictor/screw_bag"]
+    assert (out / "checkpoints" / "tokenizer" / "step_0000002").is_dir()
+    assert any((out / "logs").rglob("events.out.tfevents*")), "tensorboard logs"
+
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    model = LadmimForAnomalyDetection.from_pretrained(model_dir)
+    calibration = model.config.calibration
+    assert set(calibration) == set(CATEGORIES)
+    assert all(calibration[c]["logical_std"] > 0 and "threshold" in calibration[c] for c in CATEGORIES)
+
+    eval_dir = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(model_dir), "--data_root", str(synth_root),
+         "--categories", "all", "--output_dir", str(eval_dir), "--num_masks", "2",
+         "--feature_cache", str(out / "cache" / "features.pt")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"categories", "mean", "baselines", "num_masks", "seed"}
+    assert metrics["num_masks"] == 2 and metrics["seed"] == 0
+    for category in CATEGORIES:
+        entry = metrics["categories"][category]
+        for key in ("auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05"):
+            assert 0.0 <= entry[key] <= 1.0, (category, key, entry[key])
+        for branch in ("logical", "structural"):
+            assert set(entry["branches"][branch]) == {"auroc_logical", "auroc_structural"}
+        assert set(metrics["baselines"]["knn"][category]) == {"auroc_logical", "auroc_structural"}
+    assert set(metrics["mean"]) == {"auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05"}
+    assert set(metrics["baselines"]["knn"]["mean"]) == {"auroc_logical", "auroc_structural"}
+    rows = (eval_dir / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("path,category,anomaly_type,pred_score,logical_score,structural_score")
+    assert len(rows) == 1 + 2 * 9
+    report = (eval_dir / "report.md").read_text()
+    assert "| pushpins |" in report and "figures/heatmaps.png" in report
+    assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
+
+
+def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
+    out = tmp_path / "run"
+    config = _write_config(tmp_path / "tiny.yaml", synth_root, out,
+                           tokenizer={"max_steps": 400, "checkpoint_every": 5}, predictor={"max_steps": 2})
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config)],
+                               cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage_dir = out / "checkpoints" / "tokenizer"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and len(list(stage_dir.glob("step_*"))) < 2:
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    before = sorted(p.name for p in stage_dir.glob("step_*"))
+    assert len(before) >= 2, "training did not reach two checkpoints in time"
+    last_step = int(before[-1].split("_")[1])
+    assert last_step < 400, "the run finished before it was killed"
+
+    # The folder refuses a fresh start, then --resume continues from the newest complete checkpoint.
+    refused = _train(config)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    result = _train(config, "--resume", "--set", "tokenizer.max_steps=" + str(last_step + 5), "tokenizer.checkpoint_every=5")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {stage_dir / before[-1]} (step {last_step}/{last_step + 5})" in result.stdout + result.stderr
+    after = sorted(p.name for p in stage_dir.glob("step_*"))
+    assert set(before) <= set(after), "an earlier checkpoint was lost"
+    assert f"step_{last_step + 5:07d}" in after
+    assert not list(stage_dir.glob(".*tmp")), "no temporary checkpoint folder is left behind"
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_two_process_cpu_launch(tmp_path, synth_root):
+    out = tmp_path / "run"
+    config = _write_config(tmp_path / "tiny.yaml", synth_root, out, tokenizer={"max_steps": 2}, predictor={"max_steps": 2},
+                           log_with=None)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = _train(config, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "model" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists(), "both processes saved their state"
