@@ -83,11 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
         return 0
 
     synth.set_defaults(func=run_synth)
+
+    from . import convert, hub
+
+    push = sub.add_parser("push", help="upload a trained detector (weights, code, pipeline, model card) to the Hub")
+    hub.add_push_arguments(push)
+    push.set_defaults(func=hub.run_push_from_args)
+
+    convert_parser = sub.add_parser("convert", help="convert official LADMIM / HVQ-Trans checkpoints")
+    convert.add_convert_arguments(convert_parser)
+    convert_parser.set_defaults(func=convert.run_from_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .training import configure_logging
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

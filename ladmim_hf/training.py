@@ -286,8 +286,11 @@ def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str
     stage_dir = output_dir / "checkpoints" / stage_name.replace("/", "-")
     total = stage.total_steps(len(dataset), accelerator.num_processes)
     accelerator.free_memory()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.learning_rate,
-                                  betas=stage.betas, weight_decay=stage.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernel is several times faster than the per-tensor loop on CPU as well as on GPU.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, betas=stage.betas, weight_decay=stage.weight_decay,
+                                  fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(stage, total))
     generator = torch.Generator().manual_seed(settings.seed)
     batch_size = min(stage.batch_size, len(dataset))
@@ -600,8 +603,15 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     return settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # accelerate logs every file of every checkpoint at INFO; keep the console to what users need.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.other"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = build_parser().parse_args(argv)
     return run_from_args(args)
 
