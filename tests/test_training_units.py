@@ -1,0 +1,127 @@
+"""Unit tests of the training pieces: settings, schedules, calibration, NaN handling, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ladmim_hf.io_utils import atomic_save_directory, atomic_write_json
+from ladmim_hf.training import (
+    StageSettings,
+    TrainingDivergedError,
+    TrainSettings,
+    _StopFlag,
+    calibration_statistics,
+    latest_checkpoint,
+    load_settings,
+    lr_lambda_for,
+    run_stage,
+)
+
+
+def test_settings_from_yaml_with_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\npredictor: {batch_size: 8, epochs: 2}\nmodel: {num_masks: 4}\n")
+    settings = load_settings(str(path), {"predictor.max_steps": 5, "output_dir": "x", "seed": None})
+    assert settings.seed == 3 and settings.output_dir == "x"
+    assert settings.predictor.batch_size == 8 and settings.predictor.max_steps == 5
+    assert settings.tokenizer.schedule == "step" and settings.tokenizer.max_grad_norm == 0.1  # HVQ-Trans defaults kept
+    assert settings.model == {"num_masks": 4}
+
+
+def test_unknown_settings_are_rejected_with_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sed: 3\n")
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['sed'\]"):
+        load_settings(str(path), {})
+    path.write_text("predictor: {batchsize: 3}\n")
+    with pytest.raises(ValueError, match="unknown predictor setting"):
+        load_settings(str(path), {})
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_settings(str(tmp_path / "missing.yaml"), {})
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    assert StageSettings(epochs=2, batch_size=10).total_steps(35) == 6  # 3 full batches per epoch
+    assert StageSettings(epochs=2, max_steps=7).total_steps(35) == 7
+    with pytest.raises(ValueError, match="epochs or max_steps"):
+        StageSettings().total_steps(10)
+
+
+def test_cosine_schedule_with_warmup_and_step_schedule():
+    cosine = lr_lambda_for(StageSettings(learning_rate=1e-4, min_learning_rate=1e-6, warmup_fraction=0.1), 100)
+    assert cosine(0) == pytest.approx(0.01 + 0.99 * 0.1)  # linear warm-up from min_lr
+    assert cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.01 + 0.99 * 0.5, rel=1e-6)
+    assert cosine(100) == pytest.approx(0.01)
+    step = lr_lambda_for(StageSettings(schedule="step", warmup_fraction=0.0, step_fraction=0.8, step_gamma=0.1), 100)
+    assert step(79) == 1.0 and step(80) == 0.1
+
+
+def test_calibration_statistics_by_hand():
+    logical = torch.tensor([1.0, 2.0, 3.0])
+    structural = torch.tensor([10.0, 10.0, 13.0])
+    stats = calibration_statistics(logical, structural, fpr=0.01)
+    assert stats["logical_mean"] == pytest.approx(2.0)
+    assert stats["logical_std"] == pytest.approx(math.sqrt(2 / 3))
+    assert stats["structural_mean"] == pytest.approx(11.0)
+    fused = [(l - 2.0) / math.sqrt(2 / 3) + (s - 11.0) / math.sqrt(2.0) for l, s in zip([1, 2, 3], [10, 10, 13])]
+    mean = sum(fused) / 3
+    std = math.sqrt(sum((f - mean) ** 2 for f in fused) / 3)
+    assert stats["threshold"] == pytest.approx(mean + statistics.NormalDist().inv_cdf(0.99) * std, rel=1e-5)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_nan_loss_stops_with_stage_step_and_cause_and_keeps_last_checkpoint(tmp_path):
+    from accelerate import Accelerator
+
+    settings = TrainSettings(output_dir=str(tmp_path), log_with=None)
+    stage = StageSettings(max_steps=10, batch_size=2, checkpoint_every=2)
+    dataset = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+
+    def loss_fn(model, batch, step):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        return (loss * float("nan") if step == 3 else loss), {}
+
+    accelerator = Accelerator(cpu=True)
+    with _StopFlag() as stop, pytest.raises(TrainingDivergedError) as error:
+        run_stage(accelerator, settings, "predictor/pushpins", stage, _Linear(), dataset, loss_fn,
+                  "learning rate too high, an empty mask", stop, False, "predictor/pushpins")
+    message = str(error.value)
+    assert "predictor/pushpins" in message and "step 3" in message and "learning rate too high" in message
+    checkpoint, step = latest_checkpoint(tmp_path / "checkpoints" / "predictor-pushpins")
+    assert step == 2 and (checkpoint / "model.safetensors").exists()
+
+
+def test_atomic_writes_leave_old_content_on_failure(tmp_path):
+    target = tmp_path / "result.json"
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    folder = tmp_path / "model"
+    atomic_save_directory(folder, lambda tmp: (tmp / "w.txt").write_text("v1"))
+
+    def broken(tmp):
+        (tmp / "w.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_save_directory(folder, broken)
+    assert (folder / "w.txt").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert sorted(os.listdir(tmp_path)) == ["model", "result.json"]
