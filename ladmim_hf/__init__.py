@@ -39,6 +39,8 @@ def _register() -> None:
 
 _register()
 
+from . import pipeline_ladmim  # noqa: E402  registers the "image-anomaly-detection" pipeline task
+
 __all__ = [
     "BlockMaskGenerator",
     "ImageDecodeError",

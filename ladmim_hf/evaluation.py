@@ -35,11 +35,11 @@ ANOMALY_TYPE_NAMES = ["good", "logical", "structural"]
 
 
 def load_detector(model: str) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor]:
-    """A trained detector and its image processor from a folder or Hub id."""
-    path = Path(model)
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: pass the model folder written by training (OUTPUT_DIR/model)")
-    detector = LadmimForAnomalyDetection.from_pretrained(model).eval()
+    """A trained detector and its image processor from a folder or Hub id (errors name the problem:
+    missing config, truncated weights, unknown fields)."""
+    from .hub import load_model
+
+    detector = load_model(model, check_code=False)
     try:
         processor = LadmimImageProcessor.from_pretrained(model)
     except (OSError, ValueError):

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .configuration_ladmim import LadmimConfig
+from .hub import add_pipeline_to_folder
 from .image_processing_ladmim import LadmimImageProcessor
 from .io_utils import atomic_write_json, atomic_save_directory
 from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
@@ -532,6 +533,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
+            add_pipeline_to_folder(tmp)  # pipeline("image-anomaly-detection", model=DIR, trust_remote_code=True)
             (tmp / "training_summary.json").write_text(json.dumps({"stages": summary, "calibration": calibration}, indent=2))
         atomic_save_directory(model_dir, write, True)
     accelerator.wait_for_everyone()
