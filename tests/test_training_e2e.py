@@ -59,9 +59,10 @@ def _write_config(path: Path, synth_root: Path, output_dir: Path, **changes) -> 
     return path
 
 
-def _train(config: Path, *extra: str, launcher: list[str] | None = None, timeout: int = 600):
+def _train(config: Path, *extra: str, launcher: list[str] | None = None, timeout: int = 600, env_extra: dict | None = None):
     command = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train.py"), "--config", str(config), *extra]
-    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = {**_env(), **(env_extra or {})}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
@@ -148,9 +149,12 @@ def test_two_process_cpu_launch(tmp_path, synth_root):
     out = tmp_path / "run"
     config = _write_config(tmp_path / "tiny.yaml", synth_root, out, tokenizer={"max_steps": 2}, predictor={"max_steps": 2},
                            log_with=None)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = _train(config, launcher=launcher)
+    # accelerate 1.15 runs `launch --cpu --num_processes 2` as ONE process (multi-CPU there needs mpirun);
+    # the torch.distributed launcher with ACCELERATE_USE_CPU=1 gives two gloo processes on CPU.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    result = _train(config, launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "model" / "model.safetensors").exists()
+    assert "MULTI_CPU" in result.stdout + result.stderr or (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists()
     assert (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists(), "both processes saved their state"
