@@ -158,3 +158,28 @@ def test_two_process_cpu_launch(tmp_path, synth_root):
     assert (out / "model" / "model.safetensors").exists()
     assert "MULTI_CPU" in result.stdout + result.stderr or (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists()
     assert (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists(), "both processes saved their state"
+
+
+def test_sigint_stops_cleanly_after_saving(tmp_path, synth_root):
+    out = tmp_path / "run"
+    config = _write_config(tmp_path / "tiny.yaml", synth_root, out,
+                           tokenizer={"max_steps": 400, "checkpoint_every": 50}, predictor={"max_steps": 2}, log_with=None)
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config)],
+                               cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    # Wait until the tokenizer stage is running (its first tensorboard-free progress line appears).
+    lines = []
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "tokenizer:" in line and "step" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    output = "".join(lines) + output
+    assert process.returncode == 130, output[-3000:]
+    assert "rerun with --resume" in output
+    saved = sorted((out / "checkpoints" / "tokenizer").glob("step_*"))
+    assert saved, "a checkpoint was written at the step where training stopped"
+    step = int(saved[-1].name.split("_")[1])
+    assert 0 < step < 400
