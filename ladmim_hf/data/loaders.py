@@ -1,0 +1,751 @@
+"""Dataset loaders returning :class:`datasets.Dataset` for MVTec LOCO AD, MVTec AD and plain folders.
+
+Every loader walks the folder explicitly, validates each file while walking (so a corrupt image
+fails at load time, not in the middle of training), and builds the dataset with
+``Dataset.from_generator(..., features=...)`` (no loading scripts). The Arrow table is cached in
+the datasets cache under a fingerprint of the file names, sizes and modification times, so a
+changed folder is read again; the validation result of a walk is cached under the same
+fingerprint.
+
+Rows (``features``)::
+
+    image         datasets.Image()                              the image (decoded lazily)
+    label         ClassLabel(["good", "anomalous"])
+    anomaly_type  ClassLabel(["good", "logical", "structural"])
+    category      string
+    path          string                                        absolute path of the image
+    masks         List(Image())                                 one per ground-truth region
+    defect_type   List(string)                                  defect types present
+
+With ``transform`` (e.g. a :class:`~ladmim_hf.image_processing_ladmim.LadmimImageProcessor`)
+rows come out as ``pixel_values`` ``(3, S, S)`` tensors plus the labels, ``mask`` (the union of
+the regions, binarised with ``> 0`` and resized to ``S x S``, a bool tensor) and ``masks``
+(``(n_regions, S, S)`` bool tensor).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image as PILImage
+
+from ..image_processing_ladmim import ImageDecodeError, load_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LOCO_CATEGORIES",
+    "ANOMALY_TYPES",
+    "BadFilesError",
+    "DataWarning",
+    "collate_anomaly_batch",
+    "dataset_features",
+    "discover_categories",
+    "find_bad_images",
+    "load_defects_config",
+    "load_folder",
+    "load_loco",
+    "load_mvtec_ad",
+    "resolve_categories",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IGNORED_FILES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
+LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+LABELS = ("good", "anomalous")
+ANOMALY_TYPES = ("good", "logical", "structural")
+LOCO_TEST_FOLDERS = {"good": "good", "logical_anomalies": "logical", "structural_anomalies": "structural"}
+_WALK_VERSION = 1  # bump when the records' content changes
+
+
+class DataWarning(UserWarning):
+    """A file was skipped, converted, or looks suspicious; the message names the path."""
+
+
+class BadFilesError(ImageDecodeError):
+    """One or more files of a dataset folder cannot be used; ``bad_files`` lists ``(path, reason)``."""
+
+    def __init__(self, message: str, bad_files: list[tuple[str, str]]):
+        super().__init__(message)
+        self.bad_files = bad_files
+
+
+def dataset_features():
+    """The :class:`datasets.Features` shared by all loaders."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(LABELS)),
+            "anomaly_type": datasets.ClassLabel(names=list(ANOMALY_TYPES)),
+            "category": datasets.Value("string"),
+            "path": datasets.Value("string"),
+            "masks": datasets.List(datasets.Image()),
+            "defect_type": datasets.List(datasets.Value("string")),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_FILES
+
+
+def _check_image(path: str, decode: bool = True) -> tuple[str | None, list[str], tuple[int, int] | None, str | None]:
+    """``(error, warnings, size, mode)`` of one image file; ``error`` is ``None`` when it is usable."""
+    notes: list[str] = []
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file (unknown extension {os.path.splitext(path)[1] or '<none>'!r})", notes, None, None
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)", notes, None, None
+        with PILImage.open(path) as image:
+            size, mode, fmt = image.size, image.mode, image.format
+            image.verify()  # checksums and structure (PNG), without decoding
+    except Exception as error:  # PIL raises many types for corrupt files
+        return f"cannot read image: {type(error).__name__}: {error}", notes, None, None
+    if decode:
+        try:
+            load_image(path)  # full decode: catches truncated data that verify() lets through
+        except ImageDecodeError as error:
+            return str(error), notes, size, mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        notes.append(f"{path}: {mode} image ({'16-bit' if 'I;16' in mode else 'high bit depth'}) is rescaled to 8-bit by its own range")
+    elif mode in ("P", "PA"):
+        notes.append(f"{path}: palette image (mode {mode}) is converted to RGB")
+    return None, notes, size, mode
+
+
+def find_bad_images(paths: Iterable[str | os.PathLike], decode: bool = True, workers: int | None = None) -> list[tuple[str, str]]:
+    """Return ``(path, reason)`` for every path that is not a readable image (opened, verified, decoded)."""
+    paths = [os.fspath(p) for p in paths]
+    results = _check_many(paths, decode, workers)
+    return [(p, r[0]) for p, r in zip(paths, results) if r[0] is not None]
+
+
+def _check_many(paths: list[str], decode: bool, workers: int | None = None):
+    if len(paths) < 8:
+        return [_check_image(p, decode) for p in paths]
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        return list(pool.map(lambda p: _check_image(p, decode), paths))
+
+
+def _mask_values(path: str) -> list[int]:
+    """Non-zero grey values of a single-channel mask."""
+    with PILImage.open(path) as mask:
+        if mask.mode in ("L", "P", "1"):
+            if mask.mode == "1":
+                mask = mask.convert("L")
+            hist = mask.histogram()
+            return [v for v in range(1, len(hist)) if hist[v] > 0]
+        array = np.asarray(mask)
+    if array.ndim == 3:  # RGB masks: use the first channel
+        array = array[..., 0]
+    return [int(v) for v in np.unique(array) if v != 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Folder walking
+# --------------------------------------------------------------------------------------------
+
+def _list_folder(folder: Path, bad: list[tuple[str, str]]) -> list[Path]:
+    """Image candidates in a folder (sorted); hidden files are ignored, sub-folders reported."""
+    out = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if _is_ignored(entry.name):
+            continue
+        if entry.is_dir():
+            bad.append((str(entry), "unexpected sub-folder inside an image folder"))
+            continue
+        out.append(entry)
+    return out
+
+
+def _fingerprint(kind: str, root: Path, folders: Sequence[Path], extra: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"kind": kind, "root": str(root.resolve()), "version": _WALK_VERSION, **extra},
+                             sort_keys=True).encode())
+    for folder in folders:
+        if not folder.exists():
+            digest.update(f"missing:{folder}".encode())
+            continue
+        if folder.is_file():
+            st = folder.stat()
+            digest.update(f"{folder}|{st.st_size}|{st.st_mtime_ns}".encode())
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                digest.update(f"{os.path.relpath(full, root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _walk_cache_path(cache_dir: str | os.PathLike | None, fingerprint: str) -> Path:
+    if cache_dir is None:
+        import datasets
+
+        cache_dir = datasets.config.HF_DATASETS_CACHE
+    return Path(cache_dir) / "ladmim_hf_walks" / f"{fingerprint}.json"
+
+
+def _build(
+    records_fn: Callable[[], tuple[list[dict], list[tuple[str, str]], list[str]]],
+    fingerprint: str,
+    skip_bad_files: bool,
+    transform,
+    cache_dir,
+    what: str,
+):
+    """Walk (or read the cached walk), report problems, build and cache the dataset."""
+    import datasets
+
+    cache_file = _walk_cache_path(cache_dir, fingerprint)
+    walk = None
+    if cache_file.exists():
+        try:
+            walk = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            walk = None
+    if walk is None:
+        records, bad, notes = records_fn()
+        walk = {"records": records, "bad": bad, "notes": notes}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(walk))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    records, bad, notes = walk["records"], [tuple(b) for b in walk["bad"]], walk["notes"]
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=3)
+    if bad:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        if not skip_bad_files:
+            raise BadFilesError(
+                f"{len(bad)} unusable file(s) in {what}:\n{listing}\n"
+                "Fix or remove them, or pass skip_bad_files=True to skip them.", bad)
+        warnings.warn(f"skipped {len(bad)} unusable file(s) in {what}:\n{listing}", DataWarning, stacklevel=3)
+    if not records:
+        raise ValueError(f"no usable images in {what}")
+    payload = json.dumps(records)
+    features = dataset_features()
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _generate_rows,
+            features=features,
+            gen_kwargs={"records_json": payload, "fingerprint": fingerprint},
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            fingerprint=f"ladmim-{fingerprint}",
+        )
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
+    skipped = "\n".join(f"{path}: {reason}" for path, reason in bad)
+    dataset.info.description = (f"{what}; {len(records)} images" + (f"; skipped {len(bad)} bad file(s):\n{skipped}" if bad else ""))
+    if transform is not None:
+        dataset = dataset.with_transform(make_batch_transform(transform))
+    return dataset
+
+
+def _generate_rows(records_json: str, fingerprint: str):
+    for record in json.loads(records_json):
+        yield record
+
+
+def _validate_records(candidates: list[dict], validate: bool, bad: list, notes: list) -> list[dict]:
+    """Check every candidate image and its masks; return the usable records."""
+    paths = [c["path"] for c in candidates]
+    results = _check_many(paths, decode=validate)
+    good = []
+    for cand, (error, image_notes, size, _) in zip(candidates, results):
+        if error is not None:
+            bad.append((cand["path"], error))
+            continue
+        notes.extend(image_notes)
+        mask_error = None
+        for mask in cand["masks"]:
+            m_error, _, m_size, _ = _check_image(mask, decode=validate)
+            if m_error is not None:
+                mask_error = (mask, f"ground-truth mask of {cand['path']} is unusable: {m_error}")
+                break
+            if m_size != size:
+                mask_error = (mask, f"mask size {m_size[0]}x{m_size[1]} differs from image size {size[0]}x{size[1]} of {cand['path']}")
+                break
+        if mask_error is not None:
+            bad.append(mask_error)
+            continue
+        good.append(cand)
+    return good
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} is not a folder: {path}")
+
+
+def _check_only_good(split_dir: Path, bad: list) -> None:
+    """A train / validation folder holds only ``good/``: report anything else instead of ignoring it."""
+    for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+        if not _is_ignored(entry.name) and entry.name != "good":
+            bad.append((str(entry), f"unexpected {'folder' if entry.is_dir() else 'file'} in {split_dir.name}/ "
+                                    "(only good/ is read; normal-only splits cannot hold anomalies)"))
+
+
+def _images_in(folder: Path, bad: list) -> list[Path]:
+    files = _list_folder(folder, bad)
+    if not files:
+        raise ValueError(f"no images in {folder} (the folder is empty or holds only hidden files)")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Categories and defects_config.json
+# --------------------------------------------------------------------------------------------
+
+def discover_categories(root: str | os.PathLike) -> list[str]:
+    """Names of the category folders under a dataset root (folders that contain ``train/``)."""
+    root = Path(root)
+    _require_dir(root, "dataset root")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_ignored(p.name) and (p / "train").is_dir())
+    if not found:
+        raise FileNotFoundError(f"no category folders (folders with a train/ sub-folder) under {root}")
+    return found
+
+
+def resolve_categories(root: str | os.PathLike, categories: str | Sequence[str] = "all") -> list[str]:
+    """``"all"`` -> every category found under ``root``; a name, ``"a,b"`` or a list -> checked list."""
+    available = discover_categories(root)
+    if isinstance(categories, str):
+        categories = [c.strip() for c in categories.split(",") if c.strip()]
+    categories = list(categories)
+    if not categories or categories == ["all"]:
+        return available
+    if "all" in categories:
+        raise ValueError("'all' cannot be combined with category names")
+    missing = [c for c in categories if c not in available]
+    if missing:
+        raise ValueError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not found under "
+                         f"{root}; available: {', '.join(available)}")
+    return list(dict.fromkeys(categories))
+
+
+def load_defects_config(category_root: str | os.PathLike) -> dict[int, dict]:
+    """Read ``<category_root>/defects_config.json`` keyed by mask grey value (``{}`` if absent)."""
+    path = Path(category_root) / "defects_config.json"
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} must hold a JSON list of defect types, got {type(entries).__name__}")
+    out: dict[int, dict] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "defect_name" not in entry or "pixel_value" not in entry:
+            raise ValueError(f"{path}: entry {i} needs 'defect_name' and 'pixel_value', got {entry!r}")
+        value = int(entry["pixel_value"])
+        if not 0 < value < 256:
+            raise ValueError(f"{path}: entry {i} has pixel_value {value} outside 1..255")
+        if value in out:
+            raise ValueError(f"{path}: pixel_value {value} is used by both {out[value]['defect_name']!r} and {entry['defect_name']!r}")
+        out[value] = {
+            "defect_name": str(entry["defect_name"]),
+            "pixel_value": value,
+            "saturation_threshold": float(entry.get("saturation_threshold", 1.0)),
+            "relative_saturation": bool(entry.get("relative_saturation", True)),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# MVTec LOCO AD layout
+# --------------------------------------------------------------------------------------------
+
+def _category_dir(root: Path, category: str) -> Path:
+    _require_dir(root, "dataset root")
+    cat_dir = root / category
+    if not cat_dir.is_dir():
+        try:
+            available = ", ".join(discover_categories(root))
+        except FileNotFoundError:
+            available = "none"
+        raise FileNotFoundError(f"category {category!r} not found under {root} (no folder {cat_dir}); available: {available}")
+    return cat_dir
+
+
+def _loco_masks(cat_dir: Path, sub: str, image: Path) -> list[str]:
+    folder = cat_dir / "ground_truth" / sub / image.stem
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if not _is_ignored(p.name) and p.is_file()]
+
+
+def _several(loader, root, category, split, transform, skip_bad_files, **kwargs):
+    """Load several categories (``"all"``, ``"a,b"`` or a list) and concatenate them."""
+    import datasets
+
+    names = resolve_categories(root, category)
+    parts = [loader(root, name, split, None, skip_bad_files, **kwargs) for name in names]
+    dataset = datasets.concatenate_datasets(parts)
+    dataset.info.description = "\n".join(part.info.description for part in parts)
+    return dataset.with_transform(make_batch_transform(transform)) if transform is not None else dataset
+
+
+def _is_several(category) -> bool:
+    return not isinstance(category, str) or category == "all" or "," in category
+
+
+def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str = "train", transform=None,
+              skip_bad_files: bool = False, *, validate: bool = True, cache_dir: str | os.PathLike | None = None):
+    """Load one category and split of a MVTec LOCO AD-style folder (real LOCO or synthloco).
+
+    Args:
+        root: dataset root holding one folder per category.
+        category: category folder name, e.g. ``"breakfast_box"``; ``"all"``, ``"a,b"`` or a list
+            load several categories into one dataset (see :func:`resolve_categories`).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        transform: optional image processor / callable; rows then carry ``pixel_values``.
+        skip_bad_files: skip unreadable images (each listed in a warning and in
+            ``dataset.info.description``) instead of raising :class:`BadFilesError`.
+        validate: decode every image while walking (default); ``False`` only opens and verifies.
+        cache_dir: datasets cache folder (default: the datasets default cache).
+    """
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    if _is_several(category):
+        return _several(load_loco, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
+    root = Path(root)
+    cat_dir = _category_dir(root, category)
+    split_dir = cat_dir / split
+    _require_dir(split_dir, f"{split} folder of category {category!r}")
+    config_path = cat_dir / "defects_config.json"
+    watched = [split_dir, config_path] + ([cat_dir / "ground_truth"] if split == "test" else [])
+    fingerprint = _fingerprint("loco", root, watched, {"category": category, "split": split, "validate": validate})
+
+    def walk():
+        bad: list[tuple[str, str]] = []
+        notes: list[str] = []
+        candidates = []
+        if split == "test":
+            subs = []
+            for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                if _is_ignored(entry.name):
+                    continue
+                if not entry.is_dir():
+                    bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
+                elif entry.name not in LOCO_TEST_FOLDERS:
+                    raise ValueError(f"unknown test folder {entry} in a MVTec LOCO AD layout; expected "
+                                     f"{', '.join(LOCO_TEST_FOLDERS)} (use load_folder for other layouts)")
+                else:
+                    subs.append(entry.name)
+            for sub in LOCO_TEST_FOLDERS:
+                if sub not in subs:
+                    notes.append(f"{split_dir / sub}: folder missing, category {category!r} has no {sub} test images")
+            if not subs:
+                raise ValueError(f"no test sub-folders in {split_dir}; expected {', '.join(LOCO_TEST_FOLDERS)}")
+        else:
+            subs = ["good"]
+            _require_dir(split_dir / "good", f"{split}/good folder of category {category!r}")
+            _check_only_good(split_dir, bad)
+        for sub in subs:
+            kind = LOCO_TEST_FOLDERS[sub]
+            for image in _images_in(split_dir / sub, bad):
+                masks = _loco_masks(cat_dir, sub, image) if kind != "good" else []
+                if kind != "good" and not masks:
+                    notes.append(f"{image}: anomalous image without ground-truth masks "
+                                 f"(expected {cat_dir / 'ground_truth' / sub / image.stem}/000.png)")
+                candidates.append({"path": str(image.resolve()), "masks": [str(Path(m).resolve()) for m in masks],
+                                   "kind": kind})
+        usable = _validate_records(candidates, validate, bad, notes)
+        config = load_defects_config(cat_dir)
+        if not config_path.exists() and any(c["masks"] for c in usable):
+            notes.append(f"{config_path}: missing; defect types are named after the mask grey values")
+        records = []
+        for cand in usable:
+            names: list[str] = []
+            for mask in cand["masks"]:
+                values = _mask_values(mask)
+                if not values:
+                    notes.append(f"{mask}: ground-truth mask is empty (all zero)")
+                for value in values:
+                    if value in config:
+                        name = config[value]["defect_name"]
+                    else:
+                        name = f"pixel_value_{value}"
+                        if config:
+                            notes.append(f"{mask}: grey value {value} is not in {config_path}")
+                    if name not in names:
+                        names.append(name)
+            records.append(_record(cand["path"], cand["kind"], category, cand["masks"], names))
+        return records, bad, notes
+
+    return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{cat_dir / split} (MVTec LOCO AD layout)")
+
+
+def _record(path: str, kind: str, category: str, masks: list[str], defect_types: list[str]) -> dict:
+    return {
+        "image": path,
+        "label": 0 if kind == "good" else 1,
+        "anomaly_type": ANOMALY_TYPES.index(kind),
+        "category": category,
+        "path": path,
+        "masks": list(masks),
+        "defect_type": list(defect_types),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# MVTec AD layout
+# --------------------------------------------------------------------------------------------
+
+def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split: str = "train", transform=None,
+                  skip_bad_files: bool = False, *, validate: bool = True, cache_dir: str | os.PathLike | None = None):
+    """Load one category of a MVTec AD-style folder (``train/good``, ``test/<defect>``,
+    ``ground_truth/<defect>/<stem>_mask.png``); every defect folder is a structural anomaly."""
+    if split == "validation":
+        raise ValueError("the MVTec AD layout has no validation split; hold out part of train/good instead "
+                         "(e.g. dataset.train_test_split(test_size=0.1, seed=0))")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' for MVTec AD, got {split!r}")
+    if _is_several(category):
+        return _several(load_mvtec_ad, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
+    root = Path(root)
+    cat_dir = _category_dir(root, category)
+    split_dir = cat_dir / split
+    _require_dir(split_dir, f"{split} folder of category {category!r}")
+    watched = [split_dir] + ([cat_dir / "ground_truth"] if split == "test" else [])
+    fingerprint = _fingerprint("mvtec_ad", root, watched, {"category": category, "split": split, "validate": validate})
+
+    def walk():
+        bad: list[tuple[str, str]] = []
+        notes: list[str] = []
+        candidates = []
+        if split == "train":
+            _require_dir(split_dir / "good", f"train/good folder of category {category!r}")
+            _check_only_good(split_dir, bad)
+            subs = ["good"]
+        else:
+            subs = []
+            for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                if _is_ignored(entry.name):
+                    continue
+                if entry.is_dir():
+                    subs.append(entry.name)
+                else:
+                    bad.append((str(entry), "unexpected file in the test folder (images belong in test/<defect>/)"))
+            if not subs:
+                raise ValueError(f"no test sub-folders in {split_dir}")
+        for sub in subs:
+            kind = "good" if sub == "good" else "structural"
+            for image in _images_in(split_dir / sub, bad):
+                masks = []
+                if kind != "good":
+                    mask = cat_dir / "ground_truth" / sub / f"{image.stem}_mask.png"
+                    if mask.is_file():
+                        masks = [str(mask.resolve())]
+                    else:
+                        notes.append(f"{image}: anomalous image without a ground-truth mask (expected {mask})")
+                candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
+        usable = _validate_records(candidates, validate, bad, notes)
+        records = [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
+                   for c in usable]
+        return records, bad, notes
+
+    return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{cat_dir / split} (MVTec AD layout)")
+
+
+# --------------------------------------------------------------------------------------------
+# A user's own folder
+# --------------------------------------------------------------------------------------------
+
+def _folder_masks(root: Path, sub: str, image: Path) -> list[str]:
+    gt = root / "ground_truth" / sub
+    if not gt.is_dir():
+        return []
+    folder = gt / image.stem
+    if folder.is_dir():
+        return [str(p.resolve()) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.is_file() and not _is_ignored(p.name)]
+    for name in (f"{image.stem}_mask{image.suffix}", f"{image.stem}_mask.png", f"{image.stem}.png", image.name):
+        if (gt / name).is_file():
+            return [str((gt / name).resolve())]
+    return []
+
+
+def load_folder(root: str | os.PathLike, split: str = "train", transform=None, skip_bad_files: bool = False, *,
+                category: str | None = None, anomaly_types: dict[str, str] | None = None, validate: bool = True,
+                cache_dir: str | os.PathLike | None = None):
+    """Load a user's own normal-only data set without writing code.
+
+    Layout (only ``train/good`` is required)::
+
+        root/train/good/*.png
+        root/validation/good/*.png            (optional)
+        root/test/good/*.png                  (optional)
+        root/test/<anything>/*.png            (optional, anomalous)
+        root/ground_truth/<anything>/<stem>.png | <stem>_mask.png | <stem>/000.png   (optional masks)
+
+    Test folders named ``logical_anomalies`` / ``logical`` are logical, all others structural,
+    unless ``anomaly_types`` maps folder names to ``"logical"`` or ``"structural"``.
+    ``defect_type`` is the folder name. ``category`` defaults to the root folder's name.
+    """
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    root = Path(root)
+    _require_dir(root, "dataset folder")
+    category = category or root.resolve().name
+    anomaly_types = dict(anomaly_types or {})
+    for folder, kind in anomaly_types.items():
+        if kind not in ("logical", "structural"):
+            raise ValueError(f"anomaly_types[{folder!r}] must be 'logical' or 'structural', got {kind!r}")
+    split_dir = root / split
+    if split != "test":
+        _require_dir(split_dir / "good", f"{split}/good folder")
+    else:
+        _require_dir(split_dir, "test folder")
+    watched = [split_dir] + ([root / "ground_truth"] if split == "test" else [])
+    fingerprint = _fingerprint("folder", root, watched, {"category": category, "split": split, "validate": validate,
+                                                          "anomaly_types": anomaly_types})
+
+    def walk():
+        bad: list[tuple[str, str]] = []
+        notes: list[str] = []
+        if split != "test":
+            subs = ["good"]
+            _check_only_good(split_dir, bad)
+        else:
+            subs = []
+            for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                if _is_ignored(entry.name):
+                    continue
+                if entry.is_dir():
+                    subs.append(entry.name)
+                else:
+                    bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
+            if not subs:
+                raise ValueError(f"no test sub-folders in {split_dir} (expected test/good and test/<anomaly type>)")
+            unknown = set(anomaly_types) - set(subs)
+            if unknown:
+                raise ValueError(f"anomaly_types names folders that do not exist in {split_dir}: {sorted(unknown)}")
+        candidates = []
+        for sub in subs:
+            if sub == "good":
+                kind = "good"
+            elif sub in anomaly_types:
+                kind = anomaly_types[sub]
+            else:
+                kind = "logical" if sub in ("logical_anomalies", "logical") else "structural"
+            for image in _images_in(split_dir / sub, bad):
+                masks = _folder_masks(root, sub, image) if kind != "good" else []
+                candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
+        usable = _validate_records(candidates, validate, bad, notes)
+        records = [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
+                   for c in usable]
+        return records, bad, notes
+
+    return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{split_dir} (folder layout)")
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+def _to_pixel_values(transform, image):
+    import torch
+
+    if hasattr(transform, "preprocess_one"):
+        out = transform.preprocess_one(image)
+    else:
+        out = transform(image)
+        if isinstance(out, Mapping):  # dict or BatchFeature
+            out = out["pixel_values"]
+            if isinstance(out, (list, tuple)):
+                out = out[0]
+            elif getattr(out, "ndim", 0) == 4:
+                out = out[0]
+    if isinstance(out, np.ndarray):
+        out = torch.from_numpy(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"transform returned {type(out).__name__}; expected a tensor, an array or a dict with 'pixel_values'")
+    return out
+
+
+def _binarise(mask_images, height: int, width: int):
+    import torch
+
+    arrays = []
+    for mask in mask_images:
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), PILImage.NEAREST)
+        array = np.asarray(mask)
+        if array.ndim == 3:
+            array = array[..., 0]
+        arrays.append(array > 0)
+    if not arrays:
+        return torch.zeros((0, height, width), dtype=torch.bool)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def make_batch_transform(transform):
+    """Wrap an image processor / callable as a ``Dataset.with_transform`` batch function."""
+
+    def apply(batch: dict) -> dict:
+        pixel_values = [_to_pixel_values(transform, image) for image in batch["image"]]
+        out = {"pixel_values": pixel_values}
+        for key in ("label", "anomaly_type", "category", "path", "defect_type"):
+            if key in batch:
+                out[key] = batch[key]
+        if "masks" in batch:
+            masks, unions = [], []
+            for pv, regions in zip(pixel_values, batch["masks"]):
+                h, w = pv.shape[-2:]
+                m = _binarise(regions or [], h, w)
+                masks.append(m)
+                unions.append(m.any(0) if len(m) else m.new_zeros((h, w)))
+            out["masks"] = masks
+            out["mask"] = unions
+        return out
+
+    return apply
+
+
+def collate_anomaly_batch(rows: list[dict]) -> dict:
+    """``torch.utils.data.DataLoader`` collate function for transformed rows.
+
+    Stacks ``pixel_values``, ``mask``, ``label`` and ``anomaly_type``; keeps ``masks``,
+    ``category``, ``path`` and ``defect_type`` as lists (their lengths vary).
+    """
+    import torch
+
+    out: dict = {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+    for key in ("label", "anomaly_type"):
+        if key in rows[0]:
+            out[key] = torch.tensor([int(r[key]) for r in rows])
+    if "mask" in rows[0]:
+        out["mask"] = torch.stack([r["mask"] for r in rows])
+    for key in ("masks", "category", "path", "defect_type"):
+        if key in rows[0]:
+            out[key] = [r[key] for r in rows]
+    return out
