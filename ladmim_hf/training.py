@@ -515,6 +515,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
 
     # Stage 3: calibration on normal validation images (never on test images).
     model.eval()
+    model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
     num_masks = settings.calibration_num_masks or model.config.num_masks
     for category in tqdm(categories, desc="calibration", disable=disable_bars):
