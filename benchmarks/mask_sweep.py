@@ -1,0 +1,116 @@
+"""Scoring time (and, with a trained model, logical AUROC) against the number of test-time masks.
+
+Timing: each round scores the same `--images` images with `LadmimForAnomalyDetection(...,
+num_masks=m)` for every m in `--masks` (default 1, 5, 10, 20, 50, the sweep method.md 4.1
+recommends); `relative_time[m]` is the median over rounds of time(m) / time(1 mask). Random weights
+and images at the paper's sizes by default; with `--model DIR` the trained model is timed instead.
+
+Quality (only with `--model DIR --data_root ROOT`): `ladmim_hf.evaluation.evaluate(...,
+num_masks=m, knn_baseline=False)` for every m, reporting the mean image AUROC good vs logical of
+the fused score and of the logical branch alone.
+
+`per_mask_cost_over_fixed_cost` comes from a least-squares line time = fixed + per_mask x m through all
+measurements: the cost of one more mask (one predictor sequence) over the per-image cost that does not
+depend on m (tokenizer, structural map).
+
+    python benchmarks/mask_sweep.py                          # timing, paper size
+    python benchmarks/mask_sweep.py --model outputs/synthloco/model --data_root data/synthloco
+    python benchmarks/mask_sweep.py --tiny
+
+Last stdout line: JSON with num_masks, relative_time, ... (and logical_auroc with --model).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = C.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None,
+                        help="model sizes for timing with random weights (default paper; tiny with --tiny)")
+    parser.add_argument("--masks", default="1,5,10,20,50", help="comma-separated mask counts")
+    parser.add_argument("--images", type=int, default=1, help="images per timed forward")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (2 with --tiny)")
+    parser.add_argument("--model", default=None, help="trained model folder (or Hub id): time it, and with --data_root evaluate it")
+    parser.add_argument("--data_root", default=None, help="dataset root for the AUROC side of the sweep")
+    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
+    parser.add_argument("--output_dir", default=None, help="where each evaluation writes (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    C.apply_threads(args)
+    counts = [int(m) for m in args.masks.split(",")]
+    rounds = args.rounds or (2 if args.tiny else 3)
+    if args.model:
+        from ladmim_hf import LadmimForAnomalyDetection
+
+        model = LadmimForAnomalyDetection.from_pretrained(args.model).eval()
+        config_name = f"model:{args.model}"
+    else:
+        config_name = args.config or ("tiny" if args.tiny else "paper")
+        model = C.build_detector(C.CONFIGS[config_name](), seed=args.seed)
+    category = model.categories[0]
+    size = model.config.tokenizer_config.image_size
+    images = C.random_images(args.images, size, args.seed)
+    seeds = [args.seed * 1000 + i for i in range(args.images)]
+
+    def score(m: int):
+        return model(images, category=category, num_masks=m, seed=seeds)
+
+    score(1)  # warm-up
+    times = {m: [] for m in counts}
+    for r in range(rounds):
+        for m in (counts if r % 2 == 0 else counts[::-1]):  # alternate the order against load drift
+            seconds, _ = C.timed(lambda: score(m))
+            times[m].append(seconds)
+        C.log(f"[mask_sweep] round {r + 1}/{rounds}: " + ", ".join(f"{m}: {t[-1]:.2f} s" for m, t in times.items()))
+    base = counts[0]
+    relative = [round(C.median([t / b for t, b in zip(times[m], times[base])]), 3) for m in counts]
+    # Least-squares line time = fixed + per_mask * m over all measurements (fixed: tokenizer, maps).
+    xs = [m for m in counts for _ in times[m]]
+    ys = [t for m in counts for t in times[m]]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var_x = sum((x - mean_x) ** 2 for x in xs)
+    per_mask = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var_x if var_x else float("nan")
+    fixed = mean_y - per_mask * mean_x
+    result = {
+        "benchmark": "mask_sweep",
+        "config": config_name,
+        "num_masks": counts,
+        "relative_time": relative,
+        "relative_to": base,
+        "images": args.images,
+        "rounds": rounds,
+        "per_mask_cost_over_fixed_cost": round(per_mask / fixed, 3) if fixed > 0 else None,
+    }
+    summary = "mask sweep (" + config_name + "): time relative to " + str(base) + " mask: " + ", ".join(
+        f"{m}: x{r:.2f}" for m, r in zip(counts, relative))
+    if args.model and args.data_root:
+        from ladmim_hf.evaluation import evaluate
+
+        categories = "all" if args.categories == ["all"] else args.categories
+        fused, branch = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.output_dir or tmp)
+            for m in counts:
+                metrics = evaluate(args.model, args.data_root, categories, str(root / f"masks_{m}"), num_masks=m,
+                                   seed=args.seed, knn_baseline=False, dataset_format=args.dataset_format)
+                fused.append(round(metrics["mean"]["auroc_logical"], 4))
+                branch.append(round(metrics["branches_mean"]["logical"]["auroc_logical"], 4))
+                C.log(f"[mask_sweep] {m} masks: logical AUROC {fused[-1]:.4f} (logical branch {branch[-1]:.4f})")
+        result["logical_auroc"] = fused
+        result["logical_branch_auroc"] = branch
+        summary += "; logical AUROC " + ", ".join(f"{m}: {a:.3f}" for m, a in zip(counts, fused))
+    C.emit(summary, result)
+
+
+if __name__ == "__main__":
+    main()

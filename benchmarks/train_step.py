@@ -1,0 +1,154 @@
+"""Predictor (LAViT) training steps/s at batch 32 against the official training step run literally.
+
+Fast step (what `ladmim_hf.training.run_stage` runs for stage 2): `predictor(features, masks,
+labels=codes)` (SDPA attention, vectorised `code_histograms` + L1 loss), `loss.backward()`,
+`clip_grad_norm_(1.0)`, fused `AdamW.step()`.
+
+Reference step (official `train_engine` + BEiT code on the same initial weights): explicit
+`softmax(q k^T / sqrt(d)) v` attention with attention dropout, qkv bias = cat(q_bias, 0, v_bias),
+1x1-conv patch embedding, the L1 histogram loss summed in a Python loop over samples and levels with
+float64 histograms, `clip_grad_norm_(1.0)`, the for-loop (not fused, not foreach) `AdamW.step()`.
+
+Both models start from the same weights and train on the same inputs (random features and codes,
+BEiT block masks with the training sizes: 130 of 576 cells, min block 46). Each round times one
+reference step then one fast step; after one untimed warm-up step each on 2 samples (which also
+creates the AdamW state), `speedup` = median over rounds of reference time / fast time. A paper-size step at
+batch 32 is ~1.7 TFLOP (forward + backward), tens of seconds on 2 cores, so the default is 2 rounds.
+
+    python benchmarks/train_step.py            # paper size, batch 32
+    python benchmarks/train_step.py --proposed # also the hist-token-only last block (README)
+    python benchmarks/train_step.py --tiny
+
+Last stdout line: JSON with steps_per_s, reference_steps_per_s, speedup, initial_loss_diff, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def reference_loss(logits: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Official L1 histogram loss: per sample and level, |softmax(y) - q| summed, with the target
+    histogram q built in float64; summed over samples and levels."""
+    probs = logits.float().softmax(-1)
+    batch, levels, size = probs.shape
+    loss = torch.zeros((), dtype=torch.float64)
+    for b in range(batch):
+        masked = codes[b][:, masks[b]]  # (L, n)
+        count = masked.shape[1]
+        for level in range(levels):
+            hist = torch.bincount(masked[level], minlength=size).to(torch.float64) / count
+            loss = loss + (probs[b, level].double() - hist).abs().sum()
+    return loss
+
+
+def main(argv=None) -> None:
+    parser = C.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2; 3 with --tiny)")
+    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None)
+    parser.add_argument("--proposed", action="store_true", help="also time the hist-token-only last block (README)")
+    args = parser.parse_args(argv)
+    C.apply_threads(args)
+    config_name = args.config or ("tiny" if args.tiny else "paper")
+    rounds = args.rounds or (3 if args.tiny else 2)
+    detector_config = C.CONFIGS[config_name]()
+    cfg = detector_config.predictor_config
+    fast_model = C.build_predictor(cfg, seed=args.seed)
+    models = {"reference": copy.deepcopy(fast_model), "fast": fast_model}
+    if args.proposed:
+        models["proposed"] = copy.deepcopy(fast_model)
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                                **({"fused": False, "foreach": False} if name == "reference" else {"fused": True}))
+        for name, model in models.items()
+    }
+
+    from ladmim_hf.masking import BlockMaskGenerator
+
+    batch = args.batch_size
+    generator = torch.Generator().manual_seed(args.seed)
+    features = torch.randn(batch, cfg.input_channels, cfg.grid_size, cfg.grid_size, generator=generator)
+    codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_levels, cfg.num_patches), generator=generator)
+    mask_generator = BlockMaskGenerator(cfg.grid_size, detector_config.train_num_masked,
+                                        detector_config.train_min_block, detector_config.min_aspect)
+
+    def masks_for(step: int) -> torch.Tensor:
+        return mask_generator(batch, seed=[args.seed * 7919 + step * batch + i for i in range(batch)])
+
+    # Same loss on the same weights (dropout off): the reference computes what the package computes.
+    with torch.no_grad():
+        for model in models.values():
+            model.eval()
+        masks0 = masks_for(0)
+        ref = reference_loss(C.reference_predictor_logits(models["reference"], features, masks0), codes, masks0)
+        fast = models["fast"](features, masks0, labels=codes).loss
+        initial_loss_diff = abs(float(ref) - float(fast))
+        for model in models.values():
+            model.train()
+
+    def step(name: str, masks: torch.Tensor, rows: int = batch) -> float:
+        model, optimizer = models[name], optimizers[name]
+        x, y, masks = features[:rows], codes[:rows], masks[:rows]
+        if name == "reference":
+            logits = C.reference_predictor_logits(model, x, masks, training=True)
+            loss = reference_loss(logits, y, masks)
+        elif name == "proposed":
+            with C.proposed_patch():
+                loss = model(x, masks, labels=y).loss
+        else:
+            loss = model(x, masks, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=name != "reference")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for name in models:  # warm-up on 2 samples: creates the AdamW state, loads the kernels
+        step(name, masks_for(1), rows=min(2, batch))
+    times = {name: [] for name in models}
+    losses = {name: [] for name in models}
+    for r in range(rounds):
+        masks = masks_for(2 + r)
+        for name in models:
+            seconds, loss = C.timed(lambda: step(name, masks))
+            times[name].append(seconds)
+            losses[name].append(loss)
+        C.log(f"[train_step] round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+    ratios = [ref / fast for ref, fast in zip(times["reference"], times["fast"])]
+    speedup = C.median(ratios)
+    fast_s, ref_s = C.median(times["fast"]), C.median(times["reference"])
+    result = {
+        "benchmark": "train_step",
+        "config": config_name,
+        "batch_size": batch,
+        "steps_per_s": round(1.0 / fast_s, 5),
+        "reference_steps_per_s": round(1.0 / ref_s, 5),
+        "speedup": round(speedup, 3),
+        "round_speedups": [round(x, 3) for x in ratios],
+        "rounds": rounds,
+        "initial_loss_diff": float(f"{initial_loss_diff:.3g}"),
+        "initial_loss": round(float(ref), 4),
+        "step_gflop": round(3 * C.predictor_flops(cfg, batch)["total"] / 1e9, 1),
+    }
+    summary = (f"train step ({config_name}, batch {batch}): fast {1 / fast_s:.4f} steps/s, reference "
+               f"{1 / ref_s:.4f} steps/s, speedup x{speedup:.2f}")
+    if "proposed" in models:
+        proposed_ratios = [f / p for f, p in zip(times["fast"], times["proposed"])]
+        result["proposed"] = {"steps_per_s": round(1.0 / C.median(times["proposed"]), 5),
+                              "speedup_vs_current": round(C.median(proposed_ratios), 3),
+                              "speedup_vs_reference": round(C.median([r / p for r, p in zip(times["reference"], times["proposed"])]), 3)}
+        summary += f", proposed x{result['proposed']['speedup_vs_current']:.2f} vs current"
+    C.emit(summary, result)
+
+
+if __name__ == "__main__":
+    main()
