@@ -196,6 +196,17 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def timed_cpu(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall-clock seconds, process CPU seconds (all threads) and the result of `fn()`.
+
+    On a machine shared with other jobs the wall clock also counts the time our threads wait for a
+    core; with one torch thread the CPU time counts only our own work, so CPU-time ratios measured
+    with `--threads 1` do not depend on the load."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else float("nan")

@@ -14,6 +14,7 @@ Each round: a matmul window (a 2048 x 2048 float32 `torch.matmul` repeated for a
 
     python benchmarks/roofline.py            # paper size, 2 images x 10 masks
     python benchmarks/roofline.py --profile  # also the time share of each op class (torch profiler)
+    python benchmarks/roofline.py --proposed --chunk 4 --rounds 8   # A/B of the README's suggestions
     python benchmarks/roofline.py --tiny
 
 Last stdout line: JSON with predictor_gflops, matmul_gflops, efficiency, flops, ...
@@ -54,6 +55,37 @@ def profile_breakdown(predictor, features, masks) -> dict:
     return {e.key: round(e.self_cpu_time_total / total, 4) for e in events[:10]}
 
 
+def variant_calls(predictor, features, masks, args) -> dict:
+    """Alternative forwards timed against the current one (all return the hist logits)."""
+    from ladmim_hf.modeling_ladmim import LadmimPredictorAttention
+
+    calls = {}
+
+    def call(chunk=None, proposed=False, explicit=False):
+        def run():
+            saved = LadmimPredictorAttention.forward
+            if explicit:
+                LadmimPredictorAttention.forward = lambda self, x: C.reference_attention(self, x, False)
+            try:
+                if proposed:
+                    with C.proposed_patch():
+                        return predictor(features, masks, max_sequences_per_chunk=chunk).logits
+                return predictor(features, masks, max_sequences_per_chunk=chunk).logits
+            finally:
+                LadmimPredictorAttention.forward = saved
+        return run
+
+    if args.proposed:
+        calls["proposed"] = call(proposed=True)
+    for size in args.chunk:
+        calls[f"chunk{size}"] = call(chunk=size)
+        if args.proposed:
+            calls[f"proposed_chunk{size}"] = call(chunk=size, proposed=True)
+    if args.explicit_attention:
+        calls["explicit_attention"] = call(explicit=True)
+    return calls
+
+
 def main(argv=None) -> None:
     parser = C.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None)
@@ -63,6 +95,12 @@ def main(argv=None) -> None:
     parser.add_argument("--matmul_size", type=int, default=None, help="default 2048 (512 with --tiny)")
     parser.add_argument("--matmul_seconds", type=float, default=None, help="length of each matmul window (default 2 s; 0.2 s with --tiny)")
     parser.add_argument("--profile", action="store_true", help="also report the time share of each op")
+    parser.add_argument("--proposed", action="store_true",
+                        help="also time the hist-token-only last block proposed in the README (A/B against the current forward)")
+    parser.add_argument("--chunk", type=int, nargs="*", default=[],
+                        help="also time max_sequences_per_chunk=N (and, with --proposed, both together)")
+    parser.add_argument("--explicit_attention", action="store_true",
+                        help="also time the current forward with explicit softmax attention instead of SDPA")
     args = parser.parse_args(argv)
     C.apply_threads(args)
     config_name = args.config or ("tiny" if args.tiny else "paper")
@@ -84,13 +122,23 @@ def main(argv=None) -> None:
     a = torch.randn(args.matmul_size, args.matmul_size, generator=generator)
     b = torch.randn(args.matmul_size, args.matmul_size, generator=generator)
 
+    variants = variant_calls(predictor, features, masks, args)
     with torch.inference_mode():
-        predictor(features, masks)  # warm-up
+        reference = predictor(features, masks).logits  # warm-up
+        diffs = {name: float((fn() - reference).abs().max()) for name, fn in variants.items()}  # warm-up too
         matmul_window(a, b, 0.0)
         efficiencies, predictor_rates, matmul_rates = [], [], []
+        variant_ratios = {name: [] for name in variants}
         for r in range(args.rounds):
             f1, s1 = matmul_window(a, b, window)
+            order = list(variants) if r % 2 else []
+            for name in order:  # odd rounds: variants before the current forward (ABBA against drift)
+                variant_ratios[name].append(C.timed(variants[name])[0])
             seconds, _ = C.timed(lambda: predictor(features, masks))
+            for name in ([] if r % 2 else list(variants)):
+                variant_ratios[name].append(C.timed(variants[name])[0])
+            for name in variants:
+                variant_ratios[name][-1] = seconds / variant_ratios[name][-1]
             f2, s2 = matmul_window(a, b, window)
             matmul_rate = (f1 + f2) / (s1 + s2)
             rate = flops["total"] / seconds
@@ -114,6 +162,12 @@ def main(argv=None) -> None:
         "round_efficiencies": [round(e, 3) for e in efficiencies],
         "flop_shares": {k: round(v / total, 4) for k, v in flops.items() if k != "total"},
     }
+    if variants:
+        result["variants"] = {
+            name: {"speedup_vs_current": round(C.median(ratios), 3), "round_speedups": [round(x, 3) for x in ratios],
+                   "max_abs_logit_diff": float(f"{diffs[name]:.3g}")}
+            for name, ratios in variant_ratios.items()
+        }
     if args.profile:
         result["time_shares"] = profile_breakdown(predictor, features, masks)
     C.emit(f"roofline ({config_name}, {sequences} sequences x {cfg.num_patches + 2} tokens): predictor "

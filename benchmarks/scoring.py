@@ -46,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_masks", type=int, default=10)
     parser.add_argument("--fast_images", type=int, default=None, help="images per fast forward (default 4)")
     parser.add_argument("--ref_images", type=int, default=1, help="images the reference scores with all masks")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --tiny)")
+    parser.add_argument("--chunk", type=int, nargs="*", default=[],
+                        help="also time the fast path with max_sequences_per_chunk=N (one variant per N)")
     parser.add_argument("--bf16", action="store_true", help="also time the fast path under CPU bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile'd predictor")
     parser.add_argument("--proposed", action="store_true",
                         help="also time the predictor change proposed in benchmarks/README.md (hist-token-only last block)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the components (tokenizer, predictor; batched and batch 1) in predictor-sequence units")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --tiny)")
     memory = parser.add_argument_group("memory mode")
@@ -79,7 +83,7 @@ def run_throughput(args) -> None:
     C.apply_threads(args)
     config_name = args.config or ("tiny" if args.tiny else "paper")
     fast_images = args.fast_images or (2 if args.tiny else 4)
-    rounds = args.rounds or (2 if args.tiny else 3)
+    rounds = args.rounds or (2 if args.tiny else 5)
     ref_images = min(args.ref_images, fast_images)
     num_masks = args.num_masks
     build_start = time.perf_counter()
@@ -99,19 +103,27 @@ def run_throughput(args) -> None:
             with C.proposed_patch():
                 return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds)
         variants["proposed"] = fast_proposed
+    for size_ in args.chunk:
+        def fast_chunked(size_=size_):
+            return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds, max_sequences_per_chunk=size_)
+        variants[f"chunk{size_}"] = fast_chunked
+        if args.proposed:
+            def fast_proposed_chunked(size_=size_):
+                with C.proposed_patch():
+                    return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds, max_sequences_per_chunk=size_)
+            variants[f"proposed_chunk{size_}"] = fast_proposed_chunked
     if args.bf16:
         def fast_bf16():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds)
         variants["bf16"] = fast_bf16
     if args.compile:
-        compile_info = {"ok": False}
         import copy
 
+        compile_info = {"ok": False}
         compiled_model = copy.deepcopy(model)
-        predictor = compiled_model.predictor_for(C.CATEGORY)
         try:
-            predictor.compile(dynamic=False)
+            compiled_model.predictor_for(C.CATEGORY).compile(dynamic=False)
             start = time.perf_counter()
             compiled_model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds)  # compiles
             compile_info.update(ok=True, compile_seconds=round(time.perf_counter() - start, 1))
@@ -123,33 +135,38 @@ def run_throughput(args) -> None:
             compile_info["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             C.log(f"[scoring] torch.compile failed: {compile_info['error']}")
 
-    # Warm-up (allocator, oneDNN primitive caches) on both paths.
-    reference_out = fast()
-    masks = reference_out.masks
+    # Warm-up (allocator, oneDNN primitive caches) on both paths; fixes the masks both paths score.
+    masks = fast().masks
     C.reference_score_one_mask(model, images[0], masks[0, 0])
 
     pairs = [(b, m) for b in range(ref_images) for m in range(num_masks)]
     per_round = -(-len(pairs) // rounds)
-    fast_times = {name: [] for name in variants}
+    fast_wall = {name: [] for name in variants}
+    fast_cpu = {name: [] for name in variants}
     outputs = {}
-    ref_times, ref_scores = [], {}
-    round_speedups = []
+    ref_wall, ref_cpu, ref_scores = [], [], {}
+    ratios_wall, ratios_cpu = [], []
     for r in range(rounds):
-        for name, fn in variants.items():
-            seconds, out = C.timed(fn)
-            fast_times[name].append(seconds / fast_images)
-            outputs[name] = out
         chunk = pairs[r * per_round:(r + 1) * per_round]
-        times = []
+        wall, cpu = [], []
         for b, m in chunk:
-            seconds, score = C.timed(lambda: C.reference_score_one_mask(model, images[b], masks[b, m]))
-            times.append(seconds)
+            w, c, score = C.timed_cpu(lambda: C.reference_score_one_mask(model, images[b], masks[b, m]))
+            wall.append(w)
+            cpu.append(c)
             ref_scores[(b, m)] = score
-        ref_times.extend(times)
-        if times:
-            round_speedups.append(C.median(times) * num_masks / fast_times["fp32"][-1])
-        C.log(f"[scoring] round {r + 1}/{rounds}: fast {fast_times['fp32'][-1]:.3f} s/image, "
-              f"reference {C.median(times) * num_masks:.3f} s/image ({len(times)} masks)")
+        for name, fn in variants.items():
+            w, c, out = C.timed_cpu(fn)
+            fast_wall[name].append(w / fast_images)
+            fast_cpu[name].append(c / fast_images)
+            outputs[name] = out
+        ref_wall.extend(wall)
+        ref_cpu.extend(cpu)
+        if wall:
+            ratios_wall.append(C.median(wall) * num_masks / fast_wall["fp32"][-1])
+            ratios_cpu.append(C.median(cpu) * num_masks / fast_cpu["fp32"][-1])
+        C.log(f"[scoring] round {r + 1}/{rounds}: fast {fast_wall['fp32'][-1]:.3f} s/image, reference "
+              f"{C.median(wall) * num_masks:.3f} s/image ({len(wall)} masks); wall ratio {ratios_wall[-1]:.2f}, "
+              f"cpu ratio {ratios_cpu[-1]:.2f}")
 
     def score_diffs(out):
         mask_diff = max(abs(ref_scores[(b, m)] - float(out.mask_scores[b, m])) for b, m in ref_scores)
@@ -159,10 +176,10 @@ def run_throughput(args) -> None:
         )
         return mask_diff, image_diff
 
-    fast_s = C.median(fast_times["fp32"])
-    ref_s = C.median(ref_times) * num_masks
+    fast_s = C.median(fast_wall["fp32"])
+    ref_s = C.median(ref_wall) * num_masks
     mask_diff, image_diff = score_diffs(outputs["fp32"])
-    speedup = C.median(round_speedups)
+    speedup = C.median(ratios_wall)
     result = {
         "benchmark": "scoring",
         "config": config_name,
@@ -170,27 +187,29 @@ def run_throughput(args) -> None:
         "images_per_s": round(1.0 / fast_s, 4),
         "reference_images_per_s": round(1.0 / ref_s, 4),
         "speedup": round(speedup, 2),
+        "speedup_cpu_time": round(C.median(ratios_cpu), 2),
         "speedup_pooled": round(ref_s / fast_s, 2),
-        "round_speedups": [round(s, 2) for s in round_speedups],
+        "round_speedups": [round(x, 2) for x in ratios_wall],
         "max_abs_score_diff": float(f"{max(mask_diff, image_diff):.3g}"),
         "max_abs_logical_score_diff": float(f"{image_diff:.3g}"),
         "fast_images": fast_images,
         "reference_images": ref_images,
-        "reference_masks_timed": len(ref_times),
+        "reference_masks_timed": len(ref_wall),
         "rounds": rounds,
         "reference_extrapolation": "reference s/image = num_masks x median s/mask (each mask is independent)",
     }
     summary_extra = ""
-    for name in ("proposed", "bf16", "compile"):
-        if name not in variants:
+    for name in variants:
+        if name == "fp32":
             continue
-        variant_s = C.median(fast_times[name])
-        ratios = [f / v for f, v in zip(fast_times["fp32"], fast_times[name])]
+        ratios = [f / v for f, v in zip(fast_wall["fp32"], fast_wall[name])]
         v_mask_diff, v_image_diff = score_diffs(outputs[name])
         ratio = C.median(ratios)
         result[name] = {
-            "images_per_s": round(1.0 / variant_s, 4),
+            "images_per_s": round(1.0 / C.median(fast_wall[name]), 4),
             "speedup_vs_fp32": round(ratio, 3),
+            "speedup_vs_fp32_cpu_time": round(C.median([f / v for f, v in zip(fast_cpu["fp32"], fast_cpu[name])]), 3),
+            "speedup_vs_reference": round(C.median([ref_s / v for v in fast_wall[name]]), 2),
             "max_abs_score_diff": float(f"{max(v_mask_diff, v_image_diff):.3g}"),
             "wins": bool(ratio > 1.0),
         }
@@ -200,12 +219,48 @@ def run_throughput(args) -> None:
         if not compile_info["ok"]:
             result["compile"]["wins"] = False
             summary_extra += ", compile failed"
+    if args.breakdown:
+        result["breakdown"] = breakdown(model, images, masks, num_masks, rounds=max(2, rounds // 2))
     C.emit(
         f"scoring ({config_name}, {num_masks} masks): fast {1 / fast_s:.3f} images/s, reference "
-        f"{1 / ref_s:.4f} images/s, speedup x{speedup:.1f}, max |score diff| {max(mask_diff, image_diff):.2g}"
-        + summary_extra,
+        f"{1 / ref_s:.4f} images/s, speedup x{speedup:.1f} (cpu time x{result['speedup_cpu_time']:.1f}), "
+        f"max |score diff| {max(mask_diff, image_diff):.2g}" + summary_extra,
         result,
     )
+
+
+def breakdown(model, images, masks, num_masks: int, rounds: int) -> dict:
+    """Where the time goes, in units of one fast predictor sequence (P), interleaved over rounds:
+    fast tokenizer per image (batch of images), reference tokenizer per mask (batch 1), reference
+    predictor per mask (batch 1, explicit attention) and the package predictor at batch 1 (SDPA).
+    The ratio these give, M (T1 + R1) / (TB + M), is the speedup the fast path can reach: it still
+    runs one full predictor sequence per mask."""
+    import torch
+
+    import _common as C
+
+    predictor = model.predictor_for(C.CATEGORY)
+    batch = images.shape[0]
+    rows = {k: [] for k in ("fast_tokenizer_per_image", "reference_tokenizer_per_mask",
+                            "reference_predictor_per_mask", "sdpa_predictor_batch1_per_mask")}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            tb, _, tokens = C.timed_cpu(lambda: model.tokenizer.tokenize(images, C.CATEGORY))
+            p, _, _ = C.timed_cpu(lambda: predictor(tokens["features"], masks))
+            t1, _, one = C.timed_cpu(lambda: model.tokenizer.tokenize(images[:1], C.CATEGORY))
+            r1, _, _ = C.timed_cpu(lambda: C.reference_predictor_logits(predictor, one["features"], masks[:1, 0]))
+            s1, _, _ = C.timed_cpu(lambda: predictor(one["features"], masks[:1, 0]))
+            unit = p / (batch * num_masks)
+            rows["fast_tokenizer_per_image"].append(tb / batch / unit)
+            rows["reference_tokenizer_per_mask"].append(t1 / unit)
+            rows["reference_predictor_per_mask"].append(r1 / unit)
+            rows["sdpa_predictor_batch1_per_mask"].append(s1 / unit)
+    out = {k: round(C.median(v), 2) for k, v in rows.items()}
+    t_b, t_1, r_1 = out["fast_tokenizer_per_image"], out["reference_tokenizer_per_mask"], out["reference_predictor_per_mask"]
+    out["unit"] = "seconds of one fast predictor sequence"
+    out["modelled_speedup"] = round(num_masks * (t_1 + r_1) / (t_b + num_masks), 2)
+    out["modelled_speedup_if_predictor_cost_per_mask_were_zero"] = round(num_masks * (t_1 + r_1) / t_b, 2)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
