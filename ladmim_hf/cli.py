@@ -70,19 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
     predict.set_defaults(func=_predict)
 
+    from .data import synthetic
+
     synth = sub.add_parser("synth", help="generate the synthloco benchmark")
-    synth.add_argument("--out", default="data/synthloco")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--small", action="store_true")
-    synth.add_argument("--categories", nargs="+", default=None)
-
-    def run_synth(args):
-        from .data.synthetic import generate_synthloco
-
-        print(generate_synthloco(args.out, seed=args.seed, small=args.small, categories=args.categories))
-        return 0
-
-    synth.set_defaults(func=run_synth)
+    synthetic.add_synth_arguments(synth)
+    synth.set_defaults(func=synthetic.run_from_args)
 
     from . import convert, hub
 

@@ -1943,8 +1943,8 @@ def generate_synthloco(out_dir, seed: int = 0, small: bool = False, categories: 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthloco benchmark (MVTec LOCO AD layout).")
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator's options, shared by `python -m ladmim_hf.data.synthetic` and `ladmim synth`."""
     parser.add_argument("--out", default="data/synthloco", help="output root (default: data/synthloco)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="tiny sizes for tests (8/4/3+3+3 per category)")
@@ -1952,7 +1952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     categories = args.categories
     if categories:
         categories = [c for item in categories for c in item.split(",") if c]
@@ -1968,6 +1970,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate the synthloco benchmark (MVTec LOCO AD layout).")
+    add_synth_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 if __name__ == "__main__":
     raise SystemExit(main())
