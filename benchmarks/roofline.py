@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_masks", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (2 with --tiny)")
     parser.add_argument("--matmul_size", type=int, default=None, help="default 2048 (512 with --tiny)")
-    parser.add_argument("--matmul_seconds", type=float, default=None, help="length of each matmul window (default 2 s; 0.2 s with --tiny)")
+    parser.add_argument("--matmul_seconds", type=float, default=None,
+                        help="length of each matmul window (default 2 s; 0.2 s with --tiny)")
     parser.add_argument("--profile", action="store_true", help="also report the time share of each op")
     parser.add_argument("--proposed", action="store_true",
                         help="also time the hist-token-only last block proposed in the README (A/B against the current forward)")

@@ -8,18 +8,21 @@ that image with batch 1, the predictor runs with batch 1 and explicit `softmax(q
 attention (the official BEiT attention on the same weights), then float64 softmax and a float64
 histogram counted cell by cell.
 
-Timing: `--rounds` rounds; each round times one fast forward over `--fast_images` images and then
-the next share of the reference's (image, mask) pairs (the reference covers the first `--ref_images`
-images with all M masks, spread over the rounds). The reference cost per image is extrapolated as
-M x (its median time per mask), which is exact for an algorithm that processes each mask
-independently. `speedup` = median over rounds of (reference s/image) / (fast s/image).
-`max_abs_score_diff` compares the reference's per-mask scores with the fast path's `mask_scores` for
-the same masks (and the per-image logical scores, their means).
+Timing: `--rounds` rounds (default 5); each round times the next share of the reference's
+(image, mask) pairs (the reference covers the first `--ref_images` images with all M masks, spread
+over the rounds: 2 masks per round by default) and then one fast forward over `--fast_images` images
+(default 4). The reference cost per image is extrapolated as M x (its median time per mask), which is
+exact for an algorithm that processes each mask independently. `speedup` = median over rounds of
+(reference s/image) / (fast s/image); `speedup_cpu_time` is the same ratio of process CPU time (with
+`--threads 1` it does not depend on the machine's load). `max_abs_score_diff` compares the
+reference's per-mask scores with the fast path's `mask_scores` for the same masks, and the per-image
+logical scores (their means). About 90 s on a quiet 2-core CPU.
 
-    python benchmarks/scoring.py                 # paper size, 10 masks
+    python benchmarks/scoring.py                   # paper size, 10 masks
     python benchmarks/scoring.py --bf16 --compile  # also bf16 autocast and torch.compile variants
-    python benchmarks/scoring.py --memory        # peak RSS vs batch size and number of images
-    python benchmarks/scoring.py --tiny          # seconds, for the tests
+    python benchmarks/scoring.py --proposed --chunk 4 8 --breakdown  # suggested changes, component costs
+    python benchmarks/scoring.py --memory [--keep_maps]  # peak RSS vs batch size and number of images
+    python benchmarks/scoring.py --tiny            # seconds, for the tests
 
 The last stdout line is a JSON object (keys: images_per_s, reference_images_per_s, speedup,
 max_abs_score_diff, ...; with --memory: peak_rss_mb, grows_with_batch, grows_with_images, ...).

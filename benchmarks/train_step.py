@@ -10,13 +10,15 @@ Reference step (official `train_engine` + BEiT code on the same initial weights)
 float64 histograms, `clip_grad_norm_(1.0)`, the for-loop (not fused, not foreach) `AdamW.step()`.
 
 Both models start from the same weights and train on the same inputs (random features and codes,
-BEiT block masks with the training sizes: 130 of 576 cells, min block 46). Each round times one
-reference step then one fast step; after one untimed warm-up step each on 2 samples (which also
-creates the AdamW state), `speedup` = median over rounds of reference time / fast time. A paper-size step at
-batch 32 is ~1.7 TFLOP (forward + backward), tens of seconds on 2 cores, so the default is 2 rounds.
+BEiT block masks with the training sizes: 130 of 576 cells, min block 46). After one untimed warm-up
+step each on 2 samples (which also creates the AdamW state), each round times one reference step and
+one fast step (the order alternates between rounds); `speedup` = median over rounds of reference
+time / fast time. A paper-size step at batch 32 is ~1.7 TFLOP (forward + backward), tens of seconds
+on 2 cores, so the default is 2 rounds. `speedup_cpu_time` is the same ratio of process CPU time.
 
     python benchmarks/train_step.py            # paper size, batch 32
     python benchmarks/train_step.py --proposed # also the hist-token-only last block (README)
+    python benchmarks/train_step.py --proposed --micro_batch 8   # and gradient accumulation
     python benchmarks/train_step.py --tiny
 
 Last stdout line: JSON with steps_per_s, reference_steps_per_s, speedup, initial_loss_diff, ...
@@ -24,6 +26,7 @@ Last stdout line: JSON with steps_per_s, reference_steps_per_s, speedup, initial
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -56,6 +59,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2; 3 with --tiny)")
     parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None)
     parser.add_argument("--proposed", action="store_true", help="also time the hist-token-only last block (README)")
+    parser.add_argument("--micro_batch", type=int, default=None,
+                        help="also time the fast step as gradient accumulation over micro-batches of this size "
+                             "(with --proposed: on the proposed forward); same summed-loss gradient")
     args = parser.parse_args(argv)
     C.apply_threads(args)
     config_name = args.config or ("tiny" if args.tiny else "paper")
@@ -66,6 +72,8 @@ def main(argv=None) -> None:
     models = {"reference": copy.deepcopy(fast_model), "fast": fast_model}
     if args.proposed:
         models["proposed"] = copy.deepcopy(fast_model)
+    if args.micro_batch:
+        models["micro_batch"] = copy.deepcopy(fast_model)
     optimizers = {
         name: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                 **({"fused": False, "foreach": False} if name == "reference" else {"fused": True}))
@@ -104,9 +112,19 @@ def main(argv=None) -> None:
         elif name == "proposed":
             with C.proposed_patch():
                 loss = model(x, masks, labels=y).loss
+        elif name == "micro_batch":
+            size = args.micro_batch
+            total = 0.0
+            with (C.proposed_patch() if args.proposed else contextlib.nullcontext()):
+                for start in range(0, rows, size):  # "sum" reduction: the micro-batch losses add up
+                    part = model(x[start:start + size], masks[start:start + size], labels=y[start:start + size]).loss
+                    part.backward()
+                    total += float(part.detach())
+            loss = torch.tensor(total)
         else:
             loss = model(x, masks, labels=y).loss
-        loss.backward()
+        if name != "micro_batch":
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=name != "reference")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,13 +133,13 @@ def main(argv=None) -> None:
     for name in models:  # warm-up on 2 samples: creates the AdamW state, loads the kernels
         step(name, masks_for(1), rows=min(2, batch))
     times = {name: [] for name in models}
-    losses = {name: [] for name in models}
+    cpu_times = {name: [] for name in models}
     for r in range(rounds):
         masks = masks_for(2 + r)
-        for name in models:
-            seconds, loss = C.timed(lambda: step(name, masks))
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # ABBA against load drift
+            seconds, cpu, _ = C.timed_cpu(lambda: step(name, masks))
             times[name].append(seconds)
-            losses[name].append(loss)
+            cpu_times[name].append(cpu)
         C.log(f"[train_step] round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
     ratios = [ref / fast for ref, fast in zip(times["reference"], times["fast"])]
     speedup = C.median(ratios)
@@ -133,6 +151,7 @@ def main(argv=None) -> None:
         "steps_per_s": round(1.0 / fast_s, 5),
         "reference_steps_per_s": round(1.0 / ref_s, 5),
         "speedup": round(speedup, 3),
+        "speedup_cpu_time": round(C.median([r / f for r, f in zip(cpu_times["reference"], cpu_times["fast"])]), 3),
         "round_speedups": [round(x, 3) for x in ratios],
         "rounds": rounds,
         "initial_loss_diff": float(f"{initial_loss_diff:.3g}"),
@@ -141,11 +160,18 @@ def main(argv=None) -> None:
     }
     summary = (f"train step ({config_name}, batch {batch}): fast {1 / fast_s:.4f} steps/s, reference "
                f"{1 / ref_s:.4f} steps/s, speedup x{speedup:.2f}")
+    if "micro_batch" in models:
+        micro_ratios = [f / m for f, m in zip(times["fast"], times["micro_batch"])]
+        result["micro_batch"] = {"size": args.micro_batch, "with_proposed": bool(args.proposed),
+                                 "steps_per_s": round(1.0 / C.median(times["micro_batch"]), 5),
+                                 "speedup_vs_current": round(C.median(micro_ratios), 3)}
+        summary += f", micro-batch {args.micro_batch} x{result['micro_batch']['speedup_vs_current']:.2f} vs current"
     if "proposed" in models:
         proposed_ratios = [f / p for f, p in zip(times["fast"], times["proposed"])]
+        versus_reference = [r / p for r, p in zip(times["reference"], times["proposed"])]
         result["proposed"] = {"steps_per_s": round(1.0 / C.median(times["proposed"]), 5),
                               "speedup_vs_current": round(C.median(proposed_ratios), 3),
-                              "speedup_vs_reference": round(C.median([r / p for r, p in zip(times["reference"], times["proposed"])]), 3)}
+                              "speedup_vs_reference": round(C.median(versus_reference), 3)}
         summary += f", proposed x{result['proposed']['speedup_vs_current']:.2f} vs current"
     C.emit(summary, result)
 
