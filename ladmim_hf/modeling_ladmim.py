@@ -668,6 +668,17 @@ class LadmimPredictorAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
         return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
 
+    def forward_single_query(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Attention output `(B, 1, D)` of token `index` alone: keys and values of all tokens, one query."""
+        batch, length, dim = x.shape
+        head_dim = dim // self.num_heads
+        weight = self.qkv.weight
+        kv_bias = None if self.v_bias is None else torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        q = F.linear(x[:, index:index + 1], weight[:dim], self.q_bias).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)
+        k, v = F.linear(x, weight[dim:], kv_bias).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, 1, dim)))
+
 
 class LadmimPredictorLayer(nn.Module):
     """Pre-norm transformer block with LayerScale."""
@@ -692,6 +703,15 @@ class LadmimPredictorLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn(self.norm1(x))
+        x = x + (attn if self.gamma_1 is None else self.gamma_1 * attn)
+        mlp = self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
+        return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
+
+    def forward_single_token(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """This block's output `(B, 1, D)` for token `index` only. Exact: a token's output needs only
+        its own query, attention row and MLP, plus every token's key and value."""
+        attn = self.attn.forward_single_query(self.norm1(x), index)
+        x = x[:, index:index + 1]
         x = x + (attn if self.gamma_1 is None else self.gamma_1 * attn)
         mlp = self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
         return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
@@ -744,10 +764,18 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         chunk = max_sequences_per_chunk or total
         logits_parts, hidden_parts, token_parts = [], [], []
         flat_masks = masks.reshape(total, cells)
+        hist_only = not need_tokens and not output_hidden_states
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             image_index = torch.arange(start, stop, device=masks.device) // num_masks
             hidden = self.embeddings(patches[image_index], flat_masks[start:stop, None])
+            if hist_only:
+                # Only the hist token's logits are used: the last block runs for that token alone
+                # (21 % fewer FLOPs at paper size; benchmarks/README.md).
+                for layer in self.layers[:-1]:
+                    hidden = layer(hidden)
+                logits_parts.append(self.head(self.norm(self.layers[-1].forward_single_token(hidden, 1))[:, 0]))
+                continue
             for layer in self.layers:
                 hidden = layer(hidden)
             hidden = self.norm(hidden)

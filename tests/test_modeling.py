@@ -204,6 +204,32 @@ def test_predictor_masked_positions_use_mask_token_and_chunking_is_exact():
     torch.testing.assert_close(again[0, 0], full[0, 0], rtol=1e-5, atol=1e-5)
 
 
+
+def test_hist_token_only_last_block_equals_the_full_forward():
+    """The fast path runs the last block for the hist token alone; logits and gradients must equal
+    those of the full forward (forced here by `output_hidden_states=True`)."""
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=4, num_levels=2, codebook_size=16,
+                                                          attention_probs_dropout_prob=0.0, layer_scale_init_value=0.5))
+    torch.manual_seed(0)
+    predictor = LadmimPredictorModel(config)
+    features = torch.randn(3, 8, 4, 4)
+    masks = torch.rand(3, 2, 16) > 0.5
+    labels = torch.randint(0, 16, (3, 2, 16))
+    grads = []
+    for full in (False, True):
+        predictor.zero_grad()
+        out = predictor(features, masks, labels=labels, output_hidden_states=full)
+        out.loss.backward()
+        grads.append([p.grad.clone() for p in predictor.parameters()])
+        if full:
+            assert out.last_hidden_state.shape == (6, 18, config.hidden_size)
+            torch.testing.assert_close(predictor.head(out.last_hidden_state[:, 1]).view_as(fast_logits), fast_logits,
+                                       rtol=1e-5, atol=1e-6)
+        else:
+            fast_logits = out.logits.detach()
+    for fast, reference in zip(*grads):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6)
+
 def slow_reference_scores(model: LadmimForAnomalyDetection, pixel_values, category: str, masks: torch.Tensor):
     """The official algorithm, literally: one predictor pass per mask with batch 1, the tokenizer codes
     recomputed per mask, float64 softmax and histograms counted in a Python loop."""
