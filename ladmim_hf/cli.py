@@ -23,11 +23,14 @@ def _predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"pass --category (one of {', '.join(detector.categories)})")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], 0
-    for index, path in enumerate(args.images):
+    paths, empty_folders = _expand_image_arguments(args.images)
+    rows, failures = [], len(empty_folders)
+    for folder in empty_folders:
+        print(f"error: no files in folder {folder}", file=sys.stderr)
+    for index, path in enumerate(paths):
         try:
             image = load_image(path)
-        except ImageDecodeError as error:
+        except ImageDecodeError as error:  # corrupt, truncated, empty, not an image, too large: named, then skipped
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
@@ -43,7 +46,26 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{'image':<{width}}  {'score':>8}  {'verdict':<9}  {'logical':>8}  {'structural':>10}  heatmap")
         for path, score, verdict, logical, structural, heatmap in rows:
             print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  {heatmap}")
+    if failures:
+        print(f"error: {failures} input(s) could not be read (listed above); {len(rows)} of {len(paths)} image(s) "
+              "scored", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _expand_image_arguments(items: list[str]) -> tuple[list[str], list[str]]:
+    """`(files, empty_folders)`: files as given; a folder stands for its non-hidden files (sorted, not
+    recursive), so a file there that is not an image is reported like any other unreadable input."""
+    paths, empty = [], []
+    for item in items:
+        folder = Path(item)
+        if folder.is_dir():
+            found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                empty.append(item)
+            paths.extend(found)
+        else:
+            paths.append(item)
+    return paths, empty
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=evaluation.run_from_args)
 
     predict = sub.add_parser("predict", help="score images, print a table and write heatmaps")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--model", required=True, help="model folder or Hub id")
     predict.add_argument("--category", default=None, help="category the images belong to")
     predict.add_argument("--num_masks", type=int, default=None)

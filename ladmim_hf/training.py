@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .configuration_ladmim import LadmimConfig
 from .hub import add_pipeline_to_folder
-from .image_processing_ladmim import LadmimImageProcessor
+from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor
 from .io_utils import atomic_write_json, atomic_save_directory
 from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
 
@@ -162,10 +162,10 @@ def list_images(settings: TrainSettings, category: str, split: str) -> list[dict
 
     if settings.dataset_format == "loco":
         dataset = load_loco(settings.data_root, category, split, skip_bad_files=settings.skip_bad_files)
-    elif settings.dataset_format == "mvtec_ad":
-        dataset = load_mvtec_ad(settings.data_root, category, split)
+    elif settings.dataset_format == "mvtec_ad":  # skip_bad_files was ignored for these two layouts
+        dataset = load_mvtec_ad(settings.data_root, category, split, skip_bad_files=settings.skip_bad_files)
     elif settings.dataset_format == "folder":
-        dataset = load_folder(Path(settings.data_root) / category, split)
+        dataset = load_folder(Path(settings.data_root) / category, split, skip_bad_files=settings.skip_bad_files)
     else:
         raise ValueError(f"dataset_format must be 'loco', 'mvtec_ad' or 'folder', got {settings.dataset_format!r}")
     return [dict(path=row["path"]) for row in dataset.select_columns(["path"])]
@@ -279,6 +279,11 @@ def _check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _stage_seed(seed: int, stage_name: str) -> int:
+    """A 32-bit seed for one stage, stable across processes and Python runs (no `hash()`)."""
+    return int(np.random.SeedSequence([seed, *stage_name.encode()]).generate_state(1)[0])
+
+
 def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str, stage: StageSettings,
               model: torch.nn.Module, dataset: TensorDataset, loss_fn, hint: str, stop: _StopFlag,
               resume: bool, log_prefix: str) -> dict:
@@ -286,6 +291,12 @@ def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str
     output_dir = Path(settings.output_dir)
     stage_dir = output_dir / "checkpoints" / stage_name.replace("/", "-")
     total = stage.total_steps(len(dataset), accelerator.num_processes)
+    # Bit-exact resume across stage boundaries: start every stage from RNG streams derived from
+    # (seed, stage name) alone. Without this a stage that starts fresh inherits the global RNG state
+    # left by the stages before it, which differs between an uninterrupted run (they trained) and a
+    # resumed one (they were loaded from `stages/`), so e.g. the predictors' dropout masks diverged.
+    # Mid-stage, `load_state` below restores the checkpoint's RNG states over this seed.
+    set_seed(_stage_seed(settings.seed, stage_name))
     accelerator.free_memory()
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel is several times faster than the per-tensor loop on CPU as well as on GPU.
@@ -632,6 +643,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     except FileExistsError as error:
         logger.error("%s", error)
         return 2
+    except ImageDecodeError as error:  # unreadable images in the data (the message names each file)
+        logger.error("%s", error)
+        if getattr(error, "bad_files", None):
+            logger.error("rerun with --skip_bad_files to train without them (each skipped file is listed in the log)")
+        return 4
     return 0
 
 

@@ -90,7 +90,8 @@ def _colorize(anomaly_map: np.ndarray, size: tuple[int, int], vmin, vmax, cmap: 
     import matplotlib
 
     m = _to_numpy(anomaly_map).astype(np.float32)
-    m = np.squeeze(m)
+    while m.ndim > 2 and 1 in m.shape:  # drop size-1 batch/channel axes, but a 1x1 or 1xW map stays 2-D
+        m = np.squeeze(m, axis=m.shape.index(1))
     if m.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {m.shape}")
     if not np.isfinite(m).all():

@@ -31,6 +31,21 @@ def test_heatmap_overlay_size_and_pixels():
     np.testing.assert_array_equal(np.asarray(V.heatmap_overlay(image, amap, alpha=0.0)), base)
 
 
+def test_heatmap_overlay_one_pixel_and_one_row_images():
+    """Maps of 1x1 or 1xW images (what `ladmim predict` gets for such files) stay 2-D; batch and
+    channel axes of size 1 are dropped."""
+    dot = Image.new("RGB", (1, 1), (200, 10, 10))
+    assert V.heatmap_overlay(dot, np.full((1, 1), 0.5, np.float32)).size == (1, 1)
+    assert V.heatmap_overlay(dot, np.full((1, 1, 1), 0.5, np.float32)).size == (1, 1)
+    row = Image.new("RGB", (7, 1))
+    out = V.heatmap_overlay(row, np.arange(7, dtype=np.float32)[None], alpha=1.0)
+    arr = np.asarray(out).astype(int)
+    assert out.size == (7, 1) and arr[0, 0, 2] > arr[0, 0, 0] and arr[0, -1, 0] > arr[0, -1, 2]  # low -> high along x
+    assert V.heatmap_overlay(Image.new("RGB", (6, 4)), np.ones((1, 4, 6, 1))).size == (6, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        V.heatmap_overlay(dot, np.ones((2, 3, 4)))
+
+
 def test_heatmap_overlay_array_inputs_and_fixed_range():
     chw = np.random.default_rng(0).random((3, 32, 48)).astype(np.float32)  # CHW floats in [0, 1]
     out = V.heatmap_overlay(chw, np.ones((4, 6)), vmin=0.0, vmax=2.0)

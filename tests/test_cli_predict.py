@@ -1,0 +1,171 @@
+"""`ladmim predict` on bad and odd files: every readable file is scored (exactly as the library scores
+its decoded image), every unreadable one is reported with a message naming it, and one bad file
+never stops the others from being scored."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ladmim_hf import LadmimImageProcessor
+from ladmim_hf.cli import main
+from ladmim_hf.image_processing_ladmim import load_image
+
+CATEGORY = "pushpins"
+NUM_MASKS = 2
+SIZE = (40, 30)  # (W, H) of the readable test images; not square, so a wrong EXIF rotation shows
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header declaring `width x height` RGB with an empty IDAT: a decompression bomb's
+    header in 60-odd bytes, without allocating its pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b""))
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _make_inputs(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Write the test files; returns `good` (name -> expected (W, H) after EXIF) and `bad` (name -> a
+    phrase the error message must contain besides the path)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+    rgb.save(folder / "plain.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one_pixel.png")
+    Image.fromarray(rng.integers(0, 65536, (SIZE[1], SIZE[0]), dtype=np.uint16)).save(folder / "deep16.png")
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rgb.save(folder / "exif_rotated.jpg", exif=exif)
+    # Check the writers produced what the test means to feed in.
+    assert Image.open(folder / "deep16.png").mode == "I;16"
+    assert Image.open(folder / "palette.png").mode == "P"
+    assert Image.open(folder / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(folder / "exif_rotated.jpg").getexif()[0x0112] == 6
+
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 200, dtype=np.uint8)))
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image, just text with a .png name\n")
+    _png_header_only(folder / "bomb.png", 20000, 20000)  # over PIL's own hard limit: refused at open
+    _png_header_only(folder / "big.png", 11000, 11000)  # under PIL's limit, over our max_pixels guard
+    good = {"plain.png": SIZE, "one_pixel.png": (1, 1), "deep16.png": SIZE, "palette.png": SIZE, "cmyk.jpg": SIZE,
+            "exif_rotated.jpg": SIZE[::-1]}
+    bad = {"corrupt.png": "cannot read image", "truncated.png": "truncated", "empty.png": "0 bytes",
+           "notes.png": "cannot identify image file", "bomb.png": "too large to decode safely",
+           "big.png": "decompression-bomb guard"}
+    return good, bad
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model):
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    LadmimImageProcessor(size=64).save_pretrained(folder)
+    return folder
+
+
+def _run_predict(capsys, inputs: list[str], model_dir: Path, out_dir: Path, seed: int = 0):
+    code = main(["predict", *inputs, "--model", str(model_dir), "--category", CATEGORY, "--num_masks", str(NUM_MASKS),
+                 "--seed", str(seed), "--output_dir", str(out_dir)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _table(stdout: str) -> dict[str, dict]:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["image", "score", "verdict"])
+    rows = {}
+    for line in lines[header + 1:]:
+        path, score, verdict, logical, structural, heatmap = line.split()
+        rows[path] = dict(score=float(score), verdict=verdict, logical=float(logical), structural=float(structural),
+                          heatmap=Path(heatmap))
+    return rows
+
+
+def _expected_scores(tiny_model, path: str, index: int, seed: int) -> tuple[float, float, float]:
+    """What the library gives for this file at the seed predict uses for position `index`."""
+    processor = LadmimImageProcessor(size=64)
+    with torch.no_grad():
+        out = tiny_model(**processor(load_image(path)), category=CATEGORY, num_masks=NUM_MASKS, seed=[seed + index])
+    return float(out.pred_score[0]), float(out.logical_score[0]), float(out.structural_score[0])
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # big.png is refused by our guard
+def test_predict_folder_with_bad_and_odd_files(tmp_path, capsys, model_dir, tiny_model):
+    good, bad = _make_inputs(tmp_path / "images")
+    out_dir = tmp_path / "predictions"
+    code, stdout, stderr = _run_predict(capsys, [str(tmp_path / "images")], model_dir, out_dir, seed=5)
+
+    assert code == 1, "unreadable inputs must give a non-zero exit status"
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    for name, reason in bad.items():
+        lines = [line for line in errors if str(tmp_path / "images" / name) in line]
+        assert len(lines) == 1, f"{name} is not reported exactly once by path:\n{stderr}"
+        assert reason in lines[0], (name, lines[0])
+    assert f"{len(bad)} input(s) could not be read" in stderr and f"{len(good)} of {len(good) + len(bad)} image(s) scored" in stderr
+
+    rows = _table(stdout)
+    assert sorted(Path(p).name for p in rows) == sorted(good), "every readable file is scored, no unreadable one"
+    order = sorted(str(p) for p in (tmp_path / "images").iterdir())  # predict's order: sorted folder listing
+    for path, row in rows.items():
+        name = Path(path).name
+        assert all(math.isfinite(row[k]) for k in ("score", "logical", "structural")), (name, row)
+        assert row["verdict"] in ("good", "anomalous")
+        score, logical, structural = _expected_scores(tiny_model, path, order.index(path), seed=5)
+        # The table prints 3-4 decimals; the library's own scores for the decoded image must match.
+        assert row["score"] == pytest.approx(score, abs=1e-3), name
+        assert row["logical"] == pytest.approx(logical, abs=1e-4), name
+        assert row["structural"] == pytest.approx(structural, abs=1e-4), name
+        assert row["heatmap"] == out_dir / f"{Path(name).stem}_heatmap.png"
+        with Image.open(row["heatmap"]) as heatmap:
+            assert heatmap.size == good[name], f"{name}: heat map {heatmap.size}, expected {good[name]} (EXIF applied)"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{Path(n).stem}_heatmap.png" for n in good)
+
+
+def test_predict_list_keeps_scoring_after_bad_files(tmp_path, capsys, model_dir, tiny_model):
+    _make_inputs(tmp_path / "images")
+    images = tmp_path / "images"
+    empty_folder = tmp_path / "nothing_here"
+    empty_folder.mkdir()
+    files = [images / "empty.png", images / "plain.png", tmp_path / "missing.png", images / "notes.png",
+             images / "one_pixel.png", images / "bomb.png", images / "cmyk.jpg"]
+    code, stdout, stderr = _run_predict(capsys, [*map(str, files), str(empty_folder)], model_dir, tmp_path / "out")
+    assert code == 1
+    assert f"error: image file is empty (0 bytes): {images / 'empty.png'}" in stderr
+    assert f"error: image file not found: {tmp_path / 'missing.png'}" in stderr
+    assert f"error: cannot read image {images / 'notes.png'}: UnidentifiedImageError" in stderr
+    assert f"error: image {images / 'bomb.png'} is too large to decode safely" in stderr
+    assert f"error: no files in folder {empty_folder}" in stderr
+    assert "5 input(s) could not be read" in stderr and "3 of 7 image(s) scored" in stderr
+    rows = _table(stdout)
+    scored = [str(images / name) for name in ("plain.png", "one_pixel.png", "cmyk.jpg")]
+    assert list(rows) == scored, "the good files after each bad one are still scored, in input order"
+    for path in scored:  # each keeps the seed of its own position, whatever failed before it
+        expected = _expected_scores(tiny_model, path, [str(f) for f in files].index(path), seed=0)[0]
+        assert rows[path]["score"] == pytest.approx(expected, abs=1e-3), path
+
+
+def test_predict_only_good_files_succeeds(tmp_path, capsys, model_dir):
+    good, _ = _make_inputs(tmp_path / "images")
+    inputs = [str(tmp_path / "images" / name) for name in good]
+    code, stdout, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "out")
+    assert code == 0, stderr
+    assert "error:" not in stderr
+    assert list(_table(stdout)) == inputs, "rows in input order"
