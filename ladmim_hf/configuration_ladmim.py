@@ -35,6 +35,11 @@ class LadmimTokenizerConfig(PretrainedConfig):
             Channels of the concatenated taps (checked against the backbone). Defaults per backbone.
         image_size (`int`, *optional*, defaults to 224): square input resolution in pixels.
         grid_size (`int`, *optional*, defaults to 24): every tap is resized to `grid_size x grid_size`.
+        standardize_features (`bool`, *optional*, defaults to `False`):
+            standardise every backbone channel with a mean and std estimated on the training images
+            (buffers of the tokenizer, set by `set_feature_statistics`). The tokenizer then
+            reconstructs, and the predictor reads, unit-variance channels, so wide deep taps do not
+            drown the shallow ones in the loss and the structural map. Off in the paper.
         categories (`list[str]`, *optional*): one switched codebook set and output head per category.
         hidden_size (`int`, *optional*, defaults to 256): encoder width E (decoder width is 2E).
         num_encoder_layers (`int`, *optional*, defaults to 4): post-norm encoder layers.
@@ -67,6 +72,7 @@ class LadmimTokenizerConfig(PretrainedConfig):
         feature_channels: int | None = None,
         image_size: int = 224,
         grid_size: int = 24,
+        standardize_features: bool = False,
         categories: list[str] | None = None,
         hidden_size: int = 256,
         num_encoder_layers: int = 4,
@@ -98,6 +104,7 @@ class LadmimTokenizerConfig(PretrainedConfig):
         )
         self.image_size = image_size
         self.grid_size = grid_size
+        self.standardize_features = standardize_features
         self.categories = list(categories) if categories is not None else list(LOCO_CATEGORIES)
         self.hidden_size = hidden_size
         self.num_encoder_layers = num_encoder_layers

@@ -43,7 +43,7 @@ class LadmimTokenizerOutput(ModelOutput):
         reconstruction_loss: MSE between reconstructed and backbone features (scalar).
         commitment_loss: commitment losses summed over the top and lower levels (scalar).
         codes: code indices of the lower levels `(B, L, N)`.
-        features: frozen backbone features `(B, C, g, g)`.
+        features: the (standardised, see `standardize`) backbone features it reconstructs `(B, C, g, g)`.
         reconstruction: decoder output `(B, C, g, g)`.
         anomaly_map: structural map at input resolution `(B, S, S)` (eval mode only).
         pred_score: structural image score `(B,)` (eval mode only).
@@ -463,6 +463,9 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         ])
         self.decoder_norm = nn.LayerNorm(2 * dim)
         self.output_heads = LadmimClassSwitchedHead(cats, 2 * dim, channels)
+        # Identity until `set_feature_statistics` (training stage 0) fills them in.
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
         self.post_init()
 
     @property
@@ -476,6 +479,22 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         """Frozen multi-scale CNN features `(B, 3, S, S)` -> `(B, C, g, g)`."""
         with torch.no_grad():
             return self.backbone(pixel_values)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, features: torch.Tensor) -> None:
+        """Per-channel mean and std of raw backbone features `(num_images, C, g, g)` of the training
+        images (used when `config.standardize_features`)."""
+        flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
+        self.feature_mean.copy_(flat.mean(1).to(self.feature_mean))
+        self.feature_std.copy_(flat.std(1).clamp(min=1e-6).to(self.feature_std))
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw backbone features `(B, C, g, g)` -> what the tokenizer reconstructs and the predictor
+        reads: per-channel standardised when `config.standardize_features`, else unchanged."""
+        if not self.config.standardize_features:
+            return features
+        shape = (1, -1, 1, 1)
+        return (features - self.feature_mean.view(shape).to(features.dtype)) / self.feature_std.view(shape).to(features.dtype)
 
     def _quantize(self, features: torch.Tensor, class_ids: torch.Tensor, update: bool):
         """Encoder + hierarchical VQ. Returns quantised lower levels (L x `(B, N, 2E)`), codes
@@ -515,6 +534,7 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         """Code indices of the lower levels `(B, L, N)` (row-major grid cells). No EMA updates."""
         if features is None:
             features = self.extract_features(pixel_values)
+        features = self.standardize(features)
         class_ids = self.category_ids(category, features.shape[0])
         _, codes, _, _, _, _ = self._quantize(features, class_ids, update=False)
         return codes
@@ -555,7 +575,7 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         Args:
             pixel_values: images `(B, 3, S, S)` (ImageNet-normalised); or give `features`.
             category: category name(s) or ids `(B,)` selecting each sample's codebooks and head.
-            features: precomputed backbone features `(B, C, g, g)`.
+            features: precomputed raw backbone features `(B, C, g, g)` (`extract_features`).
             update_codebooks: EMA codebook updates and dead-code restarts (training mode only).
             return_maps: compute the structural map and score (default: in eval mode).
         """
@@ -563,6 +583,7 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
             if pixel_values is None:
                 raise ValueError("pass pixel_values or features")
             features = self.extract_features(pixel_values)
+        features = self.standardize(features)
         class_ids = self.category_ids(category, features.shape[0])
         quantized, codes, top_codes, bottom_input, commitment, restarted = self._quantize(
             features, class_ids, update=update_codebooks and self.training
@@ -589,12 +610,13 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         """Everything scoring needs in one pass, without EMA updates or dropout.
 
         Returns:
-            dict with `features (B, C, g, g)`, `codes (B, L, N)`, `structural_map (B, S, S)` and
+            dict with `features (B, C, g, g)` (standardised: the predictor's input), `codes (B, L, N)`, `structural_map (B, S, S)` and
             `structural_score (B,)`.
         """
         with _eval_mode(self):
             if features is None:
                 features = self.extract_features(pixel_values)
+            features = self.standardize(features)
             class_ids = self.category_ids(category, features.shape[0])
             quantized, codes, _, bottom_input, _, _ = self._quantize(features, class_ids, update=False)
             reconstruction = self._decode(quantized, class_ids)
@@ -918,7 +940,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             seed: int or one int per image for reproducible masks (per-image seeds make an image's
                 score independent of batching); `None` draws fresh masks.
             bool_masked_pos: explicit masks `(B, M, N)`; overrides `num_masks` and `seed`.
-            features: precomputed backbone features `(B, C, g, g)`.
+            features: precomputed raw backbone features `(B, C, g, g)` (`tokenizer.extract_features`).
             threshold: decision threshold on the fused score (default: the category's calibrated one).
             return_histograms: also return predicted and true histograms `(B, M, L, K)`.
             max_sequences_per_chunk: bound the predictor's working memory.

@@ -456,6 +456,8 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             accelerator.print(f"[tokenizer] done earlier, loaded {stage_dir}")
         else:
             features = torch.cat([cache[f"train/{c}"] for c in categories])
+            if tokenizer.config.standardize_features:
+                tokenizer.set_feature_statistics(features)
             class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]),), i, dtype=torch.long) for i, c in enumerate(categories)])
 
             def tokenizer_loss(module, batch, step):
@@ -501,7 +503,8 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
                 accelerator.print(f"[{stage_name}] done earlier, loaded {stage_dir}")
                 continue
             members = categories if name == "shared" else [name]
-            features = torch.cat([cache[f"train/{c}"] for c in members])
+            # The predictor reads what the tokenizer reconstructs (standardised features, if enabled).
+            features = tokenizer.standardize(torch.cat([cache[f"train/{c}"] for c in members]).to(accelerator.device)).cpu()
             labels = torch.cat([codes[f"train/{c}"] for c in members])
             process = accelerator.process_index
 

@@ -75,6 +75,35 @@ def test_tokenizer_shapes_and_loss_backward(tester):
     torch.testing.assert_close(out.loss, expected)
 
 
+
+def test_feature_standardisation_statistics_and_equivalence(tmp_path):
+    torch.manual_seed(0)
+    standardised = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs(standardize_features=True))).eval()
+    plain = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs())).eval()
+    plain.load_state_dict(standardised.state_dict())
+    # Channel c has mean c and std 1 + c / 10.
+    channels = standardised.config.feature_channels
+    scale = 1 + torch.arange(channels, dtype=torch.float32) / 10
+    raw = torch.randn(200, channels, 4, 4) * scale[None, :, None, None] + torch.arange(channels, dtype=torch.float32)[None, :, None, None]
+    assert torch.equal(standardised.standardize(raw), raw), "identity until statistics are set"
+    standardised.set_feature_statistics(raw)
+    torch.testing.assert_close(standardised.feature_mean, raw.mean((0, 2, 3)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(standardised.feature_std, raw.transpose(0, 1).reshape(channels, -1).std(1), rtol=1e-5, atol=0)
+    assert torch.equal(plain.standardize(raw), raw), "standardize_features=False never changes features"
+    batch = raw[:3]
+    by_hand = (batch - raw.mean((0, 2, 3))[None, :, None, None]) / standardised.feature_std[None, :, None, None]
+    assert by_hand.flatten(1).std(1).sub(1).abs().max() < 0.5
+    # The standardising tokenizer on raw features == the plain one on standardised features.
+    assert torch.equal(standardised.encode(features=batch, category="pushpins"), plain.encode(features=by_hand, category="pushpins"))
+    ours, reference = standardised.tokenize(features=batch, category="pushpins"), plain.tokenize(features=by_hand, category="pushpins")
+    torch.testing.assert_close(ours["features"], by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["structural_score"], reference["structural_score"], rtol=1e-5, atol=1e-5)
+    # The statistics are saved with the weights.
+    standardised.save_pretrained(tmp_path)
+    loaded = LadmimTokenizerModel.from_pretrained(tmp_path)
+    assert loaded.config.standardize_features
+    assert torch.equal(loaded.feature_std, standardised.feature_std)
+
 def test_ema_codebooks_unchanged_in_eval_and_updated_in_training(tester):
     torch.manual_seed(0)
     tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs()))

@@ -24,7 +24,7 @@ TINY_SETTINGS = {
         "tokenizer_config": dict(backbone="efficientnet_lite0", backbone_taps=[2, 4], feature_channels=64, image_size=64,
                                  grid_size=4, hidden_size=32, num_encoder_layers=2, num_decoder_layers=2,
                                  num_attention_heads=4, intermediate_size=64, num_levels=2, codebook_size=16,
-                                 score_filter_size=8),
+                                 score_filter_size=8, standardize_features=True),
         "predictor_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0),
         "num_masks": 3,
     },
@@ -81,6 +81,13 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
     from ladmim_hf import LadmimForAnomalyDetection
 
     model = LadmimForAnomalyDetection.from_pretrained(model_dir)
+    # Standardisation statistics come from the cached training features of every category.
+    import torch
+
+    cache = torch.load(out / "cache" / "features.pt", weights_only=True)
+    train_features = torch.cat([cache[f"train/{c}"] for c in CATEGORIES])
+    torch.testing.assert_close(model.tokenizer.feature_mean, train_features.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(model.tokenizer.feature_std, torch.ones_like(model.tokenizer.feature_std))
     calibration = model.config.calibration
     assert set(calibration) == set(CATEGORIES)
     assert all(calibration[c]["logical_std"] > 0 and "threshold" in calibration[c] for c in CATEGORIES)
