@@ -303,99 +303,35 @@ def reference_score_one_mask(model, image: torch.Tensor, mask: torch.Tensor, cat
 # --------------------------------------------------------------------------------------------------
 
 
-def predictor_flops(cfg, sequences: int, images: int | None = None) -> dict:
+def predictor_flops(cfg, sequences: int, images: int | None = None, hist_only: bool = True) -> dict:
     """Multiply-add FLOPs (2 per MAC) of one predictor forward over `sequences` sequences of 2 + N
-    tokens. The patch embedding runs once per image (`images`, default one per sequence) as in
-    `LadmimPredictorModel`; the head runs on the hist token only."""
+    tokens, as `LadmimPredictorModel.forward` runs it. The patch embedding runs once per image
+    (`images`, default one per sequence); the head runs on the hist token only. With `hist_only`
+    (scoring, and training with the l1 / kl losses) the last block runs for the hist token alone
+    (`LadmimPredictorLayer.forward_single_token`): keys and values of all tokens, but one query, one
+    attention row and the projection and MLP of one token; `hist_only=False` counts the full last
+    block (`output_hidden_states`, `token_ce`)."""
     n = cfg.num_patches
     t = n + 2
     d = cfg.hidden_size
     hidden = cfg.intermediate_size
     images = sequences if images is None else images
-    per_layer = {
-        "qkv": 2 * t * d * 3 * d,
-        "attention_qk": 2 * t * t * d,
-        "attention_av": 2 * t * t * d,
-        "proj": 2 * t * d * d,
-        "fc1": 2 * t * d * hidden,
-        "fc2": 2 * t * hidden * d,
-    }
-    parts = {name: value * cfg.num_hidden_layers * sequences for name, value in per_layer.items()}
+
+    def block(queries: int) -> dict:
+        """One block where `queries` of the t tokens get an output (keys and values for all t)."""
+        return {
+            "qkv": 2 * queries * d * d + 2 * t * d * 2 * d,
+            "attention_qk": 2 * queries * t * d,
+            "attention_av": 2 * queries * t * d,
+            "proj": 2 * queries * d * d,
+            "fc1": 2 * queries * d * hidden,
+            "fc2": 2 * queries * hidden * d,
+        }
+
+    full, last = block(t), block(1 if hist_only else t)
+    layers = cfg.num_hidden_layers
+    parts = {name: (full[name] * (layers - 1) + last[name]) * sequences for name in full}
     parts["patch_embed"] = 2 * n * cfg.input_channels * d * images
     parts["head"] = 2 * d * cfg.num_levels * cfg.codebook_size * sequences
     parts["total"] = sum(parts.values())
     return parts
-
-
-# --------------------------------------------------------------------------------------------------
-# Proposed change to LadmimPredictorModel.forward, measured with --proposed (not used otherwise)
-# --------------------------------------------------------------------------------------------------
-
-
-def hist_only_last_layer(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """The last `LadmimPredictorLayer` evaluated for the hist token only: keys and values of all
-    tokens, but the query, attention row, projection and MLP of token 1 alone. Exact, because the
-    hist-token logits depend on no other output of the last block. `hidden (S, T, D)` -> `(S, 1, D)`."""
-    attn = layer.attn
-    h = layer.norm1(hidden)
-    batch, length, dim = h.shape
-    heads = attn.num_heads
-    weight = attn.qkv.weight
-    kv_bias = None if attn.v_bias is None else torch.cat([torch.zeros_like(attn.v_bias), attn.v_bias])
-    q = F.linear(h[:, 1:2], weight[:dim], attn.q_bias).view(batch, 1, heads, dim // heads).transpose(1, 2)
-    kv = F.linear(h, weight[dim:], kv_bias).view(batch, length, 2, heads, dim // heads)
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attention_dropout if attn.training else 0.0)
-    out = attn.proj_dropout(attn.proj(out.transpose(1, 2).reshape(batch, 1, dim)))
-    x = hidden[:, 1:2]
-    x = x + (out if layer.gamma_1 is None else layer.gamma_1 * out)
-    mlp = layer.dropout(layer.fc2(layer.act(layer.fc1(layer.norm2(x)))))
-    return x + (mlp if layer.gamma_2 is None else layer.gamma_2 * mlp)
-
-
-def proposed_predictor_forward(self, features, bool_masked_pos, labels=None, output_hidden_states=False,
-                               max_sequences_per_chunk=None):
-    """`LadmimPredictorModel.forward` with the last block computed for the hist token only whenever
-    nothing else is returned (scoring, and training with the l1 / kl losses)."""
-    from ladmim_hf.modeling_ladmim import LadmimPredictorModel, LadmimPredictorOutput
-
-    config = self.config
-    if output_hidden_states or (config.loss_type == "token_ce" and labels is not None):
-        return _ORIGINAL_FORWARD[LadmimPredictorModel](self, features, bool_masked_pos, labels=labels,
-                                                       output_hidden_states=output_hidden_states,
-                                                       max_sequences_per_chunk=max_sequences_per_chunk)
-    multi = bool_masked_pos.dim() == 3
-    masks = (bool_masked_pos if multi else bool_masked_pos[:, None]).to(torch.bool)
-    batch, num_masks, cells = masks.shape
-    patches = self.embeddings.embed_patches(features)
-    total = batch * num_masks
-    chunk = max_sequences_per_chunk or total
-    flat_masks = masks.reshape(total, cells)
-    parts = []
-    for start in range(0, total, chunk):
-        stop = min(start + chunk, total)
-        image_index = torch.arange(start, stop, device=masks.device) // num_masks
-        hidden = self.embeddings(patches[image_index], flat_masks[start:stop, None])
-        for layer in self.layers[:-1]:
-            hidden = layer(hidden)
-        hidden = hist_only_last_layer(self.layers[-1], hidden)
-        parts.append(self.head(self.norm(hidden[:, 0])))
-    logits = torch.cat(parts).view(batch, num_masks, config.num_levels, config.codebook_size)
-    loss = self.histogram_loss(logits, labels, masks) if labels is not None else None
-    return LadmimPredictorOutput(loss=loss, logits=logits if multi else logits[:, 0])
-
-
-_ORIGINAL_FORWARD: dict = {}
-
-
-@contextlib.contextmanager
-def proposed_patch():
-    """Temporarily swap in `proposed_predictor_forward` (what the README suggests for modeling_ladmim.py)."""
-    from ladmim_hf.modeling_ladmim import LadmimPredictorModel
-
-    _ORIGINAL_FORWARD.setdefault(LadmimPredictorModel, LadmimPredictorModel.forward)
-    LadmimPredictorModel.forward = proposed_predictor_forward
-    try:
-        yield
-    finally:
-        LadmimPredictorModel.forward = _ORIGINAL_FORWARD[LadmimPredictorModel]

@@ -2,7 +2,8 @@
 
 FLOPs are counted analytically (`_common.predictor_flops`, 2 per multiply-add) for B x M sequences
 of 2 + N tokens: patch embedding (once per image), qkv, attention q k^T and a v, proj, fc1, fc2 and
-the head on the hist token; layer norms, GELU, softmax and adds are not counted (they are memory
+the head on the hist token, with the last block counted for the hist token only (keys and values of
+all tokens, one query), as the model runs it when only the hist logits are needed; layer norms, GELU, softmax and adds are not counted (they are memory
 bound and are part of what the efficiency measures). The predictor runs exactly as
 `LadmimForAnomalyDetection.logical_scores` runs it: one forward over all masks of all images, in
 inference mode.
@@ -14,7 +15,7 @@ Each round: a matmul window (a 2048 x 2048 float32 `torch.matmul` repeated for a
 
     python benchmarks/roofline.py            # paper size, 2 images x 10 masks
     python benchmarks/roofline.py --profile  # also the time share of each op class (torch profiler)
-    python benchmarks/roofline.py --proposed --chunk 4 --rounds 8   # A/B of the README's suggestions
+    python benchmarks/roofline.py --chunk 4 8 --explicit_attention --rounds 8   # A/B of alternatives
     python benchmarks/roofline.py --tiny
 
 Last stdout line: JSON with predictor_gflops, matmul_gflops, efficiency, flops, ...
@@ -61,26 +62,19 @@ def variant_calls(predictor, features, masks, args) -> dict:
 
     calls = {}
 
-    def call(chunk=None, proposed=False, explicit=False):
+    def call(chunk=None, explicit=False):
         def run():
             saved = LadmimPredictorAttention.forward
             if explicit:
                 LadmimPredictorAttention.forward = lambda self, x: C.reference_attention(self, x, False)
             try:
-                if proposed:
-                    with C.proposed_patch():
-                        return predictor(features, masks, max_sequences_per_chunk=chunk).logits
                 return predictor(features, masks, max_sequences_per_chunk=chunk).logits
             finally:
                 LadmimPredictorAttention.forward = saved
         return run
 
-    if args.proposed:
-        calls["proposed"] = call(proposed=True)
     for size in args.chunk:
         calls[f"chunk{size}"] = call(chunk=size)
-        if args.proposed:
-            calls[f"proposed_chunk{size}"] = call(chunk=size, proposed=True)
     if args.explicit_attention:
         calls["explicit_attention"] = call(explicit=True)
     return calls
@@ -96,12 +90,11 @@ def main(argv=None) -> None:
     parser.add_argument("--matmul_seconds", type=float, default=None,
                         help="length of each matmul window (default 2 s; 0.2 s with --tiny)")
     parser.add_argument("--profile", action="store_true", help="also report the time share of each op")
-    parser.add_argument("--proposed", action="store_true",
-                        help="also time the hist-token-only last block proposed in the README (A/B against the current forward)")
     parser.add_argument("--chunk", type=int, nargs="*", default=[],
-                        help="also time max_sequences_per_chunk=N (and, with --proposed, both together)")
+                        help="also time max_sequences_per_chunk=N (one variant per N)")
     parser.add_argument("--explicit_attention", action="store_true",
-                        help="also time the current forward with explicit softmax attention instead of SDPA")
+                        help="also time the current forward with explicit softmax attention instead of SDPA "
+                             "(all blocks but the hist-token-only last one)")
     args = parser.parse_args(argv)
     C.apply_threads(args)
     config_name = args.config or ("tiny" if args.tiny else "paper")

@@ -20,7 +20,7 @@ logical scores (their means). About 90 s on a quiet 2-core CPU.
 
     python benchmarks/scoring.py                   # paper size, 10 masks
     python benchmarks/scoring.py --bf16 --compile  # also bf16 autocast and torch.compile variants
-    python benchmarks/scoring.py --proposed --chunk 4 8 --breakdown  # suggested changes, component costs
+    python benchmarks/scoring.py --chunk 4 8 --breakdown  # chunked predictor, component costs
     python benchmarks/scoring.py --memory [--keep_maps]  # peak RSS vs batch size and number of images
     python benchmarks/scoring.py --tiny            # seconds, for the tests
 
@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time the fast path with max_sequences_per_chunk=N (one variant per N)")
     parser.add_argument("--bf16", action="store_true", help="also time the fast path under CPU bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile'd predictor")
-    parser.add_argument("--proposed", action="store_true",
-                        help="also time the predictor change proposed in benchmarks/README.md (hist-token-only last block)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the components (tokenizer, predictor; batched and batch 1) in predictor-sequence units")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,20 +99,10 @@ def run_throughput(args) -> None:
 
     variants = {"fp32": fast}
     compile_info = None
-    if args.proposed:
-        def fast_proposed():
-            with C.proposed_patch():
-                return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds)
-        variants["proposed"] = fast_proposed
     for size_ in args.chunk:
         def fast_chunked(size_=size_):
             return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds, max_sequences_per_chunk=size_)
         variants[f"chunk{size_}"] = fast_chunked
-        if args.proposed:
-            def fast_proposed_chunked(size_=size_):
-                with C.proposed_patch():
-                    return model(images, category=C.CATEGORY, num_masks=num_masks, seed=seeds, max_sequences_per_chunk=size_)
-            variants[f"proposed_chunk{size_}"] = fast_proposed_chunked
     if args.bf16:
         def fast_bf16():
             with torch.autocast("cpu", dtype=torch.bfloat16):
