@@ -9,6 +9,7 @@ Only the output format and the exactness checks are asserted, never speed: timin
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ RUNS = {
     "roofline": ["roofline.py", "--tiny"],
     "feature_cache": ["feature_cache.py", "--tiny"],
     "mask_sweep": ["mask_sweep.py", "--tiny", "--masks", "1,5,10"],
+    "quality_probe": ["quality_probe.py", "--tiny"],
 }
 
 
@@ -136,3 +138,16 @@ def test_flop_count_matches_paper_model():
     last_layer = 2 * t * d * 2 * d + 2 * d * d + 4 * t * d + 2 * d * d + 2 * 2 * d * 4 * d
     assert hist_only["total"] == 3 * per_layer + last_layer + embed_and_head
     assert 0.20 < 1 - hist_only["total"] / full["total"] < 0.22
+
+
+def test_quality_probe(runs):
+    result = last_json(runs, "quality_probe")
+    entry = result["categories"]["pushpins"]
+    for key in ("structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical"):
+        assert 0.0 <= entry[key] <= 1.0, (key, entry[key])
+        assert result["mean"][key] == pytest.approx(entry[key])
+    assert entry["logical_per_defect"], "at least one logical defect type in the small test split"
+    assert set(entry["logical_per_defect"]) <= {"missing_pushpin", "additional_pushpin", "missing_separator"}
+    assert len(entry["codes_used"]) == 2 and all(1 <= n <= 64 for n in entry["codes_used"])
+    assert math.isfinite(entry["predictor_loss"]) and 0.0 <= entry["predictor_loss"] <= 4.0
+    assert result["tokenizer_steps"] == 3 and result["predictor_steps"] == 3

@@ -1,0 +1,239 @@
+"""Where does logical-detection quality come from? A fast probe of the tokenizer's codes and the predictor.
+
+Trains a tokenizer and per-category predictors from cached backbone features with plain loops (no
+checkpoints, no calibration, minutes instead of the full `make demo`), then reports per category:
+
+- `structural` / `structural_no_ot`: image AUROC of the tokenizer's structural score on structural
+  anomalies, with and without the OT term;
+- `position_prior_logical`: AUROC on logical anomalies of a context-free oracle, the mean
+  negative log-frequency of each cell's code among the training images at that cell;
+- `global_histogram_logical`: AUROC of the L1 distance from an image's whole-grid code histogram
+  to its nearest training image's (what the codes can express about counts at all);
+- `logical` / `logical_per_defect`: the predictor's logical score (mean L1 over masks), the
+  method's logical branch, overall and per logical defect type;
+- `predictor_loss`: final per-sample training loss (L1 summed over levels, 0..2L).
+
+If the two oracles sit near 0.5 the codes do not carry the rule and no predictor can score it;
+if they are high and `logical` is low, the predictor is the bottleneck.
+
+    python benchmarks/quality_probe.py --data_root data/synthloco                      # default config
+    python benchmarks/quality_probe.py --data_root data/synthloco --set model.tokenizer_config.codebook_size=16
+    python benchmarks/quality_probe.py --tiny                                           # seconds, for tests
+
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ladmim_hf.metrics import image_auroc  # noqa: E402
+from ladmim_hf.modeling_ladmim import code_histograms  # noqa: E402
+from ladmim_hf.training import build_model, extract_features, load_settings  # noqa: E402
+from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
+
+
+def _auroc(scores: np.ndarray, types: np.ndarray, positive: int) -> float:
+    keep = (types == 0) | (types == positive)
+    return float(image_auroc(scores[keep], (types[keep] == positive).astype(int)))
+
+
+def load_split(data_root: str, category: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    from ladmim_hf.data import load_loco
+
+    dataset = load_loco(data_root, category, split)
+    columns = [c for c in ("path", "anomaly_type", "defect_type") if c in dataset.column_names]
+    rows = list(dataset.select_columns(columns))
+    types = np.array([row.get("anomaly_type", 0) for row in rows])
+    defects = [",".join(row.get("defect_type", [])) for row in rows]
+    return [row["path"] for row in rows], types, defects
+
+
+def cached_features(model, settings, categories: list[str], cache_path: Path) -> dict:
+    """Raw backbone features of train and test images per category, cached on disk."""
+    cache = torch.load(cache_path, weights_only=False) if cache_path.is_file() else {}
+    processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
+    changed = False
+    for category in categories:
+        for split in ("train", "test"):
+            key = f"{split}/{category}"
+            if key not in cache:
+                paths, types, defects = load_split(settings.data_root, category, split)
+                features = extract_features(model.tokenizer, processor, paths, settings.feature_batch_size, f"features {key}")
+                cache[key] = {"features": features, "types": types, "defects": defects}
+                changed = True
+    if changed:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cache, cache_path)
+    return cache
+
+
+def train_tokenizer(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, steps: int, lr: float,
+                    batch_size: int, seed: int) -> float:
+    if tokenizer.config.standardize_features:
+        tokenizer.set_feature_statistics(features)
+    params = [p for p in tokenizer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        if step == int(0.8 * steps):  # HVQ-Trans step schedule
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+        index = torch.randint(0, len(features), (min(batch_size, len(features)),), generator=generator)
+        out = tokenizer(features=features[index], category=class_ids[index])
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        loss = out.reconstruction_loss.detach()
+    tokenizer.eval()
+    return float(loss)
+
+
+def train_predictor(model, category: str, features: torch.Tensor, codes: torch.Tensor, steps: int, lr: float,
+                    batch_size: int, seed: int) -> float:
+    predictor = model.predictor_for(category)
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.05)
+    warmup = max(1, int(0.05 * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    masks_for = model.mask_generator(training=True)
+    generator = torch.Generator().manual_seed(seed)
+    predictor.train()
+    per_sample = float("nan")
+    for step in range(steps):
+        size = min(batch_size, len(features))
+        index = torch.randint(0, len(features), (size,), generator=generator)
+        masks = masks_for(size, seed=[seed * 1_000_003 + step * size + i for i in range(size)])
+        out = predictor(features[index], masks, labels=codes[index])
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        per_sample = float(out.loss.detach()) / (size if predictor.config.loss_reduction == "sum" else 1)
+    predictor.eval()
+    return per_sample
+
+
+@torch.no_grad()
+def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
+    tokenizer = model.tokenizer
+    levels, size = tokenizer.config.num_levels, tokenizer.config.codebook_size
+    types, defects = np.asarray(test["types"]), np.asarray(test["defects"])
+    train_codes = tokenizer.encode(features=train["features"], category=category)
+    tokens = tokenizer.tokenize(features=test["features"], category=category, use_ot=True)
+    no_ot = tokenizer.tokenize(features=test["features"], category=category, use_ot=False)["structural_score"]
+    # Context-free oracle: how unusual is each cell's code at that cell?
+    prior = torch.zeros(len(types))
+    for level in range(levels):
+        frequency = torch.nn.functional.one_hot(train_codes[:, level], size).float().mean(0)  # (N, K)
+        seen = frequency.gather(1, tokens["codes"][:, level].T).T  # (B, N)
+        prior += -(seen + 1e-3).log().mean(1)
+    everything = lambda n: torch.ones(n, train_codes.shape[-1], dtype=torch.bool)  # noqa: E731
+    train_hist = code_histograms(train_codes, everything(len(train_codes)), size).flatten(1)
+    test_hist = code_histograms(tokens["codes"], everything(len(types)), size).flatten(1)
+    global_hist = torch.cdist(test_hist, train_hist, p=1).min(1).values
+    result = {
+        "structural": _auroc(tokens["structural_score"].numpy(), types, 2),
+        "structural_no_ot": _auroc(no_ot.numpy(), types, 2),
+        "position_prior_logical": _auroc(prior.numpy(), types, 1),
+        "global_histogram_logical": _auroc(global_hist.numpy(), types, 1),
+        "codes_used": [int(train_codes[:, level].unique().numel()) for level in range(levels)],
+    }
+    with torch.enable_grad():
+        standardised = tokenizer.standardize(train["features"])
+        result["predictor_loss"] = train_predictor(model, category, standardised, train_codes, args.predictor_steps,
+                                                   args.predictor_lr, args.batch_size, args.seed)
+    out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=list(range(len(types))))
+    logical = out.logical_score.numpy()
+    result["logical"] = _auroc(logical, types, 1)
+    result["logical_on_structural"] = _auroc(logical, types, 2)
+    result["logical_per_defect"] = {}
+    for defect in sorted(set(defects[types == 1])):
+        keep = (types == 0) | (defects == defect)
+        result["logical_per_defect"][defect] = float(image_auroc(logical[keep], (defects[keep] == defect).astype(int)))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "synthloco-cpu.yaml"))
+    parser.add_argument("--data_root", default="data/synthloco")
+    parser.add_argument("--categories", nargs="+", default=None)
+    parser.add_argument("--cache", default=None, help="feature cache file (default: <data_root>/../probe_features.pt)")
+    parser.add_argument("--tokenizer_steps", type=int, default=400)
+    parser.add_argument("--tokenizer_lr", type=float, default=1e-3)
+    parser.add_argument("--predictor_steps", type=int, default=150)
+    parser.add_argument("--predictor_lr", type=float, default=1e-3)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_masks", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings, as in train.py")
+    parser.add_argument("--tiny", action="store_true", help="generate --small data and run a few steps (tests)")
+    args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)  # the uncalibrated-category warning is expected here
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    workdir = None
+    if args.tiny:
+        from ladmim_hf.data.synthetic import generate_synthloco
+
+        workdir = tempfile.TemporaryDirectory()
+        args.data_root = str(Path(workdir.name) / "synth")
+        args.categories = args.categories or ["pushpins"]
+        generate_synthloco(args.data_root, seed=0, small=True, categories=args.categories)
+        args.tokenizer_steps, args.predictor_steps, args.batch_size, args.num_masks = 3, 3, 4, 2
+        overrides.update({"model.tokenizer_config.image_size": 64, "model.tokenizer_config.grid_size": 4,
+                          "model.tokenizer_config.score_filter_size": 8})
+    settings = load_settings(args.config, {"data_root": args.data_root, **overrides})
+    from ladmim_hf.data import resolve_categories
+
+    categories = resolve_categories(settings.data_root, args.categories or settings.categories)
+    torch.manual_seed(args.seed)
+    model = build_model(settings, categories).eval()
+    cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"
+    if args.tiny:
+        cache_path = Path(workdir.name) / "features.pt"
+    started = time.time()
+    cache = cached_features(model, settings, categories, cache_path)
+    train_features = torch.cat([cache[f"train/{c}"]["features"] for c in categories])
+    class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]["features"]),), i) for i, c in enumerate(categories)])
+    torch.manual_seed(args.seed)
+    reconstruction = train_tokenizer(model.tokenizer, train_features, class_ids, args.tokenizer_steps, args.tokenizer_lr,
+                                     args.batch_size, args.seed)
+    per_category = {c: probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args) for c in categories}
+    keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_on_structural"]
+    mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
+    result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
+              "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
+              "overrides": overrides, "seconds": round(time.time() - started, 1)}
+    print(f"quality probe: logical {mean['logical']:.3f} (oracles: position prior {mean['position_prior_logical']:.3f}, "
+          f"global histogram {mean['global_histogram_logical']:.3f}), structural {mean['structural']:.3f} "
+          f"(no OT {mean['structural_no_ot']:.3f}), reconstruction loss {reconstruction:.3f}, {result['seconds']} s")
+    print(json.dumps(result))
+    if workdir is not None:
+        workdir.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
