@@ -113,3 +113,49 @@ def test_pipeline_from_model_instance(tiny_model):
     with torch.no_grad():
         again = detector(image, category="breakfast_box", num_masks=3)
     assert again["score"] == result["score"]  # default seed 0: reproducible
+
+
+def test_pipeline_bad_files_name_the_file_and_odd_files_are_scored(saved, tmp_path):
+    """Issue 8's list through the pipeline: each bad file is refused naming it, each odd one is scored."""
+    import struct
+    import zlib
+
+    folder, _, image = saved
+    detector = pipeline(TASK, model=str(folder), trust_remote_code=True, category="pushpins", num_masks=2, seed=0)
+    good = tmp_path / "good.png"
+    image.save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png at all" * 10)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("just some text")
+    bomb = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    for bad in (truncated, corrupt, empty, text, bomb):
+        with pytest.raises(ValueError, match=bad.name):
+            detector(str(bad))
+    # The pipeline keeps serving after refusals.
+    reference = detector(str(good))["score"]
+    odd = {
+        "one_pixel.png": Image.new("RGB", (1, 1), (120, 30, 200)),
+        "sixteen_bit.png": Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)),
+        "palette.png": image.convert("P"),
+        "cmyk.jpg": image.convert("CMYK"),
+    }
+    for name, picture in odd.items():
+        picture.save(tmp_path / name)
+        result = detector(str(tmp_path / name))
+        assert np.isfinite(result["score"]), name
+        assert result["anomaly_map"].size == Image.open(tmp_path / name).size, name
+    # EXIF orientation 6 (rotate 90): scored as the upright image, map in the upright size.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.convert("RGB").save(tmp_path / "rotated.jpg", exif=exif)
+    rotated = detector(str(tmp_path / "rotated.jpg"))
+    assert rotated["anomaly_map"].size == (image.height, image.width)
+    assert detector(str(good))["score"] == pytest.approx(reference, rel=1e-6)
