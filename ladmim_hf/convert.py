@@ -492,6 +492,9 @@ def convert_official_hvq(state_dict: dict[str, torch.Tensor], *, categories: lis
     if dropped:
         logger.info("dropping %s: upstream defines input_proj but never calls it (quantize_conv_t projects the input)",
                     _listing(dropped))
+    # Upstream reconstructs raw backbone features: identity statistics (standardize_features stays off).
+    converted["feature_mean"] = torch.zeros_like(model.feature_mean)
+    converted["feature_std"] = torch.ones_like(model.feature_std)
     _check_and_load(model, converted, what, skip=("backbone.",), sources=sources)
     if backbone_keys:
         model.backbone.load_reference_state_dict({k[len("enc."):]: v for k, v in backbone_keys.items()},
