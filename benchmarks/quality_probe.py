@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,7 +92,7 @@ def train_tokenizer(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, 
     generator = torch.Generator().manual_seed(seed)
     tokenizer.train()
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="tokenizer", unit="step", leave=False):
         if step == int(0.8 * steps):  # HVQ-Trans step schedule
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
@@ -117,7 +118,7 @@ def train_predictor(model, category: str, features: torch.Tensor, codes: torch.T
     generator = torch.Generator().manual_seed(seed)
     predictor.train()
     per_sample = float("nan")
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"predictor {category}", unit="step", leave=False):
         size = min(batch_size, len(features))
         index = torch.randint(0, len(features), (size,), generator=generator)
         masks = masks_for(size, seed=[seed * 1_000_003 + step * size + i for i in range(size)])
