@@ -60,7 +60,8 @@ def _test_rows(data_root: str, category: str, dataset_format: str) -> list[dict]
     rows = []
     for row in dataset:
         regions = [np.asarray(mask) for mask in (row.get("masks") or [])]
-        rows.append({"path": row["path"], "anomaly_type": names[row["anomaly_type"]], "regions": regions})
+        rows.append({"path": row["path"], "anomaly_type": names[row["anomaly_type"]], "regions": regions,
+                     "defect_type": ",".join(row.get("defect_type") or [])})
     return rows
 
 
@@ -123,7 +124,8 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     num_masks = num_masks or detector.config.num_masks
     cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
 
-    metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}}, "num_masks": num_masks, "seed": seed}
+    metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}}, "num_masks": num_masks, "seed": seed,
+                               "per_defect": {}}
     score_rows: list[dict] = []
     roc_curves: dict[str, dict] = {}
     heatmap_items: list[dict] = []
@@ -158,6 +160,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
         entry["branches"] = {"logical": _branch_aurocs(logical, types), "structural": _branch_aurocs(structural, types)}
         metrics["categories"][category] = entry
+        metrics["per_defect"][category] = per_defect_aurocs(fused, logical, structural, types, [r["defect_type"] for r in rows])
 
         if knn_baseline:
             train_features = cache.get(f"train/{category}")
@@ -181,7 +184,8 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             heatmap_items.append({"image": image, "title": f"{category} {types[i]} score {fused[i]:.2f}",
                                   "maps": {"structural": result["structural_map"][i].numpy(), "logical": result["logical_map"][i].numpy()}})
         for i, row in enumerate(rows):
-            score_rows.append({"path": row["path"], "category": category, "anomaly_type": types[i], "pred_score": fused[i],
+            score_rows.append({"path": row["path"], "category": category, "anomaly_type": types[i],
+                               "defect_type": row["defect_type"], "pred_score": fused[i],
                                "logical_score": logical[i], "structural_score": structural[i],
                                "pred_label": bool(result["pred_score"][i] > detector.calibration_for(category)["threshold"])})
 
@@ -199,6 +203,40 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     metrics["seconds"] = round(time.time() - started, 1)
     _write_outputs(out_dir, metrics, score_rows, roc_curves, heatmap_items, model)
     return metrics
+
+
+def per_defect_aurocs(fused: np.ndarray, logical: np.ndarray, structural: np.ndarray, types: list[str],
+                      defect_types: list[str]) -> dict[str, dict]:
+    """Image AUROC of good images vs each defect type, for the fused score and each branch alone.
+
+    Returns `{defect: {"anomaly_type", "count", "fused", "logical_branch", "structural_branch"}}`;
+    images showing several defect types count for each of them.
+    """
+    types_array = np.asarray(types)
+    good = types_array == "good"
+    result = {}
+    names = sorted({d for t, ds in zip(types, defect_types) if t != "good" for d in ds.split(",") if d})
+    for name in names:
+        has = np.array([name in ds.split(",") for ds in defect_types])
+        keep = good | has
+        if not good.any() or not has.any():
+            continue
+        labels = has[keep].astype(int)
+        result[name] = {"anomaly_type": str(types_array[has][0]), "count": int(has.sum()),
+                        "fused": float(image_auroc(fused[keep], labels)),
+                        "logical_branch": float(image_auroc(logical[keep], labels)),
+                        "structural_branch": float(image_auroc(structural[keep], labels))}
+    return result
+
+
+def per_defect_table(metrics: dict) -> str:
+    """Markdown table of `metrics["per_defect"]`: which rules and damages each branch catches."""
+    lines = ["| category | defect type | kind | images | fused | logical branch | structural branch |", "|---|---|---|---|---|---|---|"]
+    for category, defects in metrics.get("per_defect", {}).items():
+        for name, entry in defects.items():
+            lines.append(f"| {category} | {name} | {entry['anomaly_type']} | {entry['count']} | {_fmt(entry['fused'])} | "
+                         f"{_fmt(entry['logical_branch'])} | {_fmt(entry['structural_branch'])} |")
+    return "\n".join(lines)
 
 
 def _fmt(value: float) -> str:
@@ -253,6 +291,9 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
               results_table(metrics), "",
               "AUROCs are image-level (good vs logical, good vs structural). Branch columns score with one branch alone; "
               "kNN is a PatchCore-style nearest-neighbour baseline on the same backbone features.", ""]
+    if any(metrics.get("per_defect", {}).values()):
+        report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",
+                   per_defect_table(metrics), ""]
     for title, path in figures:
         report += [f"## {title}", "", f"![{title}]({path})", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(report))

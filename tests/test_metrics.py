@@ -462,3 +462,22 @@ def test_no_warnings_on_clean_inputs():
         warnings.simplefilter("error")
         M.au_spro([MAP], [[REGION]], _cfg(2, False))
         M.loco_image_aurocs([0.1, 0.5, 0.6], ["good", "logical", "structural"])
+
+
+def test_per_defect_aurocs_by_hand():
+    """Good images score 0, 1; 'a' images 2, 0.5; 'b' images 3 and the 'a,b' image 0.5."""
+    from ladmim_hf.evaluation import per_defect_aurocs, per_defect_table
+
+    fused = np.array([0.0, 1.0, 2.0, 0.5, 3.0, 0.5])
+    types = ["good", "good", "logical", "logical", "structural", "logical"]
+    defects = ["", "", "a", "a", "b", "a,b"]
+    result = per_defect_aurocs(fused, -fused, fused, types, defects)
+    # 'a' = {2, 0.5, 0.5} vs good {0, 1}: pairs won 2 + 1 + 1 of 6 -> 4 / 6.
+    assert result["a"]["fused"] == pytest.approx(4 / 6)
+    assert result["a"]["logical_branch"] == pytest.approx(2 / 6)
+    assert result["a"]["count"] == 3 and result["a"]["anomaly_type"] == "logical"
+    # 'b' = {3, 0.5}: pairs won 2 + 1 of 4 -> 3 / 4; its first image is structural.
+    assert result["b"]["fused"] == pytest.approx(3 / 4)
+    assert result["b"]["anomaly_type"] == "structural"
+    table = per_defect_table({"per_defect": {"widget": result}})
+    assert "| widget | a | logical | 3 | 0.667 | 0.333 | 0.667 |" in table

@@ -113,7 +113,15 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
     assert set(metrics["mean"]) == {"auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05"}
     assert set(metrics["baselines"]["knn"]["mean"]) == {"auroc_logical", "auroc_structural"}
     rows = (eval_dir / "scores.csv").read_text().splitlines()
-    assert rows[0].startswith("path,category,anomaly_type,pred_score,logical_score,structural_score")
+    assert rows[0].startswith("path,category,anomaly_type,defect_type,pred_score,logical_score,structural_score")
+    for category in CATEGORIES:
+        defects = metrics["per_defect"][category]
+        assert defects, category
+        for name, entry in defects.items():
+            assert entry["anomaly_type"] in ("logical", "structural") and entry["count"] >= 1, (category, name)
+            for key in ("fused", "logical_branch", "structural_branch"):
+                assert 0.0 <= entry[key] <= 1.0, (category, name, key)
+    assert "## Per defect type" in (eval_dir / "report.md").read_text()
     assert len(rows) == 1 + 2 * 9
     report = (eval_dir / "report.md").read_text()
     assert "| pushpins |" in report and "figures/heatmaps.png" in report
