@@ -308,7 +308,7 @@ def predictor_flops(cfg, sequences: int, images: int | None = None, hist_only: b
     tokens, as `LadmimPredictorModel.forward` runs it. The patch embedding runs once per image
     (`images`, default one per sequence); the head runs on the hist token only. With `hist_only`
     (scoring, and training with the l1 / kl losses) the last block runs for the hist token alone
-    (`LadmimPredictorLayer.forward_single_token`): keys and values of all tokens, but one query, one
+    (`LadmimPredictorLayer.forward(..., query_index=1)`): keys and values of all tokens, but one query, one
     attention row and the projection and MLP of one token; `hist_only=False` counts the full last
     block (`output_hidden_states`, `token_ce`)."""
     n = cfg.num_patches

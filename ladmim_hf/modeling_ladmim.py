@@ -680,26 +680,21 @@ class LadmimPredictorAttention(nn.Module):
         self.attention_dropout = config.attention_probs_dropout_prob
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
-        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
-
-    def forward_single_query(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Attention output `(B, 1, D)` of token `index` alone: keys and values of all tokens, one query."""
+    def forward(self, x: torch.Tensor, query_index: int | None = None) -> torch.Tensor:
+        """Attention output `(B, T, D)`; with `query_index`, only that token's row `(B, 1, D)` (keys and
+        values of all tokens, one query: exact, and cheaper when only one token's output is used)."""
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
-        weight = self.qkv.weight
-        kv_bias = None if self.v_bias is None else torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        q = F.linear(x[:, index:index + 1], weight[:dim], self.q_bias).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)
-        k, v = F.linear(x, weight[dim:], kv_bias).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None if self.q_bias is None else torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        if query_index is None:
+            q, k, v = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            weight = self.qkv.weight
+            q_bias, kv_bias = (None, None) if bias is None else (bias[:dim], bias[dim:])
+            q = F.linear(x[:, query_index:query_index + 1], weight[:dim], q_bias).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)
+            k, v = F.linear(x, weight[dim:], kv_bias).view(batch, length, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
-        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, 1, dim)))
+        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, q.shape[2], dim)))
 
 
 class LadmimPredictorLayer(nn.Module):
@@ -723,17 +718,12 @@ class LadmimPredictorLayer(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attn(self.norm1(x))
-        x = x + (attn if self.gamma_1 is None else self.gamma_1 * attn)
-        mlp = self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
-        return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
-
-    def forward_single_token(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """This block's output `(B, 1, D)` for token `index` only. Exact: a token's output needs only
-        its own query, attention row and MLP, plus every token's key and value."""
-        attn = self.attn.forward_single_query(self.norm1(x), index)
-        x = x[:, index:index + 1]
+    def forward(self, x: torch.Tensor, query_index: int | None = None) -> torch.Tensor:
+        """Block output `(B, T, D)`; with `query_index`, that token's output alone `(B, 1, D)`. Exact: a
+        token's output needs only its own query, attention row and MLP, plus every token's key and value."""
+        attn = self.attn(self.norm1(x), query_index)
+        if query_index is not None:
+            x = x[:, query_index:query_index + 1]
         x = x + (attn if self.gamma_1 is None else self.gamma_1 * attn)
         mlp = self.dropout(self.fc2(self.act(self.fc1(self.norm2(x)))))
         return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
@@ -796,7 +786,7 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
                 # (21 % fewer FLOPs at paper size; benchmarks/README.md).
                 for layer in self.layers[:-1]:
                     hidden = layer(hidden)
-                logits_parts.append(self.head(self.norm(self.layers[-1].forward_single_token(hidden, 1))[:, 0]))
+                logits_parts.append(self.head(self.norm(self.layers[-1](hidden, query_index=1))[:, 0]))
                 continue
             for layer in self.layers:
                 hidden = layer(hidden)
