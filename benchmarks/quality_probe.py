@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import pickle
 import sys
 import tempfile
 import time
@@ -42,41 +43,38 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ladmim_hf.metrics import image_auroc  # noqa: E402
+from ladmim_hf.evaluation import _test_rows, _train_paths, per_defect_aurocs  # noqa: E402
+from ladmim_hf.metrics import loco_image_aurocs  # noqa: E402
 from ladmim_hf.modeling_ladmim import code_histograms  # noqa: E402
 from ladmim_hf.training import build_model, extract_features, load_settings  # noqa: E402
 from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
 
 
-def _auroc(scores: np.ndarray, types: np.ndarray, positive: int) -> float:
-    keep = (types == 0) | (types == positive)
-    return float(image_auroc(scores[keep], (types[keep] == positive).astype(int)))
-
-
-def load_split(data_root: str, category: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    from ladmim_hf.data import load_loco
-
-    dataset = load_loco(data_root, category, split)
-    columns = [c for c in ("path", "anomaly_type", "defect_type") if c in dataset.column_names]
-    rows = list(dataset.select_columns(columns))
-    types = np.array([row.get("anomaly_type", 0) for row in rows])
-    defects = [",".join(row.get("defect_type", [])) for row in rows]
-    return [row["path"] for row in rows], types, defects
-
-
 def cached_features(model, settings, categories: list[str], cache_path: Path) -> dict:
-    """Raw backbone features of train and test images per category, cached on disk."""
-    cache = torch.load(cache_path, weights_only=False) if cache_path.is_file() else {}
+    """Raw backbone features of train and test images per category (with the test images' anomaly and
+    defect types), cached on disk; tensors, strings and lists only, so it loads with weights_only."""
+    cache = {}
+    if cache_path.is_file():
+        try:
+            cache = torch.load(cache_path, weights_only=True)
+        except pickle.UnpicklingError:
+            print(f"rebuilding {cache_path}: written by an older version of this probe", file=sys.stderr)
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
     changed = False
     for category in categories:
         for split in ("train", "test"):
             key = f"{split}/{category}"
-            if key not in cache:
-                paths, types, defects = load_split(settings.data_root, category, split)
-                features = extract_features(model.tokenizer, processor, paths, settings.feature_batch_size, f"features {key}")
-                cache[key] = {"features": features, "types": types, "defects": defects}
-                changed = True
+            if key in cache:
+                continue
+            if split == "train":
+                paths, types, defects = _train_paths(settings.data_root, category, "loco"), [], []
+            else:
+                rows = _test_rows(settings.data_root, category, "loco")
+                paths = [r["path"] for r in rows]
+                types, defects = [r["anomaly_type"] for r in rows], [r["defect_type"] for r in rows]
+            features = extract_features(model.tokenizer, processor, paths, settings.feature_batch_size, f"features {key}")
+            cache[key] = {"features": features, "types": types, "defects": defects}
+            changed = True
     if changed:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, cache_path)
@@ -137,7 +135,7 @@ def train_predictor(model, category: str, features: torch.Tensor, codes: torch.T
 def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     tokenizer = model.tokenizer
     levels, size = tokenizer.config.num_levels, tokenizer.config.codebook_size
-    types, defects = np.asarray(test["types"]), np.asarray(test["defects"])
+    types, defects = test["types"], test["defects"]
     train_codes = tokenizer.encode(features=train["features"], category=category)
     tokens = tokenizer.tokenize(features=test["features"], category=category, use_ot=True)
     no_ot = tokenizer.tokenize(features=test["features"], category=category, use_ot=False)["structural_score"]
@@ -152,10 +150,10 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     test_hist = code_histograms(tokens["codes"], everything(len(types)), size).flatten(1)
     global_hist = torch.cdist(test_hist, train_hist, p=1).min(1).values
     result = {
-        "structural": _auroc(tokens["structural_score"].numpy(), types, 2),
-        "structural_no_ot": _auroc(no_ot.numpy(), types, 2),
-        "position_prior_logical": _auroc(prior.numpy(), types, 1),
-        "global_histogram_logical": _auroc(global_hist.numpy(), types, 1),
+        "structural": loco_image_aurocs(tokens["structural_score"].numpy(), types)["auroc_structural"],
+        "structural_no_ot": loco_image_aurocs(no_ot.numpy(), types)["auroc_structural"],
+        "position_prior_logical": loco_image_aurocs(prior.numpy(), types)["auroc_logical"],
+        "global_histogram_logical": loco_image_aurocs(global_hist.numpy(), types)["auroc_logical"],
         "codes_used": [int(train_codes[:, level].unique().numel()) for level in range(levels)],
     }
     with torch.enable_grad():
@@ -164,12 +162,11 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
                                                    args.predictor_lr, args.batch_size, args.seed)
     out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=list(range(len(types))))
     logical = out.logical_score.numpy()
-    result["logical"] = _auroc(logical, types, 1)
-    result["logical_on_structural"] = _auroc(logical, types, 2)
-    result["logical_per_defect"] = {}
-    for defect in sorted(set(defects[types == 1])):
-        keep = (types == 0) | (defects == defect)
-        result["logical_per_defect"][defect] = float(image_auroc(logical[keep], (defects[keep] == defect).astype(int)))
+    aurocs = loco_image_aurocs(logical, types)
+    result["logical"], result["logical_on_structural"] = aurocs["auroc_logical"], aurocs["auroc_structural"]
+    per_defect = per_defect_aurocs({"logical": logical}, types, defects)
+    result["logical_per_defect"] = {name: entry["logical"] for name, entry in per_defect.items()
+                                    if entry["anomaly_type"] == "logical"}
     return result
 
 

@@ -160,7 +160,8 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
         entry["branches"] = {"logical": _branch_aurocs(logical, types), "structural": _branch_aurocs(structural, types)}
         metrics["categories"][category] = entry
-        metrics["per_defect"][category] = per_defect_aurocs(fused, logical, structural, types, [r["defect_type"] for r in rows])
+        metrics["per_defect"][category] = per_defect_aurocs(
+            {"fused": fused, "logical_branch": logical, "structural_branch": structural}, types, [r["defect_type"] for r in rows])
 
         if knn_baseline:
             train_features = cache.get(f"train/{category}")
@@ -205,27 +206,30 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     return metrics
 
 
-def per_defect_aurocs(fused: np.ndarray, logical: np.ndarray, structural: np.ndarray, types: list[str],
-                      defect_types: list[str]) -> dict[str, dict]:
-    """Image AUROC of good images vs each defect type, for the fused score and each branch alone.
+def per_defect_aurocs(scores: dict[str, np.ndarray], types: list[str], defect_types: list[str]) -> dict[str, dict]:
+    """Image AUROC of good images vs each defect type, for every named score (e.g. the fused score and
+    each branch alone).
 
-    Returns `{defect: {"anomaly_type", "count", "fused", "logical_branch", "structural_branch"}}`;
-    images showing several defect types count for each of them.
+    Args:
+        scores: `{name: (N,) scores}`; types: N anomaly types ("good", ...); defect_types: N
+            comma-separated defect names ("" for good images).
+
+    Returns:
+        `{defect: {"anomaly_type", "count", <name>: auroc, ...}}`; an image showing several defect
+        types counts for each of them.
     """
     types_array = np.asarray(types)
     good = types_array == "good"
+    shown = [set(filter(None, names.split(","))) for names in defect_types]
     result = {}
-    names = sorted({d for t, ds in zip(types, defect_types) if t != "good" for d in ds.split(",") if d})
-    for name in names:
-        has = np.array([name in ds.split(",") for ds in defect_types])
-        keep = good | has
+    for name in sorted(set().union(*shown) if shown else set()):
+        has = np.array([name in names for names in shown])
         if not good.any() or not has.any():
             continue
+        keep = good | has
         labels = has[keep].astype(int)
         result[name] = {"anomaly_type": str(types_array[has][0]), "count": int(has.sum()),
-                        "fused": float(image_auroc(fused[keep], labels)),
-                        "logical_branch": float(image_auroc(logical[keep], labels)),
-                        "structural_branch": float(image_auroc(structural[keep], labels))}
+                        **{key: float(image_auroc(np.asarray(values)[keep], labels)) for key, values in scores.items()}}
     return result
 
 

@@ -471,7 +471,7 @@ def test_per_defect_aurocs_by_hand():
     fused = np.array([0.0, 1.0, 2.0, 0.5, 3.0, 0.5])
     types = ["good", "good", "logical", "logical", "structural", "logical"]
     defects = ["", "", "a", "a", "b", "a,b"]
-    result = per_defect_aurocs(fused, -fused, fused, types, defects)
+    result = per_defect_aurocs({"fused": fused, "logical_branch": -fused, "structural_branch": fused}, types, defects)
     # 'a' = {2, 0.5, 0.5} vs good {0, 1}: pairs won 2 + 1 + 1 of 6 -> 4 / 6.
     assert result["a"]["fused"] == pytest.approx(4 / 6)
     assert result["a"]["logical_branch"] == pytest.approx(2 / 6)
