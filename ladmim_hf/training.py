@@ -10,6 +10,7 @@ from the latest complete one with the same data order and masks, hence the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -72,6 +73,15 @@ class StageSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     checkpoint_every: int = 200
+    # Predictor stage only: run each batch as chunks of this many rows whose gradients add up to the
+    # whole batch's, so one optimizer step still sees `batch_size` samples. On CPU, chunks of 8 make
+    # a paper-size step 1.5x faster (activations stay in cache; benchmarks/train_step.py); on a GPU it
+    # bounds activation memory. None: the whole batch at once.
+    micro_batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.micro_batch_size is not None and int(self.micro_batch_size) < 1:
+            raise ValueError(f"micro_batch_size must be a positive number of rows or null, got {self.micro_batch_size!r}")
 
     def total_steps(self, num_samples: int, num_processes: int = 1) -> int:
         per_epoch = max(1, num_samples // (self.batch_size * num_processes))
@@ -103,6 +113,11 @@ class TrainSettings:
     load_imagenet_weights: bool = True
     backbone_weights: str | None = None
     log_with: str | None = "tensorboard"
+
+    def __post_init__(self):
+        if self.tokenizer.micro_batch_size is not None:
+            raise ValueError("tokenizer.micro_batch_size is not supported: the tokenizer's EMA codebook updates and "
+                             "dead-code restarts must see whole batches; set predictor.micro_batch_size instead")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainSettings":
@@ -284,10 +299,41 @@ def _stage_seed(seed: int, stage_name: str) -> int:
     return int(np.random.SeedSequence([seed, *stage_name.encode()]).generate_state(1)[0])
 
 
+def forward_backward(accelerator: Accelerator, model: torch.nn.Module, batch, step: int, loss_fn,
+                     micro_batch_size: int | None, loss_reduction: str, stage_name: str = "", hint: str = ""):
+    """Loss of one step's `batch` and its gradient (accumulated into `.grad`), in row chunks of
+    `micro_batch_size` when set.
+
+    `loss_fn(model, rows, step, first_row) -> (loss, logs)` gets the tensors of rows
+    `first_row .. first_row + len(rows)` of the batch (per-sample randomness such as masks must
+    depend on the row index, not on the chunk). With `loss_reduction="sum"` the chunk losses add up
+    to the batch loss; with `"mean"` each is weighted by its share of the rows. Gradients are
+    synchronised across processes on the last chunk only. Returns `(loss, logs)` of the whole batch.
+    """
+    num_rows = batch[0].shape[0]
+    size = micro_batch_size or num_rows
+    starts = list(range(0, num_rows, size))
+    total = None
+    logs: dict = {}
+    for index, start in enumerate(starts):
+        rows = [tensor[start:start + size] for tensor in batch]
+        last = index == len(starts) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, logs = loss_fn(model, rows, step, start)
+            if loss_reduction == "mean" and len(starts) > 1:
+                loss = loss * (rows[0].shape[0] / num_rows)
+            _check_finite(loss.detach(), stage_name, step, hint)
+            accelerator.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    return total, logs
+
+
 def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str, stage: StageSettings,
               model: torch.nn.Module, dataset: TensorDataset, loss_fn, hint: str, stop: _StopFlag,
-              resume: bool, log_prefix: str) -> dict:
-    """Train `model` on `dataset` with `loss_fn(model, batch, step) -> (loss, logs)`; returns a summary."""
+              resume: bool, log_prefix: str, loss_reduction: str = "mean") -> dict:
+    """Train `model` on `dataset` with `loss_fn(model, batch, step, first_row) -> (loss, logs)` (see
+    `forward_backward`; `first_row` is 0 unless `stage.micro_batch_size` splits the batch); returns
+    a summary."""
     output_dir = Path(settings.output_dir)
     stage_dir = output_dir / "checkpoints" / stage_name.replace("/", "-")
     total = stage.total_steps(len(dataset), accelerator.num_processes)
@@ -343,9 +389,8 @@ def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                loss, logs = loss_fn(model, batch, step)
-                _check_finite(loss.detach(), stage_name, step, hint)
-                accelerator.backward(loss)
+                loss, logs = forward_backward(accelerator, model, batch, step, loss_fn, stage.micro_batch_size,
+                                              loss_reduction, stage_name, hint)
                 grad_norm = None
                 if accelerator.sync_gradients and stage.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
@@ -391,9 +436,12 @@ def build_model(settings: TrainSettings, categories: list[str]) -> LadmimForAnom
     return model
 
 
-def _masks_for_step(generator_factory, batch_size: int, step: int, seed: int, process: int) -> torch.Tensor:
-    seeds = [int(np.random.SeedSequence([seed, step, process, i]).generate_state(1)[0]) for i in range(batch_size)]
-    return generator_factory(batch_size, seed=seeds)
+def _masks_for_step(generator_factory, num_rows: int, step: int, seed: int, process: int, first_row: int = 0) -> torch.Tensor:
+    """Training masks of rows `first_row ..` of a step's batch: each row's mask depends on (seed, step,
+    process, row) only, so micro-batching does not change them."""
+    rows = range(first_row, first_row + num_rows)
+    seeds = [int(np.random.SeedSequence([seed, step, process, i]).generate_state(1)[0]) for i in rows]
+    return generator_factory(num_rows, seed=seeds)
 
 
 def train(settings: TrainSettings, resume: bool = False) -> Path:
@@ -460,7 +508,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
                 tokenizer.set_feature_statistics(features)
             class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]),), i, dtype=torch.long) for i, c in enumerate(categories)])
 
-            def tokenizer_loss(module, batch, step):
+            def tokenizer_loss(module, batch, step, first_row):
                 batch_features, batch_ids = batch
                 out = module(features=batch_features, category=batch_ids)
                 perplexity = out.codebook_perplexity.float()
@@ -508,9 +556,10 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             labels = torch.cat([codes[f"train/{c}"] for c in members])
             process = accelerator.process_index
 
-            def predictor_loss(module, batch, step, _factory=mask_factory, _process=process):
+            def predictor_loss(module, batch, step, first_row, _factory=mask_factory, _process=process):
                 batch_features, batch_codes = batch
-                masks = _masks_for_step(_factory, batch_features.shape[0], step, settings.seed, _process).to(batch_features.device)
+                masks = _masks_for_step(_factory, batch_features.shape[0], step, settings.seed, _process,
+                                        first_row).to(batch_features.device)
                 out = module(batch_features, masks, labels=batch_codes)
                 return out.loss, {}
 
@@ -518,7 +567,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
                 accelerator, settings, stage_name, settings.predictor, model.predictors[name],
                 TensorDataset(features, labels), predictor_loss,
                 "learning rate too high, an empty mask, or collapsed tokenizer codebooks",
-                stop, resume, stage_name,
+                stop, resume, stage_name, loss_reduction=model.predictors[name].config.loss_reduction,
             )
             predictor = accelerator.unwrap_model(model.predictors[name])
             model.predictors[name] = predictor

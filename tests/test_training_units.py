@@ -94,7 +94,7 @@ def test_nan_loss_stops_with_stage_step_and_cause_and_keeps_last_checkpoint(tmp_
     stage = StageSettings(max_steps=10, batch_size=2, checkpoint_every=2)
     dataset = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
 
-    def loss_fn(model, batch, step):
+    def loss_fn(model, batch, step, first_row):
         x, y = batch
         loss = ((model(x) - y) ** 2).mean()
         return (loss * float("nan") if step == 3 else loss), {}
@@ -125,3 +125,88 @@ def test_atomic_writes_leave_old_content_on_failure(tmp_path):
     assert (folder / "w.txt").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert sorted(os.listdir(tmp_path)) == ["model", "result.json"]
+
+
+def _tiny_predictor(loss_reduction: str):
+    from ladmim_hf.configuration_ladmim import LadmimPredictorConfig
+    from ladmim_hf.modeling_ladmim import LadmimPredictorModel
+
+    config = LadmimPredictorConfig(input_channels=8, grid_size=4, hidden_size=16, num_hidden_layers=2,
+                                   num_attention_heads=2, num_levels=2, codebook_size=8,
+                                   attention_probs_dropout_prob=0.0, loss_reduction=loss_reduction)
+    torch.manual_seed(0)
+    return LadmimPredictorModel(config)
+
+
+def _predictor_loss_fn(seed: int = 0):
+    """The training loop's stage-2 loss: masks depend on (seed, step, row) through `_masks_for_step`."""
+    from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.training import _masks_for_step
+
+    factory = BlockMaskGenerator(4, num_masked=5, min_block=2)
+
+    def loss_fn(model, batch, step, first_row):
+        features, codes = batch
+        masks = _masks_for_step(factory, features.shape[0], step, seed, 0, first_row)
+        return model(features, masks, labels=codes).loss, {}
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("loss_reduction", ["sum", "mean"])
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(loss_reduction):
+    from accelerate import Accelerator
+
+    from ladmim_hf.training import forward_backward
+
+    accelerator = Accelerator(cpu=True)
+    generator = torch.Generator().manual_seed(1)
+    batch = [torch.randn(7, 8, 4, 4, generator=generator), torch.randint(0, 8, (7, 2, 16), generator=generator)]
+    results = {}
+    for micro in (None, 3, 1):  # 7 rows: one chunk; 3 + 3 + 1 (uneven); seven single rows
+        model = _tiny_predictor(loss_reduction)
+        loss, _ = forward_backward(accelerator, model, batch, 5, _predictor_loss_fn(), micro, loss_reduction)
+        results[micro] = (float(loss), [p.grad.clone() for p in model.parameters()])
+    whole_loss, whole_grads = results[None]
+    per_row_losses = []
+    for row in range(7):  # hand reference: the batch loss is the sum (or mean) of per-row losses
+        model = _tiny_predictor("sum")
+        rows = [t[row:row + 1] for t in batch]
+        per_row_losses.append(float(_predictor_loss_fn()(model, rows, 5, row)[0].detach()))
+    expected = sum(per_row_losses) if loss_reduction == "sum" else sum(per_row_losses) / 7
+    assert whole_loss == pytest.approx(expected, rel=1e-5)
+    for micro in (3, 1):
+        loss, grads = results[micro]
+        assert loss == pytest.approx(whole_loss, rel=1e-5)
+        for got, want in zip(grads, whole_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_run_stage_with_micro_batches_trains_the_same_weights(tmp_path):
+    from accelerate import Accelerator
+
+    generator = torch.Generator().manual_seed(2)
+    dataset = TensorDataset(torch.randn(12, 8, 4, 4, generator=generator), torch.randint(0, 8, (12, 2, 16), generator=generator))
+    weights = {}
+    for micro in (None, 4):
+        settings = TrainSettings(output_dir=str(tmp_path / str(micro)), log_with=None)
+        stage = StageSettings(max_steps=3, batch_size=6, learning_rate=1e-3, checkpoint_every=100, micro_batch_size=micro)
+        model = _tiny_predictor("sum")
+        with _StopFlag() as stop:
+            run_stage(Accelerator(cpu=True), settings, "predictor/x", stage, model, dataset, _predictor_loss_fn(),
+                      "hint", stop, False, "predictor/x", loss_reduction="sum")
+        weights[micro] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[None].items():
+        torch.testing.assert_close(weights[4][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(value, _tiny_predictor("sum").state_dict()[name]) for name, value in weights[4].items())
+
+
+def test_micro_batch_size_is_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tokenizer: {micro_batch_size: 8}\n")
+    with pytest.raises(ValueError, match="tokenizer.micro_batch_size"):
+        load_settings(str(path), {})
+    path.write_text("predictor: {micro_batch_size: 0}\n")
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive"):
+        load_settings(str(path), {})
+    assert load_settings(str(path), {"predictor.micro_batch_size": 8}).predictor.micro_batch_size == 8
