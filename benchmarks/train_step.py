@@ -1,8 +1,10 @@
 """Predictor (LAViT) training steps/s at batch 32 against the official training step run literally.
 
-Fast step (what `ladmim_hf.training.run_stage` runs for stage 2): `predictor(features, masks,
-labels=codes)` (SDPA attention, the last block for the hist token only, vectorised
-`code_histograms` + L1 loss), `loss.backward()`, `clip_grad_norm_(1.0)`, fused `AdamW.step()`.
+Fast step (what `ladmim_hf.training.run_stage` runs for stage 2, through its own
+`training.forward_backward`): `predictor(features, masks, labels=codes)` (SDPA attention, the last
+block for the hist token only, vectorised `code_histograms` + L1 loss), backward,
+`clip_grad_norm_(1.0)`, fused `AdamW.step()`. `--micro_batch N` also times the same step with
+`predictor.micro_batch_size: N` (row chunks whose gradients add up to the whole batch's).
 
 Reference step (official `train_engine` + BEiT code on the same initial weights): explicit
 `softmax(q k^T / sqrt(d)) v` attention with attention dropout, qkv bias = cat(q_bias, 0, v_bias),
@@ -77,7 +79,10 @@ def main(argv=None) -> None:
         for name, model in models.items()
     }
 
+    from accelerate import Accelerator
+
     from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.training import forward_backward
 
     batch = args.batch_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -100,24 +105,22 @@ def main(argv=None) -> None:
         for model in models.values():
             model.train()
 
+    accelerator = Accelerator(cpu=True)
+
     def step(name: str, masks: torch.Tensor, rows: int = batch) -> float:
         model, optimizer = models[name], optimizers[name]
         x, y, masks = features[:rows], codes[:rows], masks[:rows]
         if name == "reference":
             logits = C.reference_predictor_logits(model, x, masks, training=True)
             loss = reference_loss(logits, y, masks)
-        elif name == "micro_batch":
-            size = args.micro_batch
-            total = 0.0
-            for start in range(0, rows, size):  # "sum" reduction: the micro-batch losses add up
-                part = model(x[start:start + size], masks[start:start + size], labels=y[start:start + size]).loss
-                part.backward()
-                total += float(part.detach())
-            loss = torch.tensor(total)
-        else:
-            loss = model(x, masks, labels=y).loss
-        if name != "micro_batch":
             loss.backward()
+        else:  # the training loop's own forward + backward (row chunks for micro_batch)
+
+            def loss_fn(module, chunk, _step, first_row, _masks=masks):
+                return module(chunk[0], _masks[first_row:first_row + chunk[0].shape[0]], labels=chunk[1]).loss, {}
+
+            micro = args.micro_batch if name == "micro_batch" else None
+            loss, _ = forward_backward(accelerator, model, [x, y], 0, loss_fn, micro, cfg.loss_reduction)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=name != "reference")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,7 @@ RUNS = {
     "feature_cache": ["feature_cache.py", "--tiny"],
     "mask_sweep": ["mask_sweep.py", "--tiny", "--masks", "1,5,10"],
     "quality_probe": ["quality_probe.py", "--tiny"],
+    "run_all": ["run_all.py", "--tiny", "--only", "roofline"],
 }
 
 
@@ -151,3 +152,11 @@ def test_quality_probe(runs):
     assert len(entry["codes_used"]) == 2 and all(1 <= n <= 64 for n in entry["codes_used"])
     assert math.isfinite(entry["predictor_loss"]) and 0.0 <= entry["predictor_loss"] <= 4.0
     assert result["tokenizer_steps"] == 3 and result["predictor_steps"] == 3
+
+
+def test_run_all_times_each_script_and_collects_its_result(runs):
+    out = last_json(runs, "run_all")
+    assert list(out["scripts"]) == ["roofline"]
+    entry = out["scripts"]["roofline"]
+    assert entry["seconds"] > 0 and out["total_seconds"] >= entry["seconds"]
+    assert entry["result"]["benchmark"] == "roofline" and 0 < entry["result"]["efficiency"]
