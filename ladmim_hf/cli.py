@@ -35,7 +35,7 @@ def _predict(args: argparse.Namespace) -> int:
             failures += 1
             continue
         out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
-                       threshold=args.threshold)
+                       threshold=args.threshold, predictor_dtype=args.predictor_dtype)
         anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
         heatmap = out_dir / f"{Path(path).stem}_heatmap.png"
         heatmap_overlay(image, anomaly_map).save(heatmap)
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--num_masks", type=int, default=None)
     predict.add_argument("--seed", type=int, default=0)
     predict.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
+    predict.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
+                         help="run the predictor under autocast (float32 if unset)")
     predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
     predict.set_defaults(func=_predict)
 

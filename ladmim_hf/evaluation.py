@@ -105,8 +105,11 @@ def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
 
 def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: str = "outputs/eval", num_masks: int | None = None,
              seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "loco",
-             feature_cache: str | None = None, report_images: int = 3) -> dict:
+             feature_cache: str | None = None, report_images: int = 3, predictor_dtype: str | None = None) -> dict:
     """Score the test split of every category and write the results to `output_dir`.
+
+    `predictor_dtype` ("bf16"/"fp16") runs the predictor under autocast (see
+    `LadmimForAnomalyDetection.forward`); it is recorded in `metrics.json`.
 
     Returns the `metrics.json` content.
     """
@@ -126,6 +129,8 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
 
     metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}}, "num_masks": num_masks, "seed": seed,
                                "per_defect": {}}
+    if predictor_dtype:
+        metrics["predictor_dtype"] = predictor_dtype
     score_rows: list[dict] = []
     roc_curves: dict[str, dict] = {}
     heatmap_items: list[dict] = []
@@ -140,7 +145,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
             chunk = features[start:start + batch_size]
             seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
-            out = detector(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+            out = detector(features=chunk, category=category, num_masks=num_masks, seed=seeds, predictor_dtype=predictor_dtype)
             for key in outputs:
                 outputs[key].append(getattr(out, key).cpu())
         result = {key: torch.cat(value) for key, value in outputs.items()}
@@ -314,12 +319,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
     parser.add_argument("--no_knn", action="store_true", help="skip the kNN baseline")
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")
+    parser.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
+                        help="run the predictor under autocast (bf16: 1.6x faster on AVX512-BF16 CPUs; float32 if unset)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     categories = "all" if args.categories == ["all"] else args.categories
     metrics = evaluate(args.model, args.data_root, categories, args.output_dir, args.num_masks, args.seed, args.batch_size,
-                       not args.no_knn, args.dataset_format, args.feature_cache)
+                       not args.no_knn, args.dataset_format, args.feature_cache, predictor_dtype=args.predictor_dtype)
     print(results_table(metrics))
     print(f"metrics: {Path(args.output_dir) / 'metrics.json'}  report: {Path(args.output_dir) / 'report.md'}")
     return 0

@@ -81,9 +81,9 @@ def model_dir(tmp_path, tiny_model):
     return folder
 
 
-def _run_predict(capsys, inputs: list[str], model_dir: Path, out_dir: Path, seed: int = 0):
+def _run_predict(capsys, inputs: list[str], model_dir: Path, out_dir: Path, seed: int = 0, extra: tuple = ()):
     code = main(["predict", *inputs, "--model", str(model_dir), "--category", CATEGORY, "--num_masks", str(NUM_MASKS),
-                 "--seed", str(seed), "--output_dir", str(out_dir)])
+                 "--seed", str(seed), "--output_dir", str(out_dir), *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -169,3 +169,16 @@ def test_predict_only_good_files_succeeds(tmp_path, capsys, model_dir):
     assert code == 0, stderr
     assert "error:" not in stderr
     assert list(_table(stdout)) == inputs, "rows in input order"
+
+
+def test_predict_with_a_bf16_predictor_scores_close_to_float32(tmp_path, capsys, model_dir):
+    good, _ = _make_inputs(tmp_path / "images")
+    inputs = [str(tmp_path / "images" / name) for name in good]
+    _, stdout, _ = _run_predict(capsys, inputs, model_dir, tmp_path / "fp32")
+    code, stdout_bf16, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "bf16", extra=("--predictor_dtype", "bf16"))
+    assert code == 0, stderr
+    fp32, bf16 = _table(stdout), _table(stdout_bf16)
+    assert list(fp32) == list(bf16) == inputs
+    for path in inputs:
+        assert bf16[path]["score"] == pytest.approx(fp32[path]["score"], abs=0.25), path
+        assert bf16[path]["structural"] == fp32[path]["structural"], "the tokenizer stays float32"

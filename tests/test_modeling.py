@@ -371,3 +371,20 @@ def test_shared_predictor_option(pixel_values):
     assert list(model.predictors) == ["shared"]
     assert model.predictor_for("pushpins") is model.predictor_for("breakfast_box")
     assert model(pixel_values, category="pushpins", num_masks=2, seed=0).pred_score.shape == (3,)
+
+
+def test_predictor_dtype_autocasts_the_predictor_only(tiny_model):
+    torch.manual_seed(3)
+    pixels = torch.rand(2, 3, tiny_model.config.tokenizer_config.image_size, tiny_model.config.tokenizer_config.image_size)
+    full = tiny_model(pixels, category=tiny_model.categories[0], num_masks=4, seed=[0, 1], return_histograms=True)
+    half = tiny_model(pixels, category=tiny_model.categories[0], num_masks=4, seed=[0, 1], return_histograms=True,
+                      predictor_dtype="bf16")
+    # The tokenizer ran in float32: same codes (hence targets), same masks, same structural branch.
+    assert torch.equal(full.masks, half.masks) and torch.equal(full.target_histograms, half.target_histograms)
+    assert torch.equal(full.structural_score, half.structural_score)
+    # The predictor ran in bf16 (8-bit mantissa): close to, but not bit-equal with, float32.
+    assert half.predicted_histograms.dtype == torch.float32
+    assert not torch.equal(full.predicted_histograms, half.predicted_histograms)
+    torch.testing.assert_close(half.mask_scores, full.mask_scores, atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="predictor_dtype must be"):
+        tiny_model(pixels, category=tiny_model.categories[0], num_masks=1, predictor_dtype="int8")
