@@ -24,6 +24,7 @@ def _predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, empty_folders = _expand_image_arguments(args.images)
+    heatmap_names = _heatmap_names(paths)
     rows, failures = [], len(empty_folders)
     for folder in empty_folders:
         print(f"error: no files in folder {folder}", file=sys.stderr)
@@ -37,7 +38,7 @@ def _predict(args: argparse.Namespace) -> int:
         out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
                        threshold=args.threshold, predictor_dtype=args.predictor_dtype)
         anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
-        heatmap = out_dir / f"{Path(path).stem}_heatmap.png"
+        heatmap = out_dir / heatmap_names[index]
         heatmap_overlay(image, anomaly_map).save(heatmap)
         rows.append((path, float(out.pred_score[0]), "anomalous" if bool(out.pred_label[0]) else "good",
                      float(out.logical_score[0]), float(out.structural_score[0]), heatmap))
@@ -50,6 +51,27 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"error: {failures} input(s) could not be read (listed above); {len(rows)} of {len(paths)} image(s) "
               "scored", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _heatmap_names(paths: list[str]) -> list[str]:
+    """One distinct file name per input: `{stem}_heatmap.png`, or, where stems collide (`a/x.png` and
+    `b/x.png`, `x.png` and `x.jpg`), the path relative to the inputs' common folder with separators
+    and dots as `__` / `_` (`a__x_png_heatmap.png`); a file given twice gets `_2`, `_3`, ..."""
+    import os
+    from collections import Counter
+
+    stems = Counter(Path(p).stem for p in paths)
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    names, seen = [], Counter()
+    for path, full in zip(paths, absolute):
+        if stems[Path(path).stem] == 1:
+            base = Path(path).stem
+        else:
+            base = os.path.relpath(full, common).replace(os.sep, "__").replace(".", "_")
+        seen[base] += 1
+        names.append(f"{base}_heatmap.png" if seen[base] == 1 else f"{base}_{seen[base]}_heatmap.png")
+    return names
 
 
 def _expand_image_arguments(items: list[str]) -> tuple[list[str], list[str]]:

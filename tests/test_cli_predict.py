@@ -182,3 +182,25 @@ def test_predict_with_a_bf16_predictor_scores_close_to_float32(tmp_path, capsys,
     for path in inputs:
         assert bf16[path]["score"] == pytest.approx(fp32[path]["score"], abs=0.25), path
         assert bf16[path]["structural"] == fp32[path]["structural"], "the tokenizer stays float32"
+
+
+def test_heatmap_names_never_overwrite_each_other():
+    from ladmim_hf.cli import _heatmap_names
+
+    assert _heatmap_names(["imgs/a/x.png", "imgs/b/x.png", "imgs/a/y.png"]) == [
+        "a__x_png_heatmap.png", "b__x_png_heatmap.png", "y_heatmap.png"]
+    assert _heatmap_names(["x.png", "x.jpg"]) == ["x_png_heatmap.png", "x_jpg_heatmap.png"]
+    assert _heatmap_names(["d/x.png", "d/x.png"]) == ["x_png_heatmap.png", "x_png_2_heatmap.png"]
+    assert _heatmap_names(["one.png"]) == ["one_heatmap.png"]
+
+
+def test_predict_same_file_name_in_two_folders_keeps_both_heatmaps(tmp_path, capsys, model_dir):
+    _make_inputs(tmp_path / "a")
+    name = "plain.png"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    inputs = [str(tmp_path / "a" / name), str(tmp_path / "b" / name)]
+    code, stdout, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "out")
+    assert code == 0, stderr
+    heatmaps = [row["heatmap"] for row in _table(stdout).values()]
+    assert len(set(heatmaps)) == 2 and all(Path(h).is_file() for h in heatmaps)
