@@ -76,3 +76,41 @@ def atomic_save_directory(target: str | os.PathLike, write: Callable[[Path], Any
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_interrupted_saves(folder: str | os.PathLike) -> list[str]:
+    """Tidy what a killed `atomic_save_directory` / `atomic_write_bytes` left in `folder` (not
+    recursive), returning one line per action:
+
+    * `.NAME.<random>.tmp` (or a checkpoint's `.step_N.tmp`): a half-written file or folder, deleted;
+    * `.NAME.old` next to `NAME`: the previous version, already replaced, deleted;
+    * `.NAME.old` without `NAME`: the kill fell between moving the old version aside and moving the
+      new one in, so the old version is the last complete one; it is renamed back to `NAME`.
+    """
+    folder = Path(folder)
+    actions: list[str] = []
+    if not folder.is_dir():
+        return actions
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if not name.startswith("."):
+            continue
+        if name.endswith(".old") and len(name) > len("..old"):
+            target = folder / name[1:-len(".old")]
+            if target.exists():
+                _remove(entry)
+                actions.append(f"removed {entry} (superseded by {target.name})")
+            else:
+                os.replace(entry, target)
+                actions.append(f"restored {target} from {entry.name} (a save was interrupted)")
+        elif name.endswith(".tmp"):  # .NAME.<random>.tmp, or a checkpoint's .step_N.tmp
+            _remove(entry)
+            actions.append(f"removed {entry} (half-written)")
+    return actions
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .configuration_ladmim import LadmimConfig
 from .hub import add_pipeline_to_folder
 from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor
-from .io_utils import atomic_write_json, atomic_save_directory
+from .io_utils import atomic_save_directory, atomic_write_json, recover_interrupted_saves
 from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
 
 logger = logging.getLogger("ladmim_hf.training")
@@ -461,6 +461,14 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     if not resume and (progress.data["completed"] or any((output_dir / "checkpoints").glob("*/step_*"))):
         raise FileExistsError(f"{output_dir} holds a previous run (checkpoints or {progress.path.name}); pass --resume "
                               "to continue it or choose another --output_dir")
+    if accelerator.is_main_process:
+        # A run killed during a save leaves hidden temporaries (or, between two renames, only the
+        # previous version under a hidden name); tidy them before anything reads these folders.
+        stage_checkpoints = sorted(p for p in (output_dir / "checkpoints").glob("*") if p.is_dir())
+        for folder in [output_dir, output_dir / "stages", output_dir / "checkpoints", *stage_checkpoints]:
+            for action in recover_interrupted_saves(folder):
+                logger.info(action)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(output_dir / "train_settings.json", settings.to_dict())
     if settings.log_with:

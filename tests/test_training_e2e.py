@@ -147,6 +147,14 @@ def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_r
     last_step = int(before[-1].split("_")[1])
     assert last_step < 400, "the run finished before it was killed"
 
+    # What a kill during a save can leave (planted, as the kill above lands anywhere): a half-written
+    # checkpoint, a half-written stage folder, and a settings file moved aside just before the new one
+    # was moved in. Resume tidies them and restores the moved-aside file.
+    (stage_dir / f".step_{last_step + 1:07d}.tmp").mkdir()
+    (out / "stages").mkdir(exist_ok=True)
+    (out / "stages" / ".predictor-pushpins.k3j2.tmp").mkdir()
+    os.replace(out / "train_settings.json", out / ".train_settings.json.old")
+
     # The folder refuses a fresh start, then --resume continues from the newest complete checkpoint.
     refused = _train(config)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
@@ -157,6 +165,8 @@ def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_r
     assert set(before) <= set(after), "an earlier checkpoint was lost"
     assert f"step_{last_step + 5:07d}" in after
     assert not list(stage_dir.glob(".*tmp")), "no temporary checkpoint folder is left behind"
+    assert not list((out / "stages").glob(".*tmp")) and not (out / ".train_settings.json.old").exists()
+    assert "restored" in result.stderr and "train_settings.json" in result.stderr
     assert (out / "model" / "model.safetensors").exists()
 
 

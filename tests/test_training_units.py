@@ -210,3 +210,21 @@ def test_micro_batch_size_is_validated(tmp_path):
     with pytest.raises(ValueError, match="micro_batch_size must be a positive"):
         load_settings(str(path), {})
     assert load_settings(str(path), {"predictor.micro_batch_size": 8}).predictor.micro_batch_size == 8
+
+
+def test_recover_interrupted_saves_removes_half_writes_and_restores_a_moved_aside_version(tmp_path):
+    from ladmim_hf.io_utils import recover_interrupted_saves
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / ".model.old").mkdir()                       # superseded: model exists
+    (tmp_path / ".model.x1y2.tmp").mkdir()                  # half-written folder
+    (tmp_path / ".metrics.json.a7b8.tmp").write_text("{")   # half-written file
+    (tmp_path / ".stage.old").mkdir()                       # killed between the two renames: stage missing
+    (tmp_path / ".stage.old" / "weights").write_text("complete")
+    (tmp_path / ".hidden_user_file").write_text("kept")
+    (tmp_path / "results.tmp").write_text("kept")           # not hidden: not ours
+    actions = recover_interrupted_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden_user_file", "model", "results.tmp", "stage"]
+    assert (tmp_path / "stage" / "weights").read_text() == "complete"
+    assert len(actions) == 4 and any("restored" in a and "stage" in a for a in actions)
+    assert recover_interrupted_saves(tmp_path) == [] and recover_interrupted_saves(tmp_path / "missing") == []
