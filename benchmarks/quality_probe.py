@@ -11,8 +11,8 @@ checkpoints, no calibration, minutes instead of the full `make demo`), then repo
   to its nearest training image's (what the codes can express about counts at all);
 - `logical` / `logical_per_defect`: the predictor's logical score (mean L1 over masks), the
   method's logical branch, overall and per logical defect type;
-- `logical_mmd`: the same predictions scored with a kernel distance over the codebook vectors
-  (`codebook_mmd`) instead of L1;
+- `logical_mmd`: the same predictions scored with the kernel distance over the codebook vectors
+  (`histogram_distance="codebook_mmd"`) instead of L1 (equal to `logical` when the config uses it);
 - `predictor_loss`: final per-sample training loss (L1 summed over levels, 0..2L).
 
 If the two oracles sit near 0.5 the codes do not carry the rule and no predictor can score it;
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from ladmim_hf.evaluation import _test_rows, _train_paths, per_defect_aurocs  # noqa: E402
 from ladmim_hf.metrics import loco_image_aurocs  # noqa: E402
-from ladmim_hf.modeling_ladmim import code_histograms  # noqa: E402
+from ladmim_hf.modeling_ladmim import code_histograms, kernel_histogram_distance  # noqa: E402
 from ladmim_hf.training import build_model, extract_features, load_settings  # noqa: E402
 from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
 
@@ -116,13 +116,16 @@ def train_predictor(model, category: str, features: torch.Tensor, codes: torch.T
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     masks_for = model.mask_generator(training=True)
     generator = torch.Generator().manual_seed(seed)
+    kernel = None
+    if predictor.config.loss_type == "codebook_mmd":
+        kernel = model.tokenizer.code_kernel(category, model.config.kernel_bandwidth)
     predictor.train()
     per_sample = float("nan")
     for step in tqdm(range(steps), desc=f"predictor {category}", unit="step", leave=False):
         size = min(batch_size, len(features))
         index = torch.randint(0, len(features), (size,), generator=generator)
         masks = masks_for(size, seed=[seed * 1_000_003 + step * size + i for i in range(size)])
-        out = predictor(features[index], masks, labels=codes[index])
+        out = predictor(features[index], masks, labels=codes[index], code_kernel=kernel)
         optimizer.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
@@ -131,23 +134,6 @@ def train_predictor(model, category: str, features: torch.Tensor, codes: torch.T
         per_sample = float(out.loss.detach()) / (size if predictor.config.loss_reduction == "sum" else 1)
     predictor.eval()
     return per_sample
-
-
-def codebook_mmd(tokenizer, category: str, difference: torch.Tensor) -> torch.Tensor:
-    """Kernel distance between predicted and true histograms, `(B, M, L, K)` differences -> `(B, M)`:
-    sqrt(d^T G d) per level, summed over levels, with an RBF kernel G on the category's codebook
-    vectors (bandwidth: the median squared distance between codes). Unlike L1, moving mass between two
-    near-identical codes costs almost nothing; a candidate for the method's missing OT histogram
-    distance, reported here as `logical_mmd`, not used by the model."""
-    class_id = int(tokenizer.category_ids(category, 1)[0])
-    total = torch.zeros(difference.shape[:2])
-    for level, quantizer in enumerate(tokenizer.quantizers):
-        codes = quantizer.embed[class_id].float()
-        squared = torch.cdist(codes, codes).pow(2)
-        kernel = torch.exp(-squared / squared[squared > 0].median())
-        d = difference[:, :, level]
-        total += torch.einsum("bmk,kj,bmj->bm", d, kernel, d).clamp(min=0).sqrt()
-    return total
 
 
 @torch.no_grad()
@@ -184,7 +170,8 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     logical = out.logical_score.numpy()
     aurocs = loco_image_aurocs(logical, types)
     result["logical"], result["logical_on_structural"] = aurocs["auroc_logical"], aurocs["auroc_structural"]
-    mmd = codebook_mmd(model.tokenizer, category, out.predicted_histograms - out.target_histograms).mean(1)
+    kernel = model.tokenizer.code_kernel(category, model.config.kernel_bandwidth)
+    mmd = kernel_histogram_distance(out.predicted_histograms - out.target_histograms, kernel).mean(1)
     result["logical_mmd"] = loco_image_aurocs(mmd.numpy(), types)["auroc_logical"]
     per_defect = per_defect_aurocs({"logical": logical}, types, defects)
     result["logical_per_defect"] = {name: entry["logical"] for name, entry in per_defect.items()

@@ -156,7 +156,11 @@ class LadmimPredictorConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02): truncated-normal std.
         num_levels (`int`, *optional*, defaults to 4): codebook levels whose histograms are predicted.
         codebook_size (`int`, *optional*, defaults to 512): codes per level.
-        loss_type (`str`, *optional*, defaults to `"l1"`): `"l1"` (the paper), `"kl"` or `"token_ce"`.
+        loss_type (`str`, *optional*, defaults to `"l1"`): `"l1"` (the paper), `"kl"`, `"token_ce"`, or
+            `"codebook_mmd"`: per level sqrt(d^T G d) with d = predicted - true histogram and G an RBF
+            kernel between the tokenizer's codebook vectors (passed as `code_kernel`), so mass moved
+            between near-identical codes costs little (the direction of the official code's missing
+            OT histogram loss).
         loss_reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over batch and levels, as the
             official code, or `"mean"`.
     """
@@ -184,8 +188,8 @@ class LadmimPredictorConfig(PretrainedConfig):
         loss_reduction: str = "sum",
         **kwargs,
     ):
-        if loss_type not in ("l1", "kl", "token_ce"):
-            raise ValueError(f"loss_type must be 'l1', 'kl' or 'token_ce', got {loss_type!r}")
+        if loss_type not in ("l1", "kl", "token_ce", "codebook_mmd"):
+            raise ValueError(f"loss_type must be 'l1', 'kl', 'token_ce' or 'codebook_mmd', got {loss_type!r}")
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         if hidden_size % num_attention_heads:
@@ -239,6 +243,12 @@ class LadmimConfig(PretrainedConfig):
             "structural_mean", "structural_std", "threshold"}` measured on normal validation images.
         default_threshold (`float`, *optional*, defaults to 3.0): decision threshold on the fused
             score for categories without a calibrated one.
+        histogram_distance (`str`, *optional*, defaults to `"l1"`): the per-mask logical score, `"l1"`
+            between predicted and true histograms (the paper) or `"codebook_mmd"` (the kernel
+            distance of the predictor's `loss_type="codebook_mmd"`).
+        kernel_bandwidth (`float`, *optional*, defaults to 1.0): the codebook RBF kernel's bandwidth,
+            as a multiple of the median squared distance between a level's codes; used by the
+            `codebook_mmd` loss and distance.
     """
 
     model_type = "ladmim"
@@ -257,6 +267,8 @@ class LadmimConfig(PretrainedConfig):
         min_aspect: float = 0.3,
         calibration: dict | None = None,
         default_threshold: float = 3.0,
+        histogram_distance: str = "l1",
+        kernel_bandwidth: float = 1.0,
         **kwargs,
     ):
         if not isinstance(tokenizer_config, LadmimTokenizerConfig):
@@ -283,6 +295,12 @@ class LadmimConfig(PretrainedConfig):
         self.min_aspect = min_aspect
         self.calibration = dict(calibration or {})
         self.default_threshold = default_threshold
+        if histogram_distance not in ("l1", "codebook_mmd"):
+            raise ValueError(f"histogram_distance must be 'l1' or 'codebook_mmd', got {histogram_distance!r}")
+        if not (kernel_bandwidth > 0 and math.isfinite(kernel_bandwidth)):
+            raise ValueError(f"kernel_bandwidth must be a positive number, got {kernel_bandwidth}")
+        self.histogram_distance = histogram_distance
+        self.kernel_bandwidth = float(kernel_bandwidth)
         for name, value in (("train_num_masked", self.train_num_masked), ("score_num_masked", self.score_num_masked)):
             if not 0 < value <= cells:
                 raise ValueError(f"{name} must be in 1..{cells} for a {tokenizer_config.grid_size}x{tokenizer_config.grid_size} grid, got {value}")

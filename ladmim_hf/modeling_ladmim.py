@@ -132,6 +132,25 @@ def _autocast_dtype(value) -> torch.dtype | None:
     raise ValueError(f"predictor_dtype must be None, 'fp32', 'bf16' or 'fp16', got {value!r}")
 
 
+def kernel_histogram_distance(difference: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Sum over levels of sqrt(d^T G d) (an MMD between two histograms under the kernel G).
+
+    Args:
+        difference: predicted minus true histograms `(B, M, L, K)`.
+        kernel: `(L, K, K)` for all rows, or `(B, L, K, K)` per row.
+
+    Returns:
+        `(B, M)`.
+    """
+    difference = difference.float()
+    if kernel.dim() == 3:
+        quadratic = torch.einsum("bmlk,lkj,bmlj->bml", difference, kernel.float(), difference)
+    else:
+        quadratic = torch.einsum("bmlk,blkj,bmlj->bml", difference, kernel.float(), difference)
+    # The clamp keeps the sqrt's gradient finite where prediction and target agree.
+    return quadratic.clamp(min=1e-12).sqrt().sum(-1)
+
+
 def code_histograms(codes: torch.Tensor, masks: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Normalised histograms of the codes under each mask.
 
@@ -489,6 +508,21 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
     def category_ids(self, category, batch_size: int) -> torch.Tensor:
         return resolve_category_ids(self.config.categories, category, batch_size, device=self.device)
 
+    @torch.no_grad()
+    def code_kernel(self, category, bandwidth: float = 1.0) -> torch.Tensor:
+        """RBF kernel between one category's codebook vectors, per level `(L, K, K)`:
+        exp(-|e_i - e_j|^2 / (bandwidth * median of the level's nonzero squared distances)).
+        The similarity behind `loss_type="codebook_mmd"` and `histogram_distance="codebook_mmd"`."""
+        class_id = self.category_ids(category, 1)
+        kernels = []
+        for quantizer in self.quantizers:
+            codes = quantizer.codebooks(class_id)[0].float()
+            squared = torch.cdist(codes, codes).pow(2)
+            positive = squared[squared > 0]
+            scale = positive.median() if positive.numel() else squared.new_tensor(1.0)
+            kernels.append(torch.exp(-squared / (bandwidth * scale)))
+        return torch.stack(kernels)
+
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen multi-scale CNN features `(B, 3, S, S)` -> `(B, C, g, g)`."""
         with torch.no_grad():
@@ -763,7 +797,8 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         self.post_init()
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None = None,
-                output_hidden_states: bool = False, max_sequences_per_chunk: int | None = None) -> LadmimPredictorOutput:
+                output_hidden_states: bool = False, max_sequences_per_chunk: int | None = None,
+                code_kernel: torch.Tensor | None = None) -> LadmimPredictorOutput:
         """Predict code histograms of the masked cells.
 
         Args:
@@ -773,6 +808,8 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
             output_hidden_states: also return the final token states.
             max_sequences_per_chunk: run at most this many (image, mask) sequences at once to bound
                 memory; results are identical.
+            code_kernel: `(L, K, K)` or `(B, L, K, K)` codebook kernel for `loss_type="codebook_mmd"`
+                ([`LadmimTokenizerModel.code_kernel`]).
 
         Returns:
             `LadmimPredictorOutput` with `logits (B, L, K)` (or `(B, M, L, K)`).
@@ -815,7 +852,7 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         token_logits = torch.cat(token_parts).view(batch, num_masks, cells, config.num_levels, config.codebook_size) if need_tokens else None
         loss = None
         if labels is not None:
-            loss = self.histogram_loss(logits, labels, masks, token_logits)
+            loss = self.histogram_loss(logits, labels, masks, token_logits, code_kernel)
         if not multi:
             logits = logits[:, 0]
             token_logits = token_logits[:, 0] if token_logits is not None else None
@@ -823,12 +860,16 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         return LadmimPredictorOutput(loss=loss, logits=logits, token_logits=token_logits, last_hidden_state=last_hidden)
 
     def histogram_loss(self, logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                       token_logits: torch.Tensor | None = None) -> torch.Tensor:
+                       token_logits: torch.Tensor | None = None, code_kernel: torch.Tensor | None = None) -> torch.Tensor:
         """Loss between predicted distributions `(B, M, L, K)` and the masked-cell histograms."""
         config = self.config
         target = code_histograms(labels, masks, config.codebook_size)
         if config.loss_type == "l1":
             per_sample = (logits.float().softmax(-1) - target).abs().sum((-1, -2))
+        elif config.loss_type == "codebook_mmd":
+            if code_kernel is None:
+                raise ValueError("loss_type='codebook_mmd' needs code_kernel (tokenizer.code_kernel(category))")
+            per_sample = kernel_histogram_distance(logits.float().softmax(-1) - target, code_kernel.to(logits.device))
         elif config.loss_type == "kl":
             log_probs = logits.float().log_softmax(-1)
             per_sample = (target * (target.clamp(min=1e-8).log() - log_probs)).sum((-1, -2))
@@ -918,7 +959,11 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             logits = predictor(features, masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
         predicted = logits.float().softmax(-1)
         target = code_histograms(codes, masks, self.config.predictor_config.codebook_size)
-        mask_scores = (predicted - target).abs().sum((-1, -2))
+        if self.config.histogram_distance == "codebook_mmd":
+            kernel = self.tokenizer.code_kernel(category, self.config.kernel_bandwidth).to(predicted.device)
+            mask_scores = kernel_histogram_distance(predicted - target, kernel)
+        else:
+            mask_scores = (predicted - target).abs().sum((-1, -2))
         if return_histograms:
             return mask_scores, predicted, target
         return mask_scores, None, None

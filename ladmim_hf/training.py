@@ -562,18 +562,27 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             # The predictor reads what the tokenizer reconstructs (standardised features, if enabled).
             features = tokenizer.standardize(torch.cat([cache[f"train/{c}"] for c in members]).to(accelerator.device)).cpu()
             labels = torch.cat([codes[f"train/{c}"] for c in members])
+            member_ids = torch.cat([torch.full((len(codes[f"train/{c}"]),), i, dtype=torch.long) for i, c in enumerate(members)])
+            # The codebook_mmd loss compares histograms through each member category's code kernel.
+            kernels = None
+            if model.config.predictor_config.loss_type == "codebook_mmd":
+                kernels = torch.stack([tokenizer.code_kernel(c, model.config.kernel_bandwidth) for c in members]).cpu()
             process = accelerator.process_index
 
-            def predictor_loss(module, batch, step, first_row, _factory=mask_factory, _process=process):
-                batch_features, batch_codes = batch
+            def predictor_loss(module, batch, step, first_row, _factory=mask_factory, _process=process, _kernels=kernels):
+                batch_features, batch_codes, batch_ids = batch
                 masks = _masks_for_step(_factory, batch_features.shape[0], step, settings.seed, _process,
                                         first_row).to(batch_features.device)
-                out = module(batch_features, masks, labels=batch_codes)
+                kernel = None
+                if _kernels is not None:  # one kernel for a per-category predictor, one per row when shared
+                    kernel = _kernels[0] if len(_kernels) == 1 else _kernels[batch_ids.cpu()]
+                    kernel = kernel.to(batch_features.device)
+                out = module(batch_features, masks, labels=batch_codes, code_kernel=kernel)
                 return out.loss, {}
 
             summary[stage_name] = run_stage(
                 accelerator, settings, stage_name, settings.predictor, model.predictors[name],
-                TensorDataset(features, labels), predictor_loss,
+                TensorDataset(features, labels, member_ids), predictor_loss,
                 "learning rate too high, an empty mask, or collapsed tokenizer codebooks",
                 stop, resume, stage_name, loss_reduction=model.predictors[name].config.loss_reduction,
             )

@@ -161,23 +161,3 @@ def test_run_all_times_each_script_and_collects_its_result(runs):
     entry = out["scripts"]["roofline"]
     assert entry["seconds"] > 0 and out["total_seconds"] >= entry["seconds"]
     assert entry["result"]["benchmark"] == "roofline" and 0 < entry["result"]["efficiency"]
-
-
-def test_codebook_mmd_by_hand():
-    """Two identical codes and a third at squared distance 1e4, which is also the median squared
-    distance, so the kernel between a twin and the third code is exp(-1): mass moved between the twins
-    costs nothing; moving 0.5 from a twin to the third costs sqrt(d^T G d) = sqrt(0.5 - 0.5 / e)."""
-    import types
-
-    import torch
-
-    sys.path.insert(0, str(BENCHMARKS))
-    from quality_probe import codebook_mmd
-
-    embed = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [100.0, 0.0]]])  # (categories, K=3, dim=2)
-    tokenizer = types.SimpleNamespace(category_ids=lambda category, n: torch.zeros(n, dtype=torch.long),
-                                      quantizers=[types.SimpleNamespace(embed=embed)])
-    twins = torch.tensor([0.5, -0.5, 0.0]).view(1, 1, 1, 3)
-    far = torch.tensor([0.5, 0.0, -0.5]).view(1, 1, 1, 3)
-    assert float(codebook_mmd(tokenizer, "x", twins)) == pytest.approx(0.0, abs=1e-6)
-    assert float(codebook_mmd(tokenizer, "x", far)) == pytest.approx(math.sqrt(0.5 - 0.5 * math.exp(-1)), abs=1e-5)

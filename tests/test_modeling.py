@@ -3,6 +3,7 @@ round trips and determinism."""
 
 from __future__ import annotations
 
+import math
 import copy
 
 import numpy as np
@@ -388,3 +389,72 @@ def test_predictor_dtype_autocasts_the_predictor_only(tiny_model):
     torch.testing.assert_close(half.mask_scores, full.mask_scores, atol=0.05, rtol=0.02)
     with pytest.raises(ValueError, match="predictor_dtype must be"):
         tiny_model(pixels, category=tiny_model.categories[0], num_masks=1, predictor_dtype="int8")
+
+
+def test_code_kernel_and_kernel_distance_by_hand(tiny_model):
+    from ladmim_hf.modeling_ladmim import kernel_histogram_distance
+
+    tokenizer = tiny_model.tokenizer
+    category = tiny_model.categories[0]
+    class_id = int(tokenizer.category_ids(category, 1)[0])
+    levels, size = tokenizer.config.num_levels, tokenizer.config.codebook_size
+    with torch.no_grad():  # codes 0 and 1 identical, code j at distance j from them along one axis
+        for quantizer in tokenizer.quantizers:
+            book = torch.zeros_like(quantizer.embed[class_id])
+            book[2:, 0] = torch.arange(2, size, dtype=book.dtype)
+            quantizer.embed[class_id] = book
+    kernel = tokenizer.code_kernel(category, bandwidth=2.0)
+    assert kernel.shape == (levels, size, size)
+    squared = torch.tensor([0.0, 0.0] + list(range(2, size)), dtype=torch.float64)
+    squared = (squared[:, None] - squared[None, :]) ** 2
+    expected = torch.exp(-squared / (2.0 * squared[squared > 0].median()))
+    torch.testing.assert_close(kernel[0].double(), expected, atol=1e-6, rtol=1e-5)
+
+    # Mass moved between the twin codes 0 and 1 costs nothing; moved to code 2 it costs sqrt(d^T G d).
+    twins = torch.zeros(1, 1, levels, size)
+    twins[..., 0], twins[..., 1] = 0.5, -0.5
+    assert float(kernel_histogram_distance(twins, kernel)) == pytest.approx(0.0, abs=1e-5)
+    moved = torch.zeros(1, 1, levels, size)
+    moved[..., 0], moved[..., 2] = 0.5, -0.5
+    by_hand = levels * math.sqrt(0.25 + 0.25 - 2 * 0.25 * float(expected[0, 2]))
+    assert float(kernel_histogram_distance(moved, kernel)) == pytest.approx(by_hand, rel=1e-5)
+    # With the identity kernel it is the L2 norm per level; per-row kernels give the same as shared.
+    eye = torch.eye(size).expand(levels, size, size)
+    assert float(kernel_histogram_distance(moved, eye)) == pytest.approx(levels * math.sqrt(0.5), rel=1e-6)
+    torch.testing.assert_close(kernel_histogram_distance(moved, kernel[None]), kernel_histogram_distance(moved, kernel))
+
+
+def test_codebook_mmd_loss_and_scoring_use_the_kernel_distance(tiny_model):
+    from ladmim_hf import LadmimForAnomalyDetection
+    from ladmim_hf.modeling_ladmim import LadmimPredictorModel, code_histograms, kernel_histogram_distance
+
+    category = tiny_model.categories[0]
+    config = tiny_model.config.predictor_config
+    torch.manual_seed(1)
+    predictor = LadmimPredictorModel(type(config)(**{**config.to_dict(), "loss_type": "codebook_mmd"}))
+    features = torch.randn(3, config.input_channels, config.grid_size, config.grid_size)
+    codes = torch.randint(0, config.codebook_size, (3, config.num_levels, config.num_patches))
+    masks = torch.zeros(3, config.num_patches, dtype=torch.bool)
+    masks[:, :5] = True
+    kernel = tiny_model.tokenizer.code_kernel(category)
+    out = predictor(features, masks, labels=codes, code_kernel=kernel)
+    difference = out.logits.softmax(-1)[:, None] - code_histograms(codes, masks, config.codebook_size)[:, None]
+    assert float(out.loss.detach()) == pytest.approx(float(kernel_histogram_distance(difference.detach(), kernel).sum()), rel=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in predictor.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="code_kernel"):
+        predictor(features, masks, labels=codes)
+
+    # Scoring with histogram_distance="codebook_mmd": same predictions, kernel distance per mask.
+    mmd_model = LadmimForAnomalyDetection(type(tiny_model.config)(**{**tiny_model.config.to_dict(),
+                                                                      "histogram_distance": "codebook_mmd"})).eval()
+    mmd_model.load_state_dict(tiny_model.state_dict())
+    pixels = torch.rand(2, 3, tiny_model.config.tokenizer_config.image_size, tiny_model.config.tokenizer_config.image_size)
+    got = mmd_model(pixels, category=category, num_masks=3, seed=[0, 1], return_histograms=True)
+    difference = got.predicted_histograms - got.target_histograms
+    torch.testing.assert_close(got.mask_scores, kernel_histogram_distance(difference, mmd_model.tokenizer.code_kernel(category)))
+    plain = tiny_model(pixels, category=category, num_masks=3, seed=[0, 1], return_histograms=True)
+    torch.testing.assert_close(plain.predicted_histograms, got.predicted_histograms)
+    assert not torch.allclose(plain.mask_scores, got.mask_scores)
+    with pytest.raises(ValueError, match="histogram_distance"):
+        type(tiny_model.config)(histogram_distance="l2")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -178,9 +179,14 @@ def test_two_process_cpu_launch(tmp_path, synth_root):
     # the torch.distributed launcher with ACCELERATE_USE_CPU=1 gives two gloo processes on CPU.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    result = _train(config, launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
+    # This run also trains with the codebook-kernel histogram loss and scores with its distance.
+    result = _train(config, "--set", "model.predictor_config.loss_type=codebook_mmd", "model.histogram_distance=codebook_mmd",
+                    launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "model" / "model.safetensors").exists()
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["histogram_distance"] == "codebook_mmd" and saved["predictor_config"]["loss_type"] == "codebook_mmd"
+    assert all(math.isfinite(v["logical_mean"]) for v in saved["calibration"].values())
     assert "MULTI_CPU" in result.stdout + result.stderr or (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists()
     assert (out / "checkpoints" / "tokenizer" / "step_0000002" / "random_states_1.pkl").exists(), "both processes saved their state"
 
