@@ -65,8 +65,14 @@ def variant_calls(predictor, features, masks, args) -> dict:
     def call(chunk=None, explicit=False):
         def run():
             saved = LadmimPredictorAttention.forward
+
+            def explicit_forward(self, x, query_index=None):
+                if query_index is not None:  # the hist-token-only last block keeps its own path
+                    return saved(self, x, query_index)
+                return C.reference_attention(self, x, False)
+
             if explicit:
-                LadmimPredictorAttention.forward = lambda self, x: C.reference_attention(self, x, False)
+                LadmimPredictorAttention.forward = explicit_forward
             try:
                 return predictor(features, masks, max_sequences_per_chunk=chunk).logits
             finally:

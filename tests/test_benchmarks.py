@@ -26,7 +26,7 @@ RUNS = {
     "scoring": ["scoring.py", "--tiny", "--chunk", "4", "--bf16"],
     "scoring_memory": ["scoring.py", "--tiny", "--memory", "--memory_settings", "1x6,4x6"],
     "train_step": ["train_step.py", "--tiny", "--micro_batch", "8"],
-    "roofline": ["roofline.py", "--tiny"],
+    "roofline": ["roofline.py", "--tiny", "--explicit_attention"],
     "feature_cache": ["feature_cache.py", "--tiny"],
     "mask_sweep": ["mask_sweep.py", "--tiny", "--masks", "1,5,10"],
     "quality_probe": ["quality_probe.py", "--tiny"],
@@ -104,6 +104,7 @@ def test_roofline(runs):
     check_keys(out, ["efficiency", "predictor_gflops", "matmul_gflops", "flop_shares"])
     assert out["efficiency"] > 0
     assert abs(sum(out["flop_shares"].values()) - 1.0) < 1e-2
+    assert out["variants"]["explicit_attention"]["max_abs_logit_diff"] < 1e-4  # same logits, other attention
 
 
 def test_feature_cache(runs):
