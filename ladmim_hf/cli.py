@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -57,9 +59,6 @@ def _heatmap_names(paths: list[str]) -> list[str]:
     """One distinct file name per input: `{stem}_heatmap.png`, or, where stems collide (`a/x.png` and
     `b/x.png`, `x.png` and `x.jpg`), the path relative to the inputs' common folder with separators
     and dots as `__` / `_` (`a__x_png_heatmap.png`); a file given twice gets `_2`, `_3`, ..."""
-    import os
-    from collections import Counter
-
     stems = Counter(Path(p).stem for p in paths)
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
