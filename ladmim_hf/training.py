@@ -461,9 +461,10 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     if not resume and (progress.data["completed"] or any((output_dir / "checkpoints").glob("*/step_*"))):
         raise FileExistsError(f"{output_dir} holds a previous run (checkpoints or {progress.path.name}); pass --resume "
                               "to continue it or choose another --output_dir")
-    if accelerator.is_main_process:
+    if resume and accelerator.is_main_process:
         # A run killed during a save leaves hidden temporaries (or, between two renames, only the
         # previous version under a hidden name); tidy them before anything reads these folders.
+        # Only on --resume: a fresh run may be pointed at a folder holding other people's files.
         stage_checkpoints = sorted(p for p in (output_dir / "checkpoints").glob("*") if p.is_dir())
         for folder in [output_dir, output_dir / "stages", output_dir / "checkpoints", *stage_checkpoints]:
             for action in recover_interrupted_saves(folder):
@@ -566,7 +567,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             # The codebook_mmd loss compares histograms through each member category's code kernel.
             kernels = None
             if model.config.predictor_config.loss_type == "codebook_mmd":
-                kernels = torch.stack([tokenizer.code_kernel(c, model.config.kernel_bandwidth) for c in members]).cpu()
+                kernels = torch.stack([tokenizer.code_kernel(c, model.config.kernel_bandwidth) for c in members]).to(accelerator.device)
             process = accelerator.process_index
 
             def predictor_loss(module, batch, step, first_row, _factory=mask_factory, _process=process, _kernels=kernels):
@@ -575,8 +576,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
                                         first_row).to(batch_features.device)
                 kernel = None
                 if _kernels is not None:  # one kernel for a per-category predictor, one per row when shared
-                    kernel = _kernels[0] if len(_kernels) == 1 else _kernels[batch_ids.cpu()]
-                    kernel = kernel.to(batch_features.device)
+                    kernel = _kernels[0] if len(_kernels) == 1 else _kernels[batch_ids.to(_kernels.device)]
                 out = module(batch_features, masks, labels=batch_codes, code_kernel=kernel)
                 return out.loss, {}
 

@@ -68,8 +68,11 @@ def _train(config: Path, *extra: str, launcher: list[str] | None = None, timeout
 
 def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / ".notes.tmp").write_text("a user's file")  # a fresh run leaves hidden files alone (resume tidies)
     result = _train(_write_config(tmp_path / "tiny.yaml", synth_root, out))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / ".notes.tmp").read_text() == "a user's file"
     assert "done: model saved to" in result.stdout + result.stderr
     model_dir = out / "model"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_ladmim.py"):
