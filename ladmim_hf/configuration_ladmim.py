@@ -157,7 +157,9 @@ class LadmimPredictorConfig(PretrainedConfig):
         num_levels (`int`, *optional*, defaults to 4): codebook levels whose histograms are predicted.
         codebook_size (`int`, *optional*, defaults to 512): codes per level.
         loss_type (`str`, *optional*, defaults to `"l1"`): `"l1"` (the paper), `"kl"`, `"token_ce"`, or
-            `"codebook_mmd"`: per level sqrt(d^T G d) with d = predicted - true histogram and G an RBF
+            `"codebook_mmd"`. `"token_ce"` (the official code's `--target_type code`) trains a
+            cross-entropy on every masked cell's code, and the predicted histogram is then the mean of
+            the masked cells' code distributions (the hist token is unused). `"codebook_mmd"`: per level sqrt(d^T G d) with d = predicted - true histogram and G an RBF
             kernel between the tokenizer's codebook vectors (passed as `code_kernel`), so mass moved
             between near-identical codes costs little (the direction of the official code's missing
             OT histogram loss).

@@ -71,8 +71,10 @@ class LadmimPredictorOutput(ModelOutput):
 
     Args:
         loss: histogram loss (scalar) when `labels` were given.
-        logits: hist-token logits `(B, L, K)`, or `(B, M, L, K)` for several masks per image.
-        token_logits: per-masked-token logits `(B, N, L, K)` (only for `loss_type="token_ce"`).
+        logits: histogram logits `(B, L, K)`, or `(B, M, L, K)` for several masks per image; their
+            softmax is the predicted histogram. From the hist token, except for `loss_type="token_ce"`:
+            there, the log of the mean of the per-cell code distributions over the masked cells.
+        token_logits: per-cell logits `(B, N, L, K)` (only for `loss_type="token_ce"` with `labels`).
         last_hidden_state: final-norm token states `(B, 2 + N, D)` (only if requested).
     """
 
@@ -777,6 +779,20 @@ class LadmimPredictorLayer(nn.Module):
         return x + (mlp if self.gamma_2 is None else self.gamma_2 * mlp)
 
 
+def masked_mean_log_probs(cell_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Log of the mean code distribution over the masked cells.
+
+    Args:
+        cell_logits: per-cell logits `(S, N, L, K)`; masks: `(S, N)` bool, at least one cell set per row.
+
+    Returns:
+        `(S, L, K)` log-probabilities: `log(mean over masked n of softmax(cell_logits[:, n]))`.
+    """
+    log_probs = cell_logits.float().log_softmax(-1).masked_fill(~masks[:, :, None, None], float("-inf"))
+    count = masks.sum(1).clamp(min=1).to(log_probs.dtype)
+    return torch.logsumexp(log_probs, dim=1) - count.log()[:, None, None]
+
+
 class LadmimPredictorModel(LadmimPreTrainedModel):
     """LAViT: predicts, from the masked feature grid, the histogram of codes in the masked region.
 
@@ -822,12 +838,14 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         if cells != config.num_patches:
             raise ValueError(f"bool_masked_pos has {cells} cells, the predictor expects {config.num_patches} ({config.grid_size}x{config.grid_size})")
         patches = self.embeddings.embed_patches(features)
-        need_tokens = config.loss_type == "token_ce" and labels is not None
+        # token_ce predicts each masked cell's code; its histogram is the mean of those predictions.
+        per_cell = config.loss_type == "token_ce"
+        need_tokens = per_cell and labels is not None
         total = batch * num_masks
         chunk = max_sequences_per_chunk or total
         logits_parts, hidden_parts, token_parts = [], [], []
         flat_masks = masks.reshape(total, cells)
-        hist_only = not need_tokens and not output_hidden_states
+        hist_only = not per_cell and not output_hidden_states
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             image_index = torch.arange(start, stop, device=masks.device) // num_masks
@@ -842,9 +860,13 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
             for layer in self.layers:
                 hidden = layer(hidden)
             hidden = self.norm(hidden)
-            logits_parts.append(self.head(hidden[:, 1]))
-            if need_tokens:
-                token_parts.append(self.head(hidden[:, 2:]))
+            if per_cell:
+                cell_logits = self.head(hidden[:, 2:]).unflatten(-1, (config.num_levels, config.codebook_size))
+                logits_parts.append(masked_mean_log_probs(cell_logits, flat_masks[start:stop]).flatten(1))
+                if need_tokens:
+                    token_parts.append(cell_logits)
+            else:
+                logits_parts.append(self.head(hidden[:, 1]))
             if output_hidden_states:
                 hidden_parts.append(hidden)
         shape = (batch, num_masks, config.num_levels, config.codebook_size)

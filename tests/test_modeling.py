@@ -210,6 +210,29 @@ def test_predictor_forward_shapes_and_losses(loss_type):
     assert multi.logits.shape == (3, 5, 2, 16)
 
 
+def test_token_ce_histogram_is_the_mean_of_the_masked_cells_distributions():
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=4, num_levels=2, codebook_size=16, loss_type="token_ce"))
+    torch.manual_seed(0)
+    predictor = LadmimPredictorModel(config).eval()
+    features = torch.randn(3, 8, 4, 4)
+    masks = torch.rand(3, 16) < 0.4
+    masks[:, 0] = True
+    labels = torch.randint(0, 16, (3, 2, 16))
+    out = predictor(features, masks, labels=labels, output_hidden_states=True)
+    cell_probs = predictor.head(out.last_hidden_state[:, 2:]).view(3, 16, 2, 16).softmax(-1)
+    for b in range(3):
+        expected = cell_probs[b, masks[b]].mean(0)  # (L, K), by hand
+        torch.testing.assert_close(out.logits[b].softmax(-1), expected, rtol=1e-5, atol=1e-6)
+        ce = -sum(cell_probs[b, n, l, labels[b, l, n]].log() for n in masks[b].nonzero()[:, 0] for l in range(2))
+        torch.testing.assert_close(out.token_logits[b].softmax(-1), cell_probs[b])
+        assert (ce / masks[b].sum()).item() == pytest.approx(
+            predictor(features[b:b + 1], masks[b:b + 1], labels=labels[b:b + 1]).loss.item(), rel=1e-5)
+    # several masks per image and chunking give the same histograms as one mask at a time
+    multi = predictor(features, torch.stack([masks, masks.flip(-1)], 1), max_sequences_per_chunk=4).logits
+    torch.testing.assert_close(multi[:, 0], out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(multi[:, 1], predictor(features, masks.flip(-1)).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_predictor_paper_size_parameter_count():
     config = LadmimPredictorConfig()  # 384 in, width 512, depth 4, 8 heads, 24x24, 4 x 512 codes
     with torch.device("meta"):
