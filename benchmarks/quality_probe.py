@@ -13,6 +13,11 @@ checkpoints, no calibration, minutes instead of the full `make demo`), then repo
   method's logical branch, overall and per logical defect type;
 - `logical_mmd`: the same predictions scored with the kernel distance over the codebook vectors
   (`histogram_distance="codebook_mmd"`) instead of L1 (equal to `logical` when the config uses it);
+- `defect_mask_logical` / `defect_mask_per_defect`: the predictor scored with one mask that hides
+  exactly a logical anomaly's ground-truth region (grown by one cell), against the good test images
+  under the same mask: per anomaly the fraction of good images with a smaller L1, averaged. Where
+  this stays near 0.5, even perfect mask placement would not reveal the defect: the predictor (or
+  the codes) miss the rule, and no mask sampling or score aggregation can recover it;
 - `predictor_loss`: final per-sample training loss (L1 summed over levels, 0..2L).
 
 If the two oracles sit near 0.5 the codes do not carry the rule and no predictor can score it;
@@ -52,9 +57,18 @@ from ladmim_hf.training import build_model, extract_features, load_settings  # n
 from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
 
 
+def defect_cells(regions: list[np.ndarray], grid: int) -> torch.Tensor:
+    """`(grid * grid,)` bool: the cells that any pixel of the ground-truth regions `(H, W)` touches."""
+    if not regions:
+        return torch.zeros(grid * grid, dtype=torch.bool)
+    union = torch.from_numpy(np.any(np.stack([np.asarray(r, dtype=bool) for r in regions]), axis=0)).float()
+    return (torch.nn.functional.adaptive_max_pool2d(union[None, None], grid)[0, 0] > 0).flatten()
+
+
 def cached_features(model, settings, categories: list[str], cache_path: Path) -> dict:
     """Raw backbone features of train and test images per category (with the test images' anomaly and
-    defect types), cached on disk; tensors, strings and lists only, so it loads with weights_only."""
+    defect types and defect cells), cached on disk; tensors, strings and lists only, so it loads with
+    weights_only."""
     cache = {}
     if cache_path.is_file():
         try:
@@ -66,7 +80,8 @@ def cached_features(model, settings, categories: list[str], cache_path: Path) ->
     for category in categories:
         for split in ("train", "test"):
             key = f"{split}/{category}"
-            if key in cache:
+            grid = model.config.tokenizer_config.grid_size
+            if key in cache and (split == "train" or cache[key].get("defect_cells", torch.empty(0, 0)).shape[-1] == grid * grid):
                 continue
             if split == "train":
                 paths, types, defects = _train_paths(settings.data_root, category, "loco"), [], []
@@ -74,8 +89,13 @@ def cached_features(model, settings, categories: list[str], cache_path: Path) ->
                 rows = _test_rows(settings.data_root, category, "loco")
                 paths = [r["path"] for r in rows]
                 types, defects = [r["anomaly_type"] for r in rows], [r["defect_type"] for r in rows]
-            features = extract_features(model.tokenizer, processor, paths, settings.feature_batch_size, f"features {key}")
+            if key in cache:  # a cache from before the defect cells: add them, keep the features
+                features = cache[key]["features"]
+            else:
+                features = extract_features(model.tokenizer, processor, paths, settings.feature_batch_size, f"features {key}")
             cache[key] = {"features": features, "types": types, "defects": defects}
+            if split == "test":
+                cache[key]["defect_cells"] = torch.stack([defect_cells(r["regions"], grid) for r in rows])
             changed = True
     if changed:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +196,29 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     per_defect = per_defect_aurocs({"logical": logical}, types, defects)
     result["logical_per_defect"] = {name: entry["logical"] for name, entry in per_defect.items()
                                     if entry["anomaly_type"] == "logical"}
+    result.update(defect_mask_scores(model, category, tokens, types, defects, test["defect_cells"]))
     return result
+
+
+def defect_mask_scores(model, category: str, tokens: dict, types: list[str], defects: list[str],
+                       cells: torch.Tensor) -> dict:
+    """Score each logical anomaly with one mask over its defect cells `(B, N)` grown by one cell, and
+    the good images under the same mask; see `defect_mask_logical` in the module docstring."""
+    grid = model.config.tokenizer_config.grid_size
+    good = [i for i, t in enumerate(types) if t == "good"]
+    per_defect: dict[str, list[float]] = {}
+    for i, (kind, defect) in enumerate(zip(types, defects)):
+        if kind != "logical" or not good or not cells[i].any():
+            continue
+        grown = torch.nn.functional.max_pool2d(cells[i].view(1, 1, grid, grid).float(), 3, 1, 1).flatten() > 0
+        index = [i] + good
+        scores = model.logical_scores(tokens["features"][index], tokens["codes"][index],
+                                      grown.expand(len(index), 1, -1), category)[0][:, 0]
+        below = (scores[1:] < scores[0]).float().mean() + 0.5 * (scores[1:] == scores[0]).float().mean()
+        per_defect.setdefault(defect, []).append(float(below))
+    everything = [v for values in per_defect.values() for v in values]
+    return {"defect_mask_logical": float(np.mean(everything)) if everything else float("nan"),
+            "defect_mask_per_defect": {name: float(np.mean(v)) for name, v in per_defect.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -229,12 +271,13 @@ def main(argv: list[str] | None = None) -> dict:
                                      args.batch_size, args.seed)
     per_category = {c: probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args) for c in categories}
     keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_mmd",
-            "logical_on_structural"]
+            "logical_on_structural", "defect_mask_logical"]
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
               "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
               "overrides": overrides, "seconds": round(time.time() - started, 1)}
-    print(f"quality probe: logical {mean['logical']:.3f} (kernel distance {mean['logical_mmd']:.3f}; oracles: position prior {mean['position_prior_logical']:.3f}, "
+    print(f"quality probe: logical {mean['logical']:.3f} (kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
+          f"{mean['defect_mask_logical']:.3f}; oracles: position prior {mean['position_prior_logical']:.3f}, "
           f"global histogram {mean['global_histogram_logical']:.3f}), structural {mean['structural']:.3f} "
           f"(no OT {mean['structural_no_ot']:.3f}), reconstruction loss {reconstruction:.3f}, {result['seconds']} s")
     print(json.dumps(result))

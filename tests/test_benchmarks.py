@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,22 @@ def test_quality_probe(runs):
     assert len(entry["codes_used"]) == 2 and all(1 <= n <= 64 for n in entry["codes_used"])
     assert math.isfinite(entry["predictor_loss"]) and 0.0 <= entry["predictor_loss"] <= 4.0
     assert result["tokenizer_steps"] == 3 and result["predictor_steps"] == 3
+    # every small-split logical anomaly has a ground-truth region, so each defect type gets a figure
+    assert set(entry["defect_mask_per_defect"]) == set(entry["logical_per_defect"])
+    assert all(0.0 <= v <= 1.0 for v in entry["defect_mask_per_defect"].values())
+    assert 0.0 <= entry["defect_mask_logical"] <= 1.0 and result["mean"]["defect_mask_logical"] == pytest.approx(entry["defect_mask_logical"])
+
+
+def test_quality_probe_defect_cells_by_hand():
+    sys.path.insert(0, str(BENCHMARKS))
+    from quality_probe import defect_cells
+
+    region = np.zeros((8, 8), dtype=bool)
+    region[5, 6] = True  # row 5, column 6 -> cell (2, 3) of a 4 x 4 grid
+    other = np.zeros((8, 8), dtype=bool)
+    other[0:2, 0] = True  # cell (0, 0)
+    assert defect_cells([region, other], 4).nonzero().flatten().tolist() == [0, 11]
+    assert not defect_cells([], 4).any() and defect_cells([], 4).shape == (16,)
 
 
 def test_run_all_times_each_script_and_collects_its_result(runs):
