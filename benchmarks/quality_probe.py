@@ -18,7 +18,8 @@ checkpoints, no calibration, minutes instead of the full `make demo`), then repo
   under the same mask: per anomaly the fraction of good images with a smaller L1, averaged. Where
   this stays near 0.5, even perfect mask placement would not reveal the defect: the predictor (or
   the codes) miss the rule, and no mask sampling or score aggregation can recover it;
-- `predictor_loss`: final per-sample training loss (L1 summed over levels, 0..2L).
+- `predictor_loss`: final per-sample training loss of the configured `loss_type` (`predictor_loss_type`):
+  0..2L for `l1`, a cross-entropy summed over levels (about L ln K untrained) for `token_ce`.
 
 If the two oracles sit near 0.5 the codes do not carry the rule and no predictor can score it;
 if they are high and `logical` is low, the predictor is the bottleneck.
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
               "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
+              "predictor_loss_type": model.config.predictor_config.loss_type,
               "overrides": overrides, "seconds": round(time.time() - started, 1)}
     print(f"quality probe: logical {mean['logical']:.3f} (kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
           f"{mean['defect_mask_logical']:.3f}; oracles: position prior {mean['position_prior_logical']:.3f}, "
