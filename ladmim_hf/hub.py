@@ -566,6 +566,11 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
     example = categories[0]
     num_masks = config.num_masks
     predictors = "one shared predictor" if config.shared_predictor else f"one predictor per category ({len(categories)})"
+    distance = ("L1 between predicted and true histograms" if config.histogram_distance == "l1"
+                else "an RBF-kernel distance over the codebook vectors, so near-identical codes do not count as errors")
+    losses = {"l1": "the L1 histogram loss (the paper)", "kl": "a KL histogram loss",
+              "token_ce": "a cross-entropy on each masked cell's code (the histogram is the mean of the cells' predictions)",
+              "codebook_mmd": "the kernel histogram distance as loss"}
     sections = [
         f"# LADMIM logical anomaly detector: `{repo_id}`",
         "",
@@ -573,8 +578,9 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         "misplaced parts, wrong combinations) as well as *structural* ones (scratches, dents, contamination) in "
         "industrial images. A frozen EfficientNet gives a feature grid; a class-switched HVQ-Trans tokenizer turns it "
         "into discrete codes and reconstructs it (the reconstruction error is the structural score); a masked "
-        "transformer (LAViT) predicts the histogram of codes hidden under random block masks, and its L1 error is the "
-        "logical score. Both are standardised with statistics of normal validation images and summed.",
+        "transformer (LAViT) predicts the histogram of codes hidden under random block masks, and its error "
+        f"({distance}) is the logical score. Both are standardised with statistics of normal validation images and "
+        "summed.",
         "",
         f"- categories: {', '.join(f'`{c}`' for c in categories)}",
         f"- backbone: `{tok.backbone}` taps {tok.backbone_taps} -> {tok.feature_channels} x {tok.grid_size} x "
@@ -583,7 +589,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"layers, {tok.num_levels} levels x {tok.codebook_size} codes per category"
         f"{', OT term in the structural map' if tok.use_ot_score else ''}",
         f"- predictor: {predictors}, width {pred.hidden_size}, {pred.num_hidden_layers} layers, "
-        f"{pred.num_attention_heads} heads, {pred.loss_type} histogram loss",
+        f"{pred.num_attention_heads} heads, trained with {losses.get(pred.loss_type, pred.loss_type)}",
         f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default",
         "",
         "## Usage",

@@ -265,6 +265,7 @@ class Scored:
     predicted: np.ndarray
     target: np.ndarray
     grid_size: int
+    distance_name: str = "L1"  # what mask_scores measure: "L1" or the codebook "kernel distance"
 
 
 def score(model, processor, image: Image.Image, category: str, num_masks: int, threshold: float | None,
@@ -291,6 +292,7 @@ def score(model, processor, image: Image.Image, category: str, num_masks: int, t
         predicted=out.predicted_histograms[0].float().cpu().numpy(),
         target=out.target_histograms[0].float().cpu().numpy(),
         grid_size=int(model.config.tokenizer_config.grid_size),
+        distance_name="L1" if getattr(model.config, "histogram_distance", "l1") == "l1" else "kernel distance",
     )
 
 
@@ -382,7 +384,7 @@ def render(result: Scored, image: Image.Image):
         outlines.append(mask_outline(view, result.masks[index], result.grid_size))
         charts.append(histogram_chart(
             result.predicted[index], result.target[index],
-            title=f"#{rank}: mask {index + 1} of {result.num_masks}, L1 = {mask_score:.2f} "
+            title=f"#{rank}: mask {index + 1} of {result.num_masks}, {result.distance_name} = {mask_score:.2f} "
                   f"(mean of all masks {float(result.mask_scores.mean()):.2f})",
         ))
         top.append({"rank": rank, "mask": int(index), "score": mask_score})

@@ -170,6 +170,7 @@ def test_push_then_load_back_without_ladmim_hf(tmp_path, run_dir, tiny_model, mo
     assert "| pushpins | 0.770 | n/a |" in text and "| **mean** | 0.790 | 0.920 | 0.855 |" in text
     assert "batch 32, lr 0.0001 (cosine schedule" in text and "stage `tokenizer`: 4 steps, final loss 0.2500" in text
     assert "no calibration statistics" in text
+    assert "(L1 between predicted and true histograms)" in text and "trained with the L1 histogram loss (the paper)" in text
     for needle in ("Sakai", "Hasegawa", "Koshino", "2410.10234", "Transactions on Machine Learning Research",
                    "Hierarchical Vector Quantized Transformer", "NeurIPS", f'pipeline("image-anomaly-detection", model="{REPO_ID}"'):
         assert needle in text, needle

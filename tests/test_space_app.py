@@ -344,3 +344,17 @@ def _png_with_size(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
             + chunk(b"IEND", b""))
+
+
+def test_mask_charts_name_the_configured_distance(space):
+    """The per-mask score is an L1 only with `histogram_distance="l1"`; the chart title says which."""
+    import copy
+
+    app, model, processor = space["app"], space["model"], space["processor"]
+    image = Image.open(GOOD).convert("RGB")
+    assert app.score(model, processor, image, CATEGORY, NUM_MASKS, None, 0).distance_name == "L1"
+    kernel_model = copy.deepcopy(model)
+    kernel_model.config.histogram_distance = "codebook_mmd"
+    result = app.score(kernel_model, processor, image, CATEGORY, NUM_MASKS, None, 0)
+    assert result.distance_name == "kernel distance"
+    assert not np.allclose(result.mask_scores, app.score(model, processor, image, CATEGORY, NUM_MASKS, None, 0).mask_scores)
