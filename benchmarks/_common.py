@@ -98,7 +98,7 @@ def paper_config(categories=(CATEGORY,)):
 
 
 def synthloco_config(categories=(CATEGORY,)):
-    """The model sizes of configs/synthloco-cpu.yaml (EfficientNet-Lite0, 16 x 16 grid, LAViT 192 x 3)."""
+    """The model section of configs/synthloco-cpu.yaml, read from the file (sizes, losses and scoring as the demo trains)."""
     import yaml
 
     from ladmim_hf import LadmimConfig
