@@ -797,7 +797,9 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
     """LAViT: predicts, from the masked feature grid, the histogram of codes in the masked region.
 
     A BEiT-style ViT over the feature grid (one token per cell) with an extra hist token whose
-    output gives `(L, K)` logits, one code distribution per codebook level.
+    output gives `(L, K)` logits, one code distribution per codebook level. With
+    `loss_type="token_ce"` every masked cell predicts its own code instead, and the histogram is the
+    mean of those predictions (the hist token is then unused).
     """
 
     config_class = LadmimPredictorConfig
