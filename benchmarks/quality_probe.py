@@ -9,13 +9,15 @@ checkpoints, no calibration, minutes instead of the full `make demo`), then repo
   negative log-frequency of each cell's code among the training images at that cell;
 - `global_histogram_logical`: AUROC of the L1 distance from an image's whole-grid code histogram
   to its nearest training image's (what the codes can express about counts at all);
-- `logical` / `logical_per_defect`: the predictor's logical score (mean L1 over masks), the
-  method's logical branch, overall and per logical defect type;
-- `logical_mmd`: the same predictions scored with the kernel distance over the codebook vectors
-  (`histogram_distance="codebook_mmd"`) instead of L1 (equal to `logical` when the config uses it);
+- `logical` / `logical_per_defect`: the predictor's logical score (the mean over masks of the
+  config's `histogram_distance`), the method's logical branch, overall and per logical defect type;
+- `logical_l1` / `logical_mmd`: the same predictions scored with the L1 (the paper) and with the
+  kernel distance over the codebook vectors (`histogram_distance="codebook_mmd"`); one of them
+  equals `logical`;
 - `defect_mask_logical` / `defect_mask_per_defect`: the predictor scored with one mask that hides
   exactly a logical anomaly's ground-truth region (grown by one cell), against the good test images
-  under the same mask: per anomaly the fraction of good images with a smaller L1, averaged. Where
+  under the same mask: per anomaly the fraction of good images with a smaller score (the config's
+  distance), averaged. Where
   this stays near 0.5, even perfect mask placement would not reveal the defect: the predictor (or
   the codes) miss the rule, and no mask sampling or score aggregation can recover it;
 - `predictor_loss`: final per-sample training loss of the configured `loss_type` (`predictor_loss_type`):
@@ -78,11 +80,13 @@ def cached_features(model, settings, categories: list[str], cache_path: Path) ->
             print(f"rebuilding {cache_path}: written by an older version of this probe", file=sys.stderr)
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
     changed = False
+    grid = model.config.tokenizer_config.grid_size
     for category in categories:
         for split in ("train", "test"):
             key = f"{split}/{category}"
-            grid = model.config.tokenizer_config.grid_size
-            if key in cache and (split == "train" or cache[key].get("defect_cells", torch.empty(0, 0)).shape[-1] == grid * grid):
+            cells = cache.get(key, {}).get("defect_cells")
+            needs_cells = split == "test" and (cells is None or cells.shape[-1] != grid * grid)
+            if key in cache and not needs_cells:
                 continue
             if split == "train":
                 paths, types, defects = _train_paths(settings.data_root, category, "loco"), [], []
@@ -191,9 +195,11 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     logical = out.logical_score.numpy()
     aurocs = loco_image_aurocs(logical, types)
     result["logical"], result["logical_on_structural"] = aurocs["auroc_logical"], aurocs["auroc_structural"]
+    difference = out.predicted_histograms - out.target_histograms
     kernel = model.tokenizer.code_kernel(category, model.config.kernel_bandwidth)
-    mmd = kernel_histogram_distance(out.predicted_histograms - out.target_histograms, kernel).mean(1)
-    result["logical_mmd"] = loco_image_aurocs(mmd.numpy(), types)["auroc_logical"]
+    for name, distance in (("logical_l1", difference.abs().sum((-1, -2))),
+                           ("logical_mmd", kernel_histogram_distance(difference, kernel))):
+        result[name] = loco_image_aurocs(distance.mean(1).numpy(), types)["auroc_logical"]
     per_defect = per_defect_aurocs({"logical": logical}, types, defects)
     result["logical_per_defect"] = {name: entry["logical"] for name, entry in per_defect.items()
                                     if entry["anomaly_type"] == "logical"}
@@ -271,14 +277,15 @@ def main(argv: list[str] | None = None) -> dict:
     reconstruction = train_tokenizer(model.tokenizer, train_features, class_ids, args.tokenizer_steps, args.tokenizer_lr,
                                      args.batch_size, args.seed)
     per_category = {c: probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args) for c in categories}
-    keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_mmd",
-            "logical_on_structural", "defect_mask_logical"]
+    keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_l1",
+            "logical_mmd", "logical_on_structural", "defect_mask_logical"]
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
               "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
               "predictor_loss_type": model.config.predictor_config.loss_type,
+              "histogram_distance": model.config.histogram_distance,
               "overrides": overrides, "seconds": round(time.time() - started, 1)}
-    print(f"quality probe: logical {mean['logical']:.3f} (kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
+    print(f"quality probe: logical {mean['logical']:.3f} (L1 {mean['logical_l1']:.3f}, kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
           f"{mean['defect_mask_logical']:.3f}; oracles: position prior {mean['position_prior_logical']:.3f}, "
           f"global histogram {mean['global_histogram_logical']:.3f}), structural {mean['structural']:.3f} "
           f"(no OT {mean['structural_no_ot']:.3f}), reconstruction loss {reconstruction:.3f}, {result['seconds']} s")

@@ -159,10 +159,11 @@ class LadmimPredictorConfig(PretrainedConfig):
         loss_type (`str`, *optional*, defaults to `"l1"`): `"l1"` (the paper), `"kl"`, `"token_ce"`, or
             `"codebook_mmd"`. `"token_ce"` (the official code's `--target_type code`) trains a
             cross-entropy on every masked cell's code, and the predicted histogram is then the mean of
-            the masked cells' code distributions (the hist token is unused). `"codebook_mmd"`: per level sqrt(d^T G d) with d = predicted - true histogram and G an RBF
-            kernel between the tokenizer's codebook vectors (passed as `code_kernel`), so mass moved
-            between near-identical codes costs little (the direction of the official code's missing
-            OT histogram loss).
+            the masked cells' code distributions (the hist token is unused). `"codebook_mmd"`: per
+            level sqrt(d^T G d) with d = predicted - true histogram and G an RBF kernel between the
+            tokenizer's codebook vectors (passed as `code_kernel`), so mass moved between
+            near-identical codes costs little (the direction of the official code's missing OT
+            histogram loss).
         loss_reduction (`str`, *optional*, defaults to `"sum"`): `"sum"` over batch and levels, as the
             official code, or `"mean"`.
     """

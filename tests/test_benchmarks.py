@@ -147,9 +147,11 @@ def test_quality_probe(runs):
     result = last_json(runs, "quality_probe")
     entry = result["categories"]["pushpins"]
     for key in ("structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical",
-                "logical_mmd"):
+                "logical_l1", "logical_mmd"):
         assert 0.0 <= entry[key] <= 1.0, (key, entry[key])
         assert result["mean"][key] == pytest.approx(entry[key])
+    configured = {"l1": "logical_l1", "codebook_mmd": "logical_mmd"}[result["histogram_distance"]]
+    assert entry["logical"] == pytest.approx(entry[configured])  # `logical` is the configured distance
     assert entry["logical_per_defect"], "at least one logical defect type in the small test split"
     assert set(entry["logical_per_defect"]) <= {"missing_pushpin", "additional_pushpin", "missing_separator"}
     assert len(entry["codes_used"]) == 2 and all(1 <= n <= 64 for n in entry["codes_used"])
