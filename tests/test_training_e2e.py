@@ -66,7 +66,7 @@ def _train(config: Path, *extra: str, launcher: list[str] | None = None, timeout
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
+def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".notes.tmp").write_text("a user's file")  # a fresh run leaves hidden files alone (resume tidies)
@@ -130,6 +130,26 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root):
     report = (eval_dir / "report.md").read_text()
     assert "| pushpins |" in report and "figures/heatmaps.png" in report
     assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
+
+    # benchmarks/scoring_sweep.py rescoring the trained model: the 2-mask variant reproduces the
+    # evaluation above exactly (same seed, same masks); a bad field is refused by name.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scoring_sweep
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    capsys.readouterr()
+    scoring_sweep.main(["--model", str(model_dir), "--data_root", str(synth_root), "--threads", "1",
+                        "--variants", "num_masks=2", "num_masks=2,histogram_distance=codebook_mmd,kernel_bandwidth=4"])
+    sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    as_evaluated, kernel = sweep["variants"]
+    assert as_evaluated["overrides"] == {"num_masks": 2}
+    assert as_evaluated["logical_branch_auroc"] == round(metrics["branches_mean"]["logical"]["auroc_logical"], 4)
+    assert as_evaluated["per_category"] == {
+        c: round(metrics["categories"][c]["branches"]["logical"]["auroc_logical"], 4) for c in CATEGORIES}
+    assert kernel["overrides"]["kernel_bandwidth"] == 4.0 and 0.0 <= kernel["logical_branch_auroc"] <= 1.0
+    with pytest.raises(SystemExit, match="score_num_masks"):
+        scoring_sweep.parse_variant("score_num_masks=4")
 
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
