@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
         generate_synthloco(args.data_root, seed=0, small=True, categories=args.categories)
         args.tokenizer_steps, args.predictor_steps, args.batch_size, args.num_masks = 3, 3, 4, 2
         overrides.update({"model.tokenizer_config.image_size": 64, "model.tokenizer_config.grid_size": 4,
-                          "model.tokenizer_config.score_filter_size": 8})
+                          "model.tokenizer_config.score_filter_size": 8,
+                          # the config's mask sizes are cells of its 14 x 14 grid: the paper's training
+                          # fraction on 4 x 4, for scoring too
+                          "model.train_num_masked": 4, "model.train_min_block": 1,
+                          "model.score_num_masked": 4, "model.score_min_block": 1})
     settings = load_settings(args.config, {"data_root": args.data_root, **overrides})
     from ladmim_hf.data import resolve_categories
 
