@@ -37,8 +37,22 @@ def parse_variant(text: str) -> dict:
         field, sep, value = item.partition("=")
         if not sep or field not in SCORING_FIELDS:
             raise SystemExit(f"bad variant item {item!r}: use field=value with field one of {sorted(SCORING_FIELDS)}")
-        overrides[field] = SCORING_FIELDS[field](value)
+        try:
+            overrides[field] = SCORING_FIELDS[field](value)
+        except ValueError:
+            raise SystemExit(f"bad variant item {item!r}: {field} takes a {SCORING_FIELDS[field].__name__}") from None
     return overrides
+
+
+def apply_variant(model, overrides: dict) -> None:
+    """Set the overrides on `model.config`, after `LadmimConfig`'s own checks accept them (setting an
+    attribute alone would skip them: an unknown distance would silently score as L1)."""
+    try:
+        type(model.config).from_dict({**model.config.to_dict(), **overrides})
+    except ValueError as error:
+        raise SystemExit(f"variant {overrides}: {error}") from None
+    for field, value in overrides.items():
+        setattr(model.config, field, value)
 
 
 def main(argv=None) -> None:
@@ -61,8 +75,7 @@ def main(argv=None) -> None:
         root = Path(tmp)
         for index, overrides in enumerate(variants):
             model = LadmimForAnomalyDetection.from_pretrained(args.model)
-            for field, value in overrides.items():
-                setattr(model.config, field, value)
+            apply_variant(model, overrides)
             model_dir = root / f"variant_{index}"
             model.save_pretrained(model_dir)
             metrics = evaluate(str(model_dir), args.data_root, categories, str(root / f"eval_{index}"), seed=args.seed,

@@ -150,6 +150,13 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     assert kernel["overrides"]["kernel_bandwidth"] == 4.0 and 0.0 <= kernel["logical_branch_auroc"] <= 1.0
     with pytest.raises(SystemExit, match="score_num_masks"):
         scoring_sweep.parse_variant("score_num_masks=4")
+    with pytest.raises(SystemExit, match="'kernel_bandwidth=wide'.*float"):
+        scoring_sweep.parse_variant("kernel_bandwidth=wide")
+    with pytest.raises(SystemExit, match="histogram_distance must be"):
+        scoring_sweep.apply_variant(model, {"histogram_distance": "mmd"})
+    with pytest.raises(SystemExit, match="score_num_masked must be in"):
+        scoring_sweep.apply_variant(model, {"score_num_masked": 10_000})
+    assert model.config.histogram_distance != "mmd" and model.config.score_num_masked != 10_000
 
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
