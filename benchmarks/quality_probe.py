@@ -30,6 +30,10 @@ if they are high and `logical` is low, the predictor is the bottleneck.
     python benchmarks/quality_probe.py --data_root data/synthloco --set model.tokenizer_config.codebook_size=16
     python benchmarks/quality_probe.py --tiny                                           # seconds, for tests
 
+Predictor-only comparisons can reuse one trained tokenizer: `--tokenizer_cache FILE` saves its
+weights with the settings that produced them and loads them on the next run with the same settings
+(a run with other tokenizer settings retrains and overwrites the file).
+
 The last line of stdout is one JSON object.
 """
 
@@ -161,6 +165,32 @@ def train_predictor(model, category: str, features: torch.Tensor, codes: torch.T
     return per_sample
 
 
+def trained_tokenizer(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, args, categories: list[str]) -> float:
+    """Train the tokenizer, or load it from `args.tokenizer_cache` when that file was written with the
+    same settings; returns the final reconstruction loss."""
+    fingerprint = {"config": tokenizer.config.to_dict(), "categories": categories, "steps": args.tokenizer_steps,
+                   "lr": args.tokenizer_lr, "batch_size": args.batch_size, "seed": args.seed,
+                   "num_features": len(features)}
+    fingerprint["config"].pop("transformers_version", None)
+    cache = Path(args.tokenizer_cache) if args.tokenizer_cache else None
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if json.loads(saved["fingerprint"]) == json.loads(json.dumps(fingerprint)):
+            tokenizer.load_state_dict(saved["state"])
+            tokenizer.eval()
+            return float(saved["reconstruction_loss"])
+    torch.manual_seed(args.seed)
+    reconstruction = train_tokenizer(tokenizer, features, class_ids, args.tokenizer_steps, args.tokenizer_lr,
+                                     args.batch_size, args.seed)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(cache.name + ".tmp")
+        torch.save({"fingerprint": json.dumps(fingerprint), "state": tokenizer.state_dict(),
+                    "reconstruction_loss": reconstruction}, temporary)
+        temporary.replace(cache)
+    return reconstruction
+
+
 @torch.no_grad()
 def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     tokenizer = model.tokenizer
@@ -189,7 +219,8 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     with torch.enable_grad():
         standardised = tokenizer.standardize(train["features"])
         result["predictor_loss"] = train_predictor(model, category, standardised, train_codes, args.predictor_steps,
-                                                   args.predictor_lr, args.batch_size, args.seed)
+                                                   args.predictor_lr, args.predictor_batch_size or args.batch_size,
+                                                   args.seed)
     out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=list(range(len(types))),
                 return_histograms=True)
     logical = out.logical_score.numpy()
@@ -239,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--predictor_steps", type=int, default=150)
     parser.add_argument("--predictor_lr", type=float, default=1e-3)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--predictor_batch_size", type=int, default=None, help="default: --batch_size")
+    parser.add_argument("--tokenizer_cache", default=None,
+                        help="reuse a tokenizer trained with the same settings (saved here after training)")
     parser.add_argument("--num_masks", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -277,15 +311,14 @@ def main(argv: list[str] | None = None) -> dict:
     cache = cached_features(model, settings, categories, cache_path)
     train_features = torch.cat([cache[f"train/{c}"]["features"] for c in categories])
     class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]["features"]),), i) for i, c in enumerate(categories)])
-    torch.manual_seed(args.seed)
-    reconstruction = train_tokenizer(model.tokenizer, train_features, class_ids, args.tokenizer_steps, args.tokenizer_lr,
-                                     args.batch_size, args.seed)
+    reconstruction = trained_tokenizer(model.tokenizer, train_features, class_ids, args, categories)
     per_category = {c: probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args) for c in categories}
     keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_l1",
             "logical_mmd", "logical_on_structural", "defect_mask_logical"]
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
               "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
+              "predictor_batch_size": args.predictor_batch_size or args.batch_size,
               "predictor_loss_type": model.config.predictor_config.loss_type,
               "histogram_distance": model.config.histogram_distance,
               "overrides": overrides, "seconds": round(time.time() - started, 1)}

@@ -183,3 +183,20 @@ def test_run_all_times_each_script_and_collects_its_result(runs):
     entry = out["scripts"]["roofline"]
     assert entry["seconds"] > 0 and out["total_seconds"] >= entry["seconds"]
     assert entry["result"]["benchmark"] == "roofline" and 0 < entry["result"]["efficiency"]
+
+
+def test_quality_probe_reuses_a_cached_tokenizer_only_for_the_same_settings(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    import quality_probe
+
+    cache = tmp_path / "tokenizer.pt"
+    first = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache)])
+    saved = cache.read_bytes()
+    again = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache), "--predictor_batch_size", "2"])
+    assert cache.read_bytes() == saved, "same tokenizer settings: the cached tokenizer is loaded, not retrained"
+    assert again["tokenizer_reconstruction_loss"] == first["tokenizer_reconstruction_loss"]
+    assert again["categories"]["pushpins"]["structural"] == first["categories"]["pushpins"]["structural"]
+    assert again["predictor_batch_size"] == 2 and first["predictor_batch_size"] == 4
+    other = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache), "--seed", "1"])
+    assert cache.read_bytes() != saved, "another seed retrains the tokenizer and replaces the cache"
+    assert other["tokenizer_reconstruction_loss"] != first["tokenizer_reconstruction_loss"]
