@@ -304,14 +304,14 @@ def reference_score_one_mask(model, image: torch.Tensor, mask: torch.Tensor, cat
 
 
 def predictor_flops(cfg, sequences: int, images: int | None = None, hist_only: bool = True) -> dict:
-    """Multiply-add FLOPs (2 per MAC) of one predictor forward over `sequences` sequences of 2 + N
-    tokens, as `LadmimPredictorModel.forward` runs it. The patch embedding runs once per image
+    """Multiply-add FLOPs (2 per MAC) of one predictor forward over `sequences` sequences of 2 + T
+    tokens (T = N cells, or N / patch_size**2 patches), as `LadmimPredictorModel.forward` runs it. The patch embedding runs once per image
     (`images`, default one per sequence); the head runs on the hist token only. With `hist_only`
     (scoring, and training with the l1 / kl losses) the last block runs for the hist token alone
     (`LadmimPredictorLayer.forward(..., query_index=1)`): keys and values of all tokens, but one query, one
     attention row and the projection and MLP of one token; `hist_only=False` counts the full last
     block (`output_hidden_states`, `token_ce`)."""
-    n = cfg.num_patches
+    n = cfg.num_tokens
     t = n + 2
     d = cfg.hidden_size
     hidden = cfg.intermediate_size
@@ -331,7 +331,7 @@ def predictor_flops(cfg, sequences: int, images: int | None = None, hist_only: b
     full, last = block(t), block(1 if hist_only else t)
     layers = cfg.num_hidden_layers
     parts = {name: (full[name] * (layers - 1) + last[name]) * sequences for name in full}
-    parts["patch_embed"] = 2 * n * cfg.input_channels * d * images
+    parts["patch_embed"] = 2 * n * cfg.input_channels * cfg.patch_size**2 * d * images
     parts["head"] = 2 * d * cfg.num_levels * cfg.codebook_size * sequences
     parts["total"] = sum(parts.values())
     return parts

@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     features = torch.randn(args.images, cfg.input_channels, cfg.grid_size, cfg.grid_size, generator=generator)
     masks = BlockMaskGenerator(cfg.grid_size, detector_config.score_num_masked, detector_config.score_min_block,
-                               detector_config.min_aspect)(args.images, args.num_masks, seed=args.seed)
+                               detector_config.min_aspect, patch_size=cfg.patch_size)(args.images, args.num_masks, seed=args.seed)
     sequences = args.images * args.num_masks
     flops = C.predictor_flops(cfg, sequences, images=args.images)
     a = torch.randn(args.matmul_size, args.matmul_size, generator=generator)
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         "benchmark": "roofline",
         "config": config_name,
         "sequences": sequences,
-        "tokens_per_sequence": cfg.num_patches + 2,
+        "tokens_per_sequence": cfg.num_tokens + 2,
         "predictor_gflop": round(total / 1e9, 2),
         "predictor_gflops": round(C.median(predictor_rates) / 1e9, 2),
         "matmul_gflops": round(C.median(matmul_rates) / 1e9, 2),
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
         }
     if args.profile:
         result["time_shares"] = profile_breakdown(predictor, features, masks)
-    C.emit(f"roofline ({config_name}, {sequences} sequences x {cfg.num_patches + 2} tokens): predictor "
+    C.emit(f"roofline ({config_name}, {sequences} sequences x {cfg.num_tokens + 2} tokens): predictor "
            f"{result['predictor_gflops']:.1f} GFLOP/s vs {args.matmul_size}^2 matmul {result['matmul_gflops']:.1f} "
            f"GFLOP/s, efficiency {efficiency:.2f}", result)
 

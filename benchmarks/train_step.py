@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     features = torch.randn(batch, cfg.input_channels, cfg.grid_size, cfg.grid_size, generator=generator)
     codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_levels, cfg.num_patches), generator=generator)
     mask_generator = BlockMaskGenerator(cfg.grid_size, detector_config.train_num_masked,
-                                        detector_config.train_min_block, detector_config.min_aspect)
+                                        detector_config.train_min_block, detector_config.min_aspect,
+                                        patch_size=cfg.patch_size)
 
     def masks_for(step: int) -> torch.Tensor:
         return mask_generator(batch, seed=[args.seed * 7919 + step * batch + i for i in range(batch)])

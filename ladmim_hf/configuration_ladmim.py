@@ -141,6 +141,11 @@ class LadmimPredictorConfig(PretrainedConfig):
     Args:
         input_channels (`int`, *optional*, defaults to 384): channels of the feature grid it reads.
         grid_size (`int`, *optional*, defaults to 24): the feature grid is `grid_size x grid_size`.
+        patch_size (`int`, *optional*, defaults to 1): side of the square of feature cells one token
+            reads (a ViT patch over the feature grid). `1` is the paper: one token per cell. With
+            `p > 1` the transformer runs on `(grid_size / p)**2` tokens, each embedding its `p x p`
+            cells' features and, with `loss_type="token_ce"`, predicting each of its cells' codes;
+            masks then cover whole patches. About `p**2` times fewer tokens per step.
         hidden_size (`int`, *optional*, defaults to 512): transformer width.
         num_hidden_layers (`int`, *optional*, defaults to 4): number of blocks.
         num_attention_heads (`int`, *optional*, defaults to 8): attention heads.
@@ -174,6 +179,7 @@ class LadmimPredictorConfig(PretrainedConfig):
         self,
         input_channels: int = 384,
         grid_size: int = 24,
+        patch_size: int = 1,
         hidden_size: int = 512,
         num_hidden_layers: int = 4,
         num_attention_heads: int = 8,
@@ -195,10 +201,13 @@ class LadmimPredictorConfig(PretrainedConfig):
             raise ValueError(f"loss_type must be 'l1', 'kl', 'token_ce' or 'codebook_mmd', got {loss_type!r}")
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if patch_size < 1 or grid_size % patch_size:
+            raise ValueError(f"patch_size ({patch_size}) must divide grid_size ({grid_size})")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
         self.input_channels = input_channels
         self.grid_size = grid_size
+        self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -218,7 +227,13 @@ class LadmimPredictorConfig(PretrainedConfig):
 
     @property
     def num_patches(self) -> int:
+        """Feature cells `grid_size**2`: what masks, codes and histograms are counted over."""
         return self.grid_size * self.grid_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens the transformer reads, `(grid_size / patch_size)**2` (plus cls and hist)."""
+        return (self.grid_size // self.patch_size) ** 2
 
     @property
     def intermediate_size(self) -> int:
@@ -290,11 +305,17 @@ class LadmimConfig(PretrainedConfig):
         self.shared_predictor = shared_predictor
         self.num_masks = num_masks
         cells = tokenizer_config.grid_size**2
-        # The paper's mask sizes are given on a 24 x 24 grid; other grids keep the same fractions.
-        self.train_num_masked = train_num_masked if train_num_masked is not None else max(1, round(cells * 130 / 576))
-        self.train_min_block = train_min_block if train_min_block is not None else max(1, round(cells * 46 / 576))
-        self.score_num_masked = score_num_masked if score_num_masked is not None else max(1, round(cells * 230 / 576))
-        self.score_min_block = score_min_block if score_min_block is not None else max(1, round(cells * 92 / 576))
+        area = predictor_config.patch_size**2
+
+        def paper_fraction(count: int) -> int:
+            # The paper's mask sizes are given on a 24 x 24 grid; other grids keep the same fractions,
+            # in whole predictor patches.
+            return area * max(1, round(cells * count / 576 / area))
+
+        self.train_num_masked = train_num_masked if train_num_masked is not None else paper_fraction(130)
+        self.train_min_block = train_min_block if train_min_block is not None else paper_fraction(46)
+        self.score_num_masked = score_num_masked if score_num_masked is not None else paper_fraction(230)
+        self.score_min_block = score_min_block if score_min_block is not None else paper_fraction(92)
         self.min_aspect = min_aspect
         self.calibration = dict(calibration or {})
         self.default_threshold = default_threshold
@@ -307,6 +328,12 @@ class LadmimConfig(PretrainedConfig):
         for name, value in (("train_num_masked", self.train_num_masked), ("score_num_masked", self.score_num_masked)):
             if not 0 < value <= cells:
                 raise ValueError(f"{name} must be in 1..{cells} for a {tokenizer_config.grid_size}x{tokenizer_config.grid_size} grid, got {value}")
+        if area > 1:
+            # Masks cover whole patches, so every mask size must be a whole number of them.
+            for name in ("train_num_masked", "train_min_block", "score_num_masked", "score_min_block"):
+                if getattr(self, name) % area:
+                    raise ValueError(f"{name} ({getattr(self, name)}) must be a multiple of predictor_config.patch_size**2 "
+                                     f"({area}): masks cover whole {predictor_config.patch_size}x{predictor_config.patch_size} patches")
         if not 0 < min_aspect <= 1 or not math.isfinite(min_aspect):
             raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
         super().__init__(**kwargs)

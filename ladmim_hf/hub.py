@@ -589,7 +589,9 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"layers, {tok.num_levels} levels x {tok.codebook_size} codes per category"
         f"{', OT term in the structural map' if tok.use_ot_score else ''}",
         f"- predictor: {predictors}, width {pred.hidden_size}, {pred.num_hidden_layers} layers, "
-        f"{pred.num_attention_heads} heads, trained with {losses[pred.loss_type]}",
+        f"{pred.num_attention_heads} heads"
+        f"{f', one token per {pred.patch_size}x{pred.patch_size} cells' if pred.patch_size > 1 else ''}, "
+        f"trained with {losses[pred.loss_type]}",
         f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default",
         "",
         "## Usage",

@@ -680,33 +680,40 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
 
 
 class LadmimPredictorEmbeddings(nn.Module):
-    """1x1 patch embedding of the feature grid, mask token, cls and hist tokens, absolute positions."""
+    """Patch embedding of the feature grid (one token per `patch_size x patch_size` cells; 1x1 in the
+    paper), mask token, cls and hist tokens, absolute positions."""
 
     def __init__(self, config: LadmimPredictorConfig):
         super().__init__()
         dim = config.hidden_size
-        self.patch_embeddings = nn.Linear(config.input_channels, dim)
+        self.grid_size, self.patch_size = config.grid_size, config.patch_size
+        self.patch_embeddings = nn.Linear(config.input_channels * config.patch_size**2, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.hist_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 2, dim))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_tokens + 2, dim))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
-        """`(B, C, g, g)` or `(B, N, C)` -> patch embeddings `(B, N, D)`."""
+        """`(B, C, g, g)` or `(B, N, C)` -> patch embeddings `(B, T, D)`, T = (g / patch_size)**2."""
+        if self.patch_size > 1:
+            if features.dim() == 3:
+                features = features.transpose(1, 2).unflatten(-1, (self.grid_size, self.grid_size))
+            # (B, C * p * p, g / p, g / p): channel c * p * p + i * p + j holds cell (i, j) of a patch
+            features = F.pixel_unshuffle(features, self.patch_size)
         if features.dim() == 4:
             features = features.flatten(2).transpose(1, 2)
         return self.patch_embeddings(features)
 
     def forward(self, patches: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings `(B, N, D)` and masks `(B, M, N)` -> token sequences `(B * M, 2 + N, D)`.
+        """Patch embeddings `(B, T, D)` and token masks `(B, M, T)` -> token sequences `(B * M, 2 + T, D)`.
 
         The patch embedding is computed once per image and shared by all of its masks.
         """
-        batch, num_masks, cells = bool_masked_pos.shape
+        batch, num_masks, length = bool_masked_pos.shape
         dim = patches.shape[-1]
         tokens = torch.where(bool_masked_pos[..., None], self.mask_token.to(patches.dtype), patches[:, None])
-        tokens = tokens.reshape(batch * num_masks, cells, dim)
+        tokens = tokens.reshape(batch * num_masks, length, dim)
         special = torch.cat([self.cls_token, self.hist_token], dim=1).to(patches.dtype).expand(batch * num_masks, -1, -1)
         return self.dropout(torch.cat([special, tokens], dim=1) + self.position_embeddings.to(patches.dtype))
 
@@ -811,8 +818,30 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         self.embeddings = LadmimPredictorEmbeddings(config)
         self.layers = nn.ModuleList([LadmimPredictorLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.num_levels * config.codebook_size)
+        # token_ce: each patch token predicts the codes of its patch_size**2 cells
+        cells_per_token = config.patch_size**2 if config.loss_type == "token_ce" else 1
+        self.head = nn.Linear(config.hidden_size, cells_per_token * config.num_levels * config.codebook_size)
         self.post_init()
+
+    def token_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Cell masks `(..., N)` -> token masks `(..., T)`: a patch token is masked when any of its cells
+        is (so no masked cell is ever visible); identical for patch_size 1."""
+        p, g = self.config.patch_size, self.config.grid_size
+        if p == 1:
+            return masks
+        grid = masks.unflatten(-1, (g // p, p, g // p, p))
+        return grid.any(-1).any(-2).flatten(-2)
+
+    def cell_logits(self, token_hidden: torch.Tensor) -> torch.Tensor:
+        """Normed patch-token states `(S, T, D)` -> per-cell code logits `(S, N, L, K)` (token_ce)."""
+        config = self.config
+        p, side = config.patch_size, config.grid_size // config.patch_size
+        logits = self.head(token_hidden)
+        if p == 1:
+            return logits.unflatten(-1, (config.num_levels, config.codebook_size))
+        # (S, rows, cols, i, j, L * K) -> (S, rows, i, cols, j, L * K): row-major cells of the full grid
+        logits = logits.view(logits.shape[0], side, side, p, p, -1).permute(0, 1, 3, 2, 4, 5)
+        return logits.reshape(logits.shape[0], config.num_patches, config.num_levels, config.codebook_size)
 
     def forward(self, features: torch.Tensor, bool_masked_pos: torch.Tensor, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, max_sequences_per_chunk: int | None = None,
@@ -851,7 +880,7 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             image_index = torch.arange(start, stop, device=masks.device) // num_masks
-            hidden = self.embeddings(patches[image_index], flat_masks[start:stop, None])
+            hidden = self.embeddings(patches[image_index], self.token_masks(flat_masks[start:stop, None]))
             if hist_only:
                 # Only the hist token's logits are used: the last block runs for that token alone
                 # (21 % fewer FLOPs at paper size; benchmarks/README.md).
@@ -863,7 +892,7 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
                 hidden = layer(hidden)
             hidden = self.norm(hidden)
             if per_cell:
-                cell_logits = self.head(hidden[:, 2:]).unflatten(-1, (config.num_levels, config.codebook_size))
+                cell_logits = self.cell_logits(hidden[:, 2:])
                 logits_parts.append(masked_mean_log_probs(cell_logits, flat_masks[start:stop]).flatten(1))
                 if need_tokens:
                     token_parts.append(cell_logits)
@@ -955,6 +984,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             config.train_num_masked if training else config.score_num_masked,
             config.train_min_block if training else config.score_min_block,
             config.min_aspect,
+            patch_size=config.predictor_config.patch_size,
         )
 
     def calibration_for(self, category: str) -> dict:

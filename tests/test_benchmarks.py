@@ -141,6 +141,12 @@ def test_flop_count_matches_paper_model():
     last_layer = 2 * t * d * 2 * d + 2 * d * d + 4 * t * d + 2 * d * d + 2 * 2 * d * 4 * d
     assert hist_only["total"] == 3 * per_layer + last_layer + embed_and_head
     assert 0.20 < 1 - hist_only["total"] / full["total"] < 0.22
+    # 2x2 patch tokens: 144 tokens of 4 x 384 features; the same embedding work, 4x less in the linear layers
+    patched = _common.predictor_flops(LadmimPredictorConfig(patch_size=2), sequences=1, hist_only=False)
+    t = 146
+    per_layer = 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * 4 * d
+    assert patched["total"] == 4 * per_layer + 2 * 144 * 4 * 384 * d + 2 * d * 2048
+    assert 4.0 < full["total"] / patched["total"] < 4.5  # attention shrinks 16x
 
 
 def test_quality_probe(runs):

@@ -481,3 +481,111 @@ def test_codebook_mmd_loss_and_scoring_use_the_kernel_distance(tiny_model):
     assert not torch.allclose(plain.mask_scores, got.mask_scores)
     with pytest.raises(ValueError, match="histogram_distance"):
         type(tiny_model.config)(histogram_distance="l2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Patch tokens (predictor_config.patch_size > 1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_predictor(loss_type: str = "token_ce", patch_size: int = 2) -> LadmimPredictorModel:
+    config = LadmimPredictorConfig(**tiny_predictor_kwargs(input_channels=8, grid_size=4, num_levels=2, codebook_size=16,
+                                                           loss_type=loss_type, patch_size=patch_size,
+                                                           attention_probs_dropout_prob=0.0))
+    torch.manual_seed(0)
+    return LadmimPredictorModel(config).eval()
+
+
+def test_patch_tokens_embed_exactly_their_cells():
+    predictor = _patch_predictor()
+    assert predictor.config.num_tokens == 4 and predictor.config.num_patches == 16
+    features = torch.randn(2, 8, 4, 4)
+    tokens = predictor.embeddings.embed_patches(features)
+    assert tokens.shape == (2, 4, 32)
+    # the (B, N, C) layout gives the same tokens
+    torch.testing.assert_close(predictor.embeddings.embed_patches(features.flatten(2).transpose(1, 2)), tokens)
+    # by hand: token (r, c) reads cells (2r + i, 2c + j), channel-major within the patch
+    weight, bias = predictor.embeddings.patch_embeddings.weight, predictor.embeddings.patch_embeddings.bias
+    for r in range(2):
+        for c in range(2):
+            patch = features[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(2, -1)  # (B, C * 2 * 2)
+            torch.testing.assert_close(tokens[:, 2 * r + c], patch @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_tokens_predict_each_of_their_cells():
+    predictor = _patch_predictor()
+    features = torch.randn(2, 8, 4, 4)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, [0, 1, 4, 5, 10, 11, 14, 15]] = True  # patches (0, 0) and (1, 1)
+    labels = torch.randint(0, 16, (2, 2, 16))
+    out = predictor(features, masks, labels=labels, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 2 + 4, 32)
+    head = predictor.head(out.last_hidden_state[:, 2:]).view(2, 4, 4, 2, 16)  # (B, token, cell in patch, L, K)
+    for cell in range(16):
+        row, col = divmod(cell, 4)
+        token, inside = (row // 2) * 2 + col // 2, (row % 2) * 2 + col % 2
+        torch.testing.assert_close(out.token_logits[:, cell], head[:, token, inside])
+    expected = out.token_logits.softmax(-1)[:, masks[0]].mean(1)  # the histogram is the mean over masked cells
+    torch.testing.assert_close(out.logits.softmax(-1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "token_ce"])
+def test_patch_tokens_never_see_a_masked_cell(loss_type):
+    """A patch with any masked cell is a mask token, so even a mask that splits a patch hides all of
+    that cell's features."""
+    predictor = _patch_predictor(loss_type)
+    features = torch.randn(2, 8, 4, 4)
+    masks = torch.zeros(2, 3, 16, dtype=torch.bool)
+    masks[:, 0, 5] = True  # one cell of patch (0, 0)
+    masks[:, 1, [10, 11, 14, 15]] = True  # all of patch (1, 1)
+    masks[:, 2, [2, 3, 8]] = True  # half of patch (0, 1), a quarter of patch (1, 0)
+    base = predictor(features, masks).logits
+    for m in range(3):
+        changed = features.clone().flatten(2)
+        changed[:, :, masks[0, m]] += 100.0
+        torch.testing.assert_close(predictor(changed.view_as(features), masks[:, m]).logits, base[:, m], rtol=1e-5, atol=1e-5)
+    # a visible cell of the same patch as a masked one is hidden too (the whole patch is a mask token)
+    changed = features.clone().flatten(2)
+    changed[:, :, 0] += 100.0  # cell 0 shares patch (0, 0) with the masked cell 5
+    torch.testing.assert_close(predictor(changed.view_as(features), masks[:, 0]).logits, base[:, 0], rtol=1e-5, atol=1e-5)
+    assert predictor.token_masks(masks).tolist()[0] == [[True, False, False, False], [False, False, False, True],
+                                                       [False, True, True, False]]
+
+
+def test_patch_masks_cover_whole_patches_and_config_checks_sizes():
+    from ladmim_hf.masking import BlockMaskGenerator
+
+    generator = BlockMaskGenerator(8, 24, min_block=8, patch_size=2)
+    masks = generator(5, 4, seed=0)
+    assert masks.shape == (5, 4, 64) and (masks.sum(-1) == 24).all()
+    patches = masks.view(5, 4, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(5, 4, 16, 4)
+    assert (patches.all(-1) == patches.any(-1)).all(), "every 2x2 patch is fully masked or fully visible"
+    with pytest.raises(ValueError, match="num_masked .* multiple of patch_size"):
+        BlockMaskGenerator(8, 22, min_block=8, patch_size=2)
+    with pytest.raises(ValueError, match="patch_size must divide"):
+        BlockMaskGenerator(8, 24, patch_size=3)
+    with pytest.raises(ValueError, match="score_min_block .* multiple of predictor_config.patch_size"):
+        tiny_config(predictor={"patch_size": 2}, train_num_masked=4, train_min_block=4, score_num_masked=8, score_min_block=6)
+    with pytest.raises(ValueError, match="patch_size .* must divide grid_size"):
+        tiny_config(predictor={"patch_size": 3})
+    # unset mask sizes keep the paper's fractions of 576 cells in whole 4-cell patches: 64 * (130, 46, 230, 92) / 576
+    # = 14.4, 5.1, 25.6, 10.2 cells = 3.6, 1.3, 6.4, 2.6 patches -> 4, 1, 6, 3 patches
+    config = tiny_config(tokenizer={"grid_size": 8}, predictor={"patch_size": 2})
+    assert [config.train_num_masked, config.train_min_block, config.score_num_masked, config.score_min_block] == [16, 4, 24, 12]
+
+
+def test_patch_predictor_detector_scores_and_round_trips(tmp_path, pixel_values):
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(tiny_config(predictor={"patch_size": 2, "loss_type": "token_ce"},
+                                                  train_num_masked=4, train_min_block=4, score_num_masked=8,
+                                                  score_min_block=4)).eval()
+    out = model(pixel_values, category="pushpins", num_masks=3, seed=[0, 1, 2])
+    assert out.mask_scores.shape == (3, 3) and torch.isfinite(out.pred_score).all()
+    assert (out.masks.view(3, 3, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(3, 3, 4, 4).float().mean(-1) % 1 == 0).all()
+    model.save_pretrained(tmp_path)
+    loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.predictor_config.patch_size == 2
+    again = loaded(pixel_values, category="pushpins", num_masks=3, seed=[0, 1, 2])
+    torch.testing.assert_close(again.pred_score, out.pred_score)
