@@ -197,6 +197,8 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
     levels, size = tokenizer.config.num_levels, tokenizer.config.codebook_size
     types, defects = test["types"], test["defects"]
     train_codes = tokenizer.encode(features=train["features"], category=category)
+    if tokenizer.config.residual_normalization == "cell_channel":
+        tokenizer.fit_residual_statistics(train["features"], category)
     tokens = tokenizer.tokenize(features=test["features"], category=category, use_ot=True)
     no_ot = tokenizer.tokenize(features=test["features"], category=category, use_ot=False)["structural_score"]
     # Context-free oracle: how unusual is each cell's code at that cell?

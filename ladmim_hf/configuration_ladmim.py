@@ -60,6 +60,15 @@ class LadmimTokenizerConfig(PretrainedConfig):
         ot_temperature (`float`, *optional*, defaults to 512.0): softmax temperature of the OT term.
         score_filter_size (`int`, *optional*, defaults to 16): mean-filter size (pixels) before the
             max that gives the structural image score.
+        residual_normalization (`str`, *optional*, defaults to `"none"`): how the reconstruction
+            error becomes the structural map. `"none"` (HVQ-Trans, the paper): its L2 norm over
+            channels per cell. `"cell_channel"`: first subtract, per category, cell and channel, the
+            mean error on the training images and divide by its std, so cells that are always hard to
+            reconstruct (edges, textures) stop dominating the max. The statistics are buffers set by
+            `fit_residual_statistics` (training does it after the tokenizer stage, on `train/good`).
+        residual_variance_floor (`float`, *optional*, defaults to 0.1): added to every residual
+            variance as this fraction of the category's mean residual variance, so nearly constant
+            cells do not blow up the map (`"cell_channel"` only).
         initializer_range (`float`, *optional*, defaults to 0.02): std of linear weight init.
     """
 
@@ -91,9 +100,15 @@ class LadmimTokenizerConfig(PretrainedConfig):
         ot_weight: float = 80.0,
         ot_temperature: float = 512.0,
         score_filter_size: int = 16,
+        residual_normalization: str = "none",
+        residual_variance_floor: float = 0.1,
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        if residual_normalization not in ("none", "cell_channel"):
+            raise ValueError(f"residual_normalization must be 'none' or 'cell_channel', got {residual_normalization!r}")
+        if not (residual_variance_floor > 0 and math.isfinite(residual_variance_floor)):
+            raise ValueError(f"residual_variance_floor must be a positive number, got {residual_variance_floor}")
         if backbone not in BACKBONE_DEFAULTS:
             raise ValueError(f"backbone must be one of {sorted(BACKBONE_DEFAULTS)}, got {backbone!r}")
         defaults = BACKBONE_DEFAULTS[backbone]
@@ -123,6 +138,8 @@ class LadmimTokenizerConfig(PretrainedConfig):
         self.ot_weight = ot_weight
         self.ot_temperature = ot_temperature
         self.score_filter_size = score_filter_size
+        self.residual_normalization = residual_normalization
+        self.residual_variance_floor = float(residual_variance_floor)
         self.initializer_range = initializer_range
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")

@@ -501,6 +501,13 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         # Identity until `set_feature_statistics` (training stage 0) fills them in.
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
+        if config.residual_normalization == "cell_channel":
+            # Identity until `fit_residual_statistics` fills a category in.
+            grid = (cats, channels, config.grid_size, config.grid_size)
+            self.register_buffer("residual_mean", torch.zeros(grid))
+            self.register_buffer("residual_var", torch.ones(grid))
+            self.register_buffer("residual_fitted", torch.zeros(cats, dtype=torch.bool))
+        self._warned_unfitted: set[int] = set()
         self.post_init()
 
     @property
@@ -537,6 +544,31 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
         self.feature_mean.copy_(flat.mean(1).to(self.feature_mean))
         self.feature_std.copy_(flat.std(1).clamp(min=1e-6).to(self.feature_std))
+
+    @torch.no_grad()
+    def fit_residual_statistics(self, features: torch.Tensor, category, batch_size: int = 64) -> None:
+        """Per cell and channel mean and variance of the reconstruction error on one category's normal
+        images (raw backbone features `(num_images, C, g, g)`), for
+        `config.residual_normalization="cell_channel"`. Codebooks are not updated."""
+        if self.config.residual_normalization != "cell_channel":
+            raise ValueError("fit_residual_statistics needs config.residual_normalization='cell_channel'")
+        if len(features) < 2:
+            raise ValueError(f"fit_residual_statistics needs at least 2 images, got {len(features)}")
+        class_id = int(self.category_ids(category, 1)[0])
+        total = total_sq = None
+        with _eval_mode(self):
+            for chunk in features.split(batch_size):
+                chunk = chunk.to(self.device)
+                out = self(features=chunk, category=class_id, update_codebooks=False, return_maps=False)
+                residual = (out.reconstruction - out.features).double()
+                total = residual.sum(0) if total is None else total + residual.sum(0)
+                total_sq = residual.pow(2).sum(0) if total_sq is None else total_sq + residual.pow(2).sum(0)
+        count = len(features)
+        mean = total / count
+        variance = ((total_sq - count * mean.pow(2)) / (count - 1)).clamp(min=0)
+        self.residual_mean[class_id] = mean.to(self.residual_mean)
+        self.residual_var[class_id] = variance.to(self.residual_var)
+        self.residual_fitted[class_id] = True
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
         """Raw backbone features `(B, C, g, g)` -> what the tokenizer reconstructs and the predictor
@@ -602,12 +634,26 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
                         use_ot: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Structural anomaly map at input resolution `(B, S, S)` and image score `(B,)`.
 
-        The map is the per-cell L2 norm of the reconstruction error (plus `ot_weight` x the OT term
-        when enabled), bilinearly upsampled; the score is the max of its `score_filter_size` mean
+        The map is the per-cell L2 norm of the reconstruction error (normalised per cell and channel
+        with `residual_normalization="cell_channel"`; plus `ot_weight` x the OT term when enabled),
+        bilinearly upsampled; the score is the max of its `score_filter_size` mean
         filter.
         """
         config = self.config
-        grid = (reconstruction - features).pow(2).sum(1).sqrt()
+        residual = reconstruction - features
+        if config.residual_normalization == "cell_channel":
+            if class_ids is None:
+                raise ValueError("residual_normalization='cell_channel' needs class_ids")
+            unfitted = set(class_ids[~self.residual_fitted[class_ids]].tolist()) - self._warned_unfitted
+            if unfitted:
+                logger.warning("no residual statistics for categories %s (fit_residual_statistics); their structural "
+                               "maps are not normalised", [self.categories[i] for i in sorted(unfitted)])
+                self._warned_unfitted.update(unfitted)
+            mean, variance = self.residual_mean[class_ids], self.residual_var[class_ids]
+            floor = config.residual_variance_floor * variance.mean((1, 2, 3), keepdim=True)
+            grid = ((residual - mean).pow(2) / (variance + floor)).sum(1).sqrt()
+        else:
+            grid = residual.pow(2).sum(1).sqrt()
         use_ot = config.use_ot_score if use_ot is None else use_ot
         if use_ot and bottom_input is not None:
             grid = grid + config.ot_weight * self.ot_map(bottom_input, class_ids).view_as(grid)

@@ -593,8 +593,12 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             progress.mark(stage_name, summary[stage_name], accelerator.is_main_process)
             accelerator.print(f"[{stage_name}] {summary[stage_name]}")
 
-    # Stage 3: calibration on normal validation images (never on test images).
+    # Stage 3: calibration on normal validation images (never on test images); the residual
+    # statistics of the structural map come from the training images, so validation stays unseen.
     model.eval()
+    if model.config.tokenizer_config.residual_normalization == "cell_channel":
+        for category in categories:
+            model.tokenizer.fit_residual_statistics(cache[f"train/{category}"], category)
     model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
     num_masks = settings.calibration_num_masks or model.config.num_masks

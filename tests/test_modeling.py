@@ -105,6 +105,55 @@ def test_feature_standardisation_statistics_and_equivalence(tmp_path):
     assert loaded.config.standardize_features
     assert torch.equal(loaded.feature_std, standardised.feature_std)
 
+def test_cell_channel_residual_normalisation_by_hand(tmp_path, caplog):
+    torch.manual_seed(0)
+    tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs(
+        residual_normalization="cell_channel", residual_variance_floor=0.2, use_ot_score=False)))
+    plain = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs(use_ot_score=False))).eval()
+    plain.load_state_dict(tokenizer.state_dict(), strict=False)
+    channels = tokenizer.config.feature_channels
+    train, test = torch.randn(7, channels, 4, 4), torch.randn(3, channels, 4, 4)
+    # unfitted: the identity statistics give the plain map scaled by 1 / sqrt(1 + floor), with a warning
+    unfitted = tokenizer.eval().tokenize(features=test, category="pushpins")
+    torch.testing.assert_close(unfitted["structural_map"] * math.sqrt(1.2), plain.tokenize(features=test, category="pushpins")["structural_map"],
+                               rtol=1e-5, atol=1e-5)
+    assert "no residual statistics for categories ['pushpins']" in caplog.text
+    tokenizer.train()
+    codebooks = tokenizer.quantizers[0].embed.clone()
+    tokenizer.fit_residual_statistics(train, "pushpins", batch_size=3)
+    assert tokenizer.training and torch.equal(tokenizer.quantizers[0].embed, codebooks), "no EMA updates, mode restored"
+    tokenizer.eval()
+    pushpins = tokenizer.categories.index("pushpins")
+    assert tokenizer.residual_fitted.tolist() == [c == "pushpins" for c in tokenizer.categories]
+    with torch.no_grad():
+        out = tokenizer(features=train, category="pushpins", return_maps=False)
+        residual = out.reconstruction - out.features
+    torch.testing.assert_close(tokenizer.residual_mean[pushpins], residual.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokenizer.residual_var[pushpins], residual.var(0), rtol=1e-4, atol=1e-6)
+    # the map, by hand: per cell sqrt(sum_c (r - mean)^2 / (var + 0.2 * mean var)), then upsampled
+    with torch.no_grad():
+        out = tokenizer(features=test, category="pushpins", return_maps=False)
+    mean, var = residual.mean(0), residual.var(0)
+    grid = ((out.reconstruction - out.features - mean).pow(2) / (var + 0.2 * var.mean())).sum(1).sqrt()
+    expected = torch.nn.functional.interpolate(grid[:, None], size=(64, 64), mode="bilinear", align_corners=True)[:, 0]
+    tokens = tokenizer.tokenize(features=test, category="pushpins")
+    torch.testing.assert_close(tokens["structural_map"], expected, rtol=1e-4, atol=1e-5)
+    # other categories keep their own (identity) statistics in a mixed batch
+    mixed = tokenizer.tokenize(features=test, category=["pushpins", "breakfast_box", "pushpins"])
+    torch.testing.assert_close(mixed["structural_map"][[0, 2]], tokens["structural_map"][[0, 2]], rtol=1e-5, atol=1e-5)
+    alone = tokenizer.tokenize(features=test[1:2], category="breakfast_box")["structural_map"]
+    torch.testing.assert_close(mixed["structural_map"][1:2], alone, rtol=1e-5, atol=1e-5)
+    # saved with the weights
+    tokenizer.save_pretrained(tmp_path)
+    loaded = LadmimTokenizerModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.residual_normalization == "cell_channel" and loaded.residual_fitted[pushpins]
+    torch.testing.assert_close(loaded.tokenize(features=test, category="pushpins")["structural_map"], tokens["structural_map"])
+    with pytest.raises(ValueError, match="residual_normalization must be"):
+        LadmimTokenizerConfig(residual_normalization="z")
+    with pytest.raises(ValueError, match="needs config.residual_normalization"):
+        plain.fit_residual_statistics(train, "pushpins")
+
+
 def test_ema_codebooks_unchanged_in_eval_and_updated_in_training(tester):
     torch.manual_seed(0)
     tokenizer = LadmimTokenizerModel(LadmimTokenizerConfig(**tiny_tokenizer_kwargs()))

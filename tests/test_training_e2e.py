@@ -25,7 +25,8 @@ TINY_SETTINGS = {
         "tokenizer_config": dict(backbone="efficientnet_lite0", backbone_taps=[2, 4], feature_channels=64, image_size=64,
                                  grid_size=4, hidden_size=32, num_encoder_layers=2, num_decoder_layers=2,
                                  num_attention_heads=4, intermediate_size=64, num_levels=2, codebook_size=16,
-                                 score_filter_size=8, standardize_features=True),
+                                 score_filter_size=8, standardize_features=True,
+                                 residual_normalization="cell_channel"),
         "predictor_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0),
         "num_masks": 3,
     },
@@ -92,6 +93,14 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     train_features = torch.cat([cache[f"train/{c}"] for c in CATEGORIES])
     torch.testing.assert_close(model.tokenizer.feature_mean, train_features.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
     assert not torch.equal(model.tokenizer.feature_std, torch.ones_like(model.tokenizer.feature_std))
+    # Residual statistics of the structural map: from each category's training features, by hand
+    assert model.tokenizer.residual_fitted.all()
+    with torch.no_grad():
+        tokens = model.tokenizer(features=cache["train/pushpins"], category="pushpins", return_maps=False)
+    residual = tokens.reconstruction - tokens.features
+    pushpins = CATEGORIES.index("pushpins")
+    torch.testing.assert_close(model.tokenizer.residual_mean[pushpins], residual.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.tokenizer.residual_var[pushpins], residual.var(0), rtol=1e-3, atol=1e-5)
     calibration = model.config.calibration
     assert set(calibration) == set(CATEGORIES)
     assert all(calibration[c]["logical_std"] > 0 and "threshold" in calibration[c] for c in CATEGORIES)
