@@ -1,19 +1,23 @@
-"""Logical-branch AUROC of a trained model under other scoring settings, without retraining.
+"""Branch AUROCs of a trained model under other scoring settings, without retraining.
 
 Each `--variants` entry is a comma-separated list of `field=value` overrides of the model's
 `LadmimConfig` scoring fields (`kernel_bandwidth`, `histogram_distance`, `score_num_masked`,
-`score_min_block`, `min_aspect`, `num_masks`); an empty entry (`""`) is the model as trained. Every
-variant is saved to a temporary folder and scored with `ladmim_hf.evaluation.evaluate` on the same
-test images with the same mask seeds.
+`score_min_block`, `min_aspect`, `num_masks`) or of the tokenizer's structural-map fields
+(`residual_normalization`, `residual_variance_floor`; `cell_channel` statistics are refitted on the
+training images, as training does); an empty entry (`""`) is the model as trained. Every variant is
+saved to a temporary folder and scored with `ladmim_hf.evaluation.evaluate` on the same test images
+with the same mask seeds.
 
-The logical branch alone is reported because it needs no calibration: the fused score's
-standardisation statistics were measured with the trained settings and would be stale under others.
+The branches alone are reported (the logical branch on logical anomalies, the structural branch on
+structural ones) because they need no calibration: the fused score's standardisation statistics
+were measured with the trained settings and would be stale under others.
 
     python benchmarks/scoring_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
-        --variants "" kernel_bandwidth=0.25 kernel_bandwidth=4 score_num_masked=44,score_min_block=8
+        --variants "" kernel_bandwidth=0.25 kernel_bandwidth=4 score_num_masked=44,score_min_block=8 \
+        residual_normalization=none
 
 Last stdout line: JSON with one entry per variant: the overrides, the mean logical-branch AUROC
-(good vs logical) and the per-category values.
+(good vs logical) and structural-branch AUROC (good vs structural), and the per-category values.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import _common as C  # noqa: E402
 
 SCORING_FIELDS = {"kernel_bandwidth": float, "histogram_distance": str, "score_num_masked": int,
                   "score_min_block": int, "min_aspect": float, "num_masks": int}
+TOKENIZER_FIELDS = {"residual_normalization": str, "residual_variance_floor": float}
+FIELDS = {**SCORING_FIELDS, **TOKENIZER_FIELDS}
 
 
 def parse_variant(text: str) -> dict:
@@ -35,24 +41,49 @@ def parse_variant(text: str) -> dict:
     overrides = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         field, sep, value = item.partition("=")
-        if not sep or field not in SCORING_FIELDS:
-            raise SystemExit(f"bad variant item {item!r}: use field=value with field one of {sorted(SCORING_FIELDS)}")
+        if not sep or field not in FIELDS:
+            raise SystemExit(f"bad variant item {item!r}: use field=value with field one of {sorted(FIELDS)}")
         try:
-            overrides[field] = SCORING_FIELDS[field](value)
+            overrides[field] = FIELDS[field](value)
         except ValueError:
-            raise SystemExit(f"bad variant item {item!r}: {field} takes a {SCORING_FIELDS[field].__name__}") from None
+            raise SystemExit(f"bad variant item {item!r}: {field} takes a {FIELDS[field].__name__}") from None
     return overrides
 
 
-def apply_variant(model, overrides: dict) -> None:
-    """Set the overrides on `model.config`, after `LadmimConfig`'s own checks accept them (setting an
-    attribute alone would skip them: an unknown distance would silently score as L1)."""
+def apply_variant(model, overrides: dict, data_root: str | None = None, dataset_format: str = "loco") -> None:
+    """Set the overrides on `model.config` (and rebuild the tokenizer for structural-map fields), after
+    the configs' own checks accept them (setting an attribute alone would skip them: an unknown
+    distance would silently score as L1). `cell_channel` residual statistics are refitted on each
+    category's training images under `data_root`."""
+    scoring = {k: v for k, v in overrides.items() if k in SCORING_FIELDS}
+    structural = {k: v for k, v in overrides.items() if k in TOKENIZER_FIELDS}
+    from ladmim_hf import LadmimTokenizerConfig
+
     try:
-        type(model.config).from_dict({**model.config.to_dict(), **overrides})
+        type(model.config).from_dict({**model.config.to_dict(), **scoring})
+        tokenizer_config = LadmimTokenizerConfig.from_dict({**model.config.tokenizer_config.to_dict(), **structural})
     except ValueError as error:
         raise SystemExit(f"variant {overrides}: {error}") from None
-    for field, value in overrides.items():
+    for field, value in scoring.items():
         setattr(model.config, field, value)
+    if not structural:
+        return
+    from ladmim_hf import LadmimTokenizerModel
+    from ladmim_hf.evaluation import _features, _train_paths
+    from ladmim_hf.image_processing_ladmim import LadmimImageProcessor
+
+    tokenizer = LadmimTokenizerModel(tokenizer_config).eval()
+    # the residual buffers exist only under cell_channel; everything else is the trained tokenizer
+    tokenizer.load_state_dict({k: v for k, v in model.tokenizer.state_dict().items() if not k.startswith("residual_")},
+                              strict=False)
+    model.tokenizer, model.config.tokenizer_config = tokenizer, tokenizer_config
+    if tokenizer_config.residual_normalization == "cell_channel":
+        if data_root is None:
+            raise SystemExit(f"variant {overrides}: refitting residual statistics needs the data root")
+        processor = LadmimImageProcessor(size=tokenizer_config.image_size)
+        for category in model.categories:
+            paths = _train_paths(data_root, category, dataset_format)
+            tokenizer.fit_residual_statistics(_features(model, processor, paths, 16, f"residuals {category}"), category)
 
 
 def main(argv=None) -> None:
@@ -75,18 +106,24 @@ def main(argv=None) -> None:
         root = Path(tmp)
         for index, overrides in enumerate(variants):
             model = LadmimForAnomalyDetection.from_pretrained(args.model)
-            apply_variant(model, overrides)
+            apply_variant(model, overrides, args.data_root, args.dataset_format)
             model_dir = root / f"variant_{index}"
             model.save_pretrained(model_dir)
             metrics = evaluate(str(model_dir), args.data_root, categories, str(root / f"eval_{index}"), seed=args.seed,
                                knn_baseline=False, dataset_format=args.dataset_format, report_images=0)
             per_category = {name: round(entry["branches"]["logical"]["auroc_logical"], 4)
                             for name, entry in metrics["categories"].items()}
+            structural = {name: round(entry["branches"]["structural"]["auroc_structural"], 4)
+                          for name, entry in metrics["categories"].items()}
             mean = round(metrics["branches_mean"]["logical"]["auroc_logical"], 4)
-            rows.append({"overrides": overrides, "logical_branch_auroc": mean, "per_category": per_category})
-            C.log(f"[scoring_sweep] {overrides or 'as trained'}: logical branch {mean:.4f} {per_category}")
-    summary = "scoring sweep: logical-branch AUROC " + "; ".join(
-        f"{','.join(f'{k}={v}' for k, v in row['overrides'].items()) or 'as trained'}: {row['logical_branch_auroc']:.3f}"
+            structural_mean = round(metrics["branches_mean"]["structural"]["auroc_structural"], 4)
+            rows.append({"overrides": overrides, "logical_branch_auroc": mean, "per_category": per_category,
+                         "structural_branch_auroc": structural_mean, "structural_per_category": structural})
+            C.log(f"[scoring_sweep] {overrides or 'as trained'}: logical branch {mean:.4f} {per_category}; "
+                  f"structural branch {structural_mean:.4f} {structural}")
+    summary = "scoring sweep: logical-branch / structural-branch AUROC " + "; ".join(
+        f"{','.join(f'{k}={v}' for k, v in row['overrides'].items()) or 'as trained'}: "
+        f"{row['logical_branch_auroc']:.3f} / {row['structural_branch_auroc']:.3f}"
         for row in rows)
     C.emit(summary, {"benchmark": "scoring_sweep", "model": args.model, "seed": args.seed, "variants": rows})
 

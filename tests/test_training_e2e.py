@@ -149,14 +149,25 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
         sys.path.remove(str(ROOT / "benchmarks"))
     capsys.readouterr()
     scoring_sweep.main(["--model", str(model_dir), "--data_root", str(synth_root), "--threads", "1",
-                        "--variants", "num_masks=2", "num_masks=2,histogram_distance=codebook_mmd,kernel_bandwidth=4"])
+                        "--variants", "num_masks=2", "num_masks=2,histogram_distance=codebook_mmd,kernel_bandwidth=4",
+                        "num_masks=2,residual_normalization=none"])
     sweep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    as_evaluated, kernel = sweep["variants"]
+    as_evaluated, kernel, plain = sweep["variants"]
     assert as_evaluated["overrides"] == {"num_masks": 2}
     assert as_evaluated["logical_branch_auroc"] == round(metrics["branches_mean"]["logical"]["auroc_logical"], 4)
     assert as_evaluated["per_category"] == {
         c: round(metrics["categories"][c]["branches"]["logical"]["auroc_logical"], 4) for c in CATEGORIES}
+    assert as_evaluated["structural_branch_auroc"] == round(metrics["branches_mean"]["structural"]["auroc_structural"], 4)
     assert kernel["overrides"]["kernel_bandwidth"] == 4.0 and 0.0 <= kernel["logical_branch_auroc"] <= 1.0
+    # the structural map without normalisation: the logical branch is untouched
+    assert plain["per_category"] == as_evaluated["per_category"] and 0.0 <= plain["structural_branch_auroc"] <= 1.0
+    # refitting cell_channel statistics from the training images reproduces what training fitted
+    refit = LadmimForAnomalyDetection.from_pretrained(model_dir)
+    scoring_sweep.apply_variant(refit, {"residual_variance_floor": 0.1}, str(synth_root))
+    torch.testing.assert_close(refit.tokenizer.residual_mean, model.tokenizer.residual_mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(refit.tokenizer.residual_var, model.tokenizer.residual_var, rtol=1e-3, atol=1e-4)
+    with pytest.raises(SystemExit, match="residual_normalization must be"):
+        scoring_sweep.apply_variant(refit, {"residual_normalization": "zscore"}, str(synth_root))
     with pytest.raises(SystemExit, match="score_num_masks"):
         scoring_sweep.parse_variant("score_num_masks=4")
     with pytest.raises(SystemExit, match="'kernel_bandwidth=wide'.*float"):
