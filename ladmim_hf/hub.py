@@ -587,7 +587,8 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"{tok.grid_size} features from {tok.image_size} px input",
         f"- tokenizer: width {tok.hidden_size}, {tok.num_encoder_layers} encoder / {tok.num_decoder_layers} decoder "
         f"layers, {tok.num_levels} levels x {tok.codebook_size} codes per category"
-        f"{', OT term in the structural map' if tok.use_ot_score else ''}",
+        f"{', OT term in the structural map' if tok.use_ot_score else ''}"
+        f"{', reconstruction error normalised per cell and channel' if tok.residual_normalization == 'cell_channel' else ''}",
         f"- predictor: {predictors}, width {pred.hidden_size}, {pred.num_hidden_layers} layers, "
         f"{pred.num_attention_heads} heads"
         f"{f', one token per {pred.patch_size}x{pred.patch_size} cells' if pred.patch_size > 1 else ''}, "

@@ -321,3 +321,18 @@ def test_cli_parsers_share_definitions():
     assert (args.hvq, args.predictor, args.output, args.func) == ("h.pt", ["pushpins=p.pt"], "out", convert.run_from_args)
     with pytest.raises(SystemExit):
         parser.parse_args(["push", "--model", "m", "--repo_id", "org/x", "--token", "secret"])  # no token argument
+
+
+def test_model_card_names_the_structural_map_and_patch_tokens(tmp_path):
+    from conftest import tiny_config
+
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    plain, special = tmp_path / "plain", tmp_path / "special"
+    LadmimForAnomalyDetection(tiny_config()).save_pretrained(plain)
+    LadmimForAnomalyDetection(tiny_config(tokenizer={"residual_normalization": "cell_channel"},
+                                          predictor={"patch_size": 2, "loss_type": "token_ce"}, train_num_masked=4,
+                                          train_min_block=4, score_num_masked=8, score_min_block=4)).save_pretrained(special)
+    plain_card, special_card = hub.build_model_card(plain, "org/plain"), hub.build_model_card(special, "org/special")
+    assert "normalised per cell and channel" in special_card and "normalised per cell and channel" not in plain_card
+    assert "one token per 2x2 cells" in special_card and "one token per" not in plain_card
