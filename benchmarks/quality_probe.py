@@ -281,7 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings, as in train.py")
     parser.add_argument("--tiny", action="store_true", help="generate --small data and run a few steps (tests)")
     args = parser.parse_args(argv)
-    logging.disable(logging.WARNING)  # the uncalibrated-category warning is expected here
+    # The uncalibrated-category warning is expected here; in-process callers (tests) get their
+    # logging back afterwards.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return _probe(args)
+    finally:
+        logging.disable(previous)
+
+
+def _probe(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}

@@ -206,3 +206,6 @@ def test_quality_probe_reuses_a_cached_tokenizer_only_for_the_same_settings(tmp_
     other = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache), "--seed", "1"])
     assert cache.read_bytes() != saved, "another seed retrains the tokenizer and replaces the cache"
     assert other["tokenizer_reconstruction_loss"] != first["tokenizer_reconstruction_loss"]
+    import logging
+
+    assert logging.root.manager.disable == logging.NOTSET, "the probe silences warnings only while it runs"
