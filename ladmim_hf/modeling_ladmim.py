@@ -560,7 +560,8 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
             for chunk in features.split(batch_size):
                 chunk = chunk.to(self.device)
                 out = self(features=chunk, category=class_id, update_codebooks=False, return_maps=False)
-                residual = (out.reconstruction - out.features).double()
+                # float64 sums on the CPU: exact enough for many images, and MPS has no float64
+                residual = (out.reconstruction - out.features).to("cpu", torch.float64)
                 total = residual.sum(0) if total is None else total + residual.sum(0)
                 total_sq = residual.pow(2).sum(0) if total_sq is None else total_sq + residual.pow(2).sum(0)
         count = len(features)
