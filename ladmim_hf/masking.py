@@ -65,7 +65,7 @@ class BlockMaskGenerator:
         # Blocks are placed on the grid of patches, in patch units; `sample` expands them to cells.
         self._grid = grid_size // patch_size
         self._budget = num_masked // area
-        self._min_block = max(1, min_block // area)
+        self._min_block = min_block // area  # >= 1: min_block >= 1 is a multiple of area
         self._max_block = None if max_block is None else max_block // area
         self.log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
         self.attempts = attempts
