@@ -5,13 +5,8 @@ memory bank; ``score`` gives each test patch the Euclidean distance to its neare
 each image the maximum over its patches. This is the plain PatchCore score without its
 neighbourhood re-weighting of the image score.
 
-Coreset: greedy k-center selection as in PatchCore -- start from one seeded random patch, then
-repeatedly add the patch farthest from everything selected so far. Distances for the selection are
-taken in a seeded Gaussian random projection of the features (Johnson-Lindenstrauss) when the
-feature dimension exceeds ``projection_dim``; the bank keeps the original features.
-
-Distances are computed with ``torch`` in (query chunk x bank chunk) blocks, so memory stays bounded
-by ``chunk_size * bank_chunk_size`` floats whatever the bank size.
+The coreset selection and the bounded-memory nearest-neighbour search are the detector's own
+(``branches_ladmim``), whose memory-bank branch is this baseline stored inside the model.
 """
 
 from __future__ import annotations
@@ -20,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .branches_ladmim import greedy_coreset, nearest_distances
 
 __all__ = ["KNNPatchBaseline", "greedy_coreset", "nearest_distances"]
 
@@ -39,81 +36,6 @@ def _to_rows(features: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int
         raise ValueError(f"{name} must be (N, C, H, W), got shape {tuple(features.shape)}")
     n, c, h, w = features.shape
     return features.permute(0, 2, 3, 1).reshape(n * h * w, c), (n, h, w)
-
-
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between rows of ``a`` and ``b``, clamped at 0."""
-    d = (a * a).sum(1, keepdim=True) - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
-    return d.clamp_min_(0.0)
-
-
-def nearest_distances(
-    queries: torch.Tensor,
-    bank: torch.Tensor,
-    chunk_size: int = 4096,
-    bank_chunk_size: int = 65536,
-) -> torch.Tensor:
-    """Euclidean distance of each query row to its nearest bank row, in bounded-memory blocks."""
-    if queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"feature dims differ: queries have {queries.shape[1]}, the bank has {bank.shape[1]}")
-    if bank.shape[0] == 0:
-        raise ValueError("the memory bank is empty")
-    if chunk_size < 1 or bank_chunk_size < 1:
-        raise ValueError("chunk sizes must be >= 1")
-    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    for i in range(0, queries.shape[0], chunk_size):
-        q = queries[i : i + chunk_size]
-        best = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
-        for j in range(0, bank.shape[0], bank_chunk_size):
-            best = torch.minimum(best, _sq_dists(q, bank[j : j + bank_chunk_size]).min(dim=1).values)
-        out[i : i + chunk_size] = best.sqrt()
-    return out
-
-
-def greedy_coreset(
-    rows: torch.Tensor,
-    n_select: int,
-    projection_dim: int | None = 128,
-    seed: int = 0,
-    start_index: int | None = None,
-    chunk_size: int = 65536,
-) -> torch.Tensor:
-    """Greedy k-center coreset (PatchCore): indices of ``n_select`` rows, in selection order.
-
-    Each step adds the row whose distance to the nearest already-selected row is largest.
-
-    Args:
-        rows: ``(M, C)`` features.
-        n_select: how many rows to keep (1..M).
-        projection_dim: if set and smaller than ``C``, distances are computed after a seeded
-            Gaussian random projection to this many dimensions (``None`` = exact distances).
-        seed: seeds the projection and the random first row.
-        start_index: first row (default: random, seeded).
-        chunk_size: rows per block when updating distances.
-    """
-    m, c = rows.shape
-    if not 1 <= n_select <= m:
-        raise ValueError(f"n_select must be in 1..{m}, got {n_select}")
-    gen = torch.Generator().manual_seed(int(seed))
-    x = rows.float()
-    if projection_dim is not None and projection_dim < c:
-        proj = torch.randn(c, projection_dim, generator=gen) / float(np.sqrt(projection_dim))
-        x = x @ proj.to(x.device)
-    first = int(torch.randint(m, (1,), generator=gen)) if start_index is None else int(start_index)
-    if not 0 <= first < m:
-        raise ValueError(f"start_index {first} out of range 0..{m - 1}")
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = first
-    min_d = torch.full((m,), float("inf"), device=x.device)
-    last = x[first : first + 1]
-    for k in range(1, n_select):
-        for j in range(0, m, chunk_size):
-            block = _sq_dists(x[j : j + chunk_size], last)[:, 0]
-            min_d[j : j + chunk_size] = torch.minimum(min_d[j : j + chunk_size], block)
-        nxt = int(torch.argmax(min_d))
-        selected[k] = nxt
-        last = x[nxt : nxt + 1]
-    return selected
 
 
 class KNNPatchBaseline:

@@ -18,6 +18,9 @@ BACKBONE_DEFAULTS = {
     "efficientnet_lite0": {"taps": [2, 4, 10, 14], "channels": 368},
 }
 
+# The rules `branches_ladmim.fuse` combines standardised branch scores with.
+FUSION_RULES = ("sum", "max")
+
 # Class ids of the official code (src/dataset/dataset_loco.py), kept for checkpoint conversion.
 LOCO_CATEGORIES = ["screw_bag", "juice_bottle", "splicing_connectors", "breakfast_box", "pushpins"]
 
@@ -284,6 +287,21 @@ class LadmimConfig(PretrainedConfig):
         kernel_bandwidth (`float`, *optional*, defaults to 1.0): the codebook RBF kernel's bandwidth,
             as a multiple of the median squared distance between a level's codes; used by the
             `codebook_mmd` loss and distance.
+        memory_bank_size (`int`, *optional*, defaults to 0): patches per category kept in the
+            memory-bank (PatchCore) branch, a greedy k-center coreset of the training images' backbone
+            patch features; 0 turns the branch off (the paper).
+        memory_bank_neighbourhood (`int`, *optional*, defaults to 1): side of the mean filter applied
+            to each cell's neighbourhood before matching (PatchCore's local aggregation); odd.
+        memory_bank_smoothing_sigma (`float`, *optional*, defaults to 4.0): Gaussian sigma in pixels of
+            the upsampled memory-bank map (PatchCore's); 0 = no smoothing.
+        global_branch (`bool`, *optional*, defaults to `False`): the global branch, a Mahalanobis
+            distance of per-channel mean- and std-pooled backbone features under a Ledoit-Wolf
+            covariance fitted on the training images.
+        fused_branches (`list[str]`, *optional*): the branches the fused score and map combine, from
+            `"logical"`, `"structural"`, `"memory_bank"`, `"global"` (each must be enabled). Default:
+            every enabled branch.
+        fusion_rule (`str`, *optional*, defaults to `"sum"`): how the standardised branch scores are
+            combined, `"sum"` (the paper) or `"max"`; see `branches_ladmim.fuse`.
     """
 
     model_type = "ladmim"
@@ -304,6 +322,12 @@ class LadmimConfig(PretrainedConfig):
         default_threshold: float = 3.0,
         histogram_distance: str = "l1",
         kernel_bandwidth: float = 1.0,
+        memory_bank_size: int = 0,
+        memory_bank_neighbourhood: int = 1,
+        memory_bank_smoothing_sigma: float = 4.0,
+        global_branch: bool = False,
+        fused_branches: list[str] | None = None,
+        fusion_rule: str = "sum",
         **kwargs,
     ):
         if not isinstance(tokenizer_config, LadmimTokenizerConfig):
@@ -353,7 +377,42 @@ class LadmimConfig(PretrainedConfig):
                                      f"({area}): masks cover whole {predictor_config.patch_size}x{predictor_config.patch_size} patches")
         if not 0 < min_aspect <= 1 or not math.isfinite(min_aspect):
             raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
+        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) or memory_bank_size < 0:
+            raise ValueError(f"memory_bank_size must be a whole number >= 0 (0 = no memory bank), got {memory_bank_size!r}")
+        if (isinstance(memory_bank_neighbourhood, bool) or not isinstance(memory_bank_neighbourhood, int)
+                or memory_bank_neighbourhood < 1 or memory_bank_neighbourhood % 2 == 0):
+            raise ValueError(f"memory_bank_neighbourhood must be an odd whole number >= 1, got {memory_bank_neighbourhood!r}")
+        if (isinstance(memory_bank_smoothing_sigma, bool) or not isinstance(memory_bank_smoothing_sigma, (int, float))
+                or not math.isfinite(memory_bank_smoothing_sigma) or memory_bank_smoothing_sigma < 0):
+            raise ValueError(f"memory_bank_smoothing_sigma must be a number >= 0, got {memory_bank_smoothing_sigma!r}")
+        if not isinstance(global_branch, bool):
+            raise ValueError(f"global_branch must be true or false, got {global_branch!r}")
+        if fusion_rule not in FUSION_RULES:
+            raise ValueError(f"fusion_rule must be one of {list(FUSION_RULES)}, got {fusion_rule!r}")
+        self.memory_bank_size = memory_bank_size
+        self.memory_bank_neighbourhood = memory_bank_neighbourhood
+        self.memory_bank_smoothing_sigma = float(memory_bank_smoothing_sigma)
+        self.global_branch = global_branch
+        self.fusion_rule = fusion_rule
+        enabled = self.enabled_branches
+        if fused_branches is None:
+            fused_branches = enabled
+        if isinstance(fused_branches, str) or not isinstance(fused_branches, (list, tuple)) or not fused_branches:
+            raise ValueError(f"fused_branches must be a non-empty list of branch names from {enabled}, got {fused_branches!r}")
+        for name in fused_branches:
+            if name not in enabled:
+                hint = {"memory_bank": " (set memory_bank_size > 0)", "global": " (set global_branch: true)"}.get(name, "")
+                raise ValueError(f"fused_branches names {name!r}, which is not an enabled branch{hint}; enabled: {enabled}")
+        if len(set(fused_branches)) != len(fused_branches):
+            raise ValueError(f"fused_branches lists a branch twice: {fused_branches}")
+        self.fused_branches = list(fused_branches)
         super().__init__(**kwargs)
+
+    @property
+    def enabled_branches(self) -> list[str]:
+        """The branches this detector computes, in output order."""
+        return (["logical", "structural"] + (["memory_bank"] if self.memory_bank_size > 0 else [])
+                + (["global"] if self.global_branch else []))
 
     @property
     def categories(self) -> list[str]:

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .baselines import KNNPatchBaseline
+from .branches_ladmim import LadmimGlobalBranch
 from .image_processing_ladmim import LadmimImageProcessor, load_image
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import image_auroc, loco_au_spro, loco_image_aurocs, roc_curve_points
@@ -127,8 +128,9 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     num_masks = num_masks or detector.config.num_masks
     cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
 
-    metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}}, "num_masks": num_masks, "seed": seed,
-                               "per_defect": {}}
+    metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}, "global": {}}, "num_masks": num_masks,
+                               "seed": seed, "per_defect": {}, "fused_branches": detector.config.fused_branches,
+                               "fusion_rule": detector.config.fusion_rule}
     if predictor_dtype:
         metrics["predictor_dtype"] = predictor_dtype
     score_rows: list[dict] = []
@@ -141,17 +143,19 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         paths = [r["path"] for r in rows]
         types = [r["anomaly_type"] for r in rows]
         features = _features(detector, processor, paths, batch_size, f"features {category}")
-        outputs = {"pred_score": [], "logical_score": [], "structural_score": [], "anomaly_map": [], "logical_map": [], "structural_map": []}
+        outputs: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
             chunk = features[start:start + batch_size]
             seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
             out = detector(features=chunk, category=category, num_masks=num_masks, seed=seeds, predictor_dtype=predictor_dtype)
-            for key in outputs:
-                outputs[key].append(getattr(out, key).cpu())
+            named = {"pred_score": out.pred_score, "anomaly_map": out.anomaly_map,
+                     **{f"{b}_score": v for b, v in out.branch_scores().items()},
+                     **{f"{b}_map": v for b, v in out.branch_maps().items()}}
+            for key, value in named.items():
+                outputs.setdefault(key, []).append(value.cpu())
         result = {key: torch.cat(value) for key, value in outputs.items()}
         fused = result["pred_score"].numpy().astype(np.float64)
-        logical = result["logical_score"].numpy().astype(np.float64)
-        structural = result["structural_score"].numpy().astype(np.float64)
+        branch_scores = {b: result[f"{b}_score"].numpy().astype(np.float64) for b in detector.config.enabled_branches}
         entry = dict(loco_image_aurocs(fused, types))
         maps, regions, spro_types = [], [], []
         for i, row in enumerate(rows):
@@ -163,21 +167,25 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         entry["spro_0.05"] = float("nan")
         if defects is not None and any(regions):
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
-        entry["branches"] = {"logical": _branch_aurocs(logical, types), "structural": _branch_aurocs(structural, types)}
+        entry["branches"] = {b: _branch_aurocs(v, types) for b, v in branch_scores.items()}
         metrics["categories"][category] = entry
         metrics["per_defect"][category] = per_defect_aurocs(
-            {"fused": fused, "logical_branch": logical, "structural_branch": structural}, types, [r["defect_type"] for r in rows])
+            {"fused": fused, **{f"{b}_branch": v for b, v in branch_scores.items()}}, types, [r["defect_type"] for r in rows])
 
         if knn_baseline:
             train_features = cache.get(f"train/{category}")
             if train_features is None:
-                train_features = _features(detector, processor, _train_paths(data_root, category, dataset_format), batch_size, f"knn bank {category}")
+                train_features = _features(detector, processor, _train_paths(data_root, category, dataset_format), batch_size, f"baselines {category}")
             knn_scores, _ = KNNPatchBaseline().fit(train_features).score(features)
             metrics["baselines"]["knn"][category] = _branch_aurocs(np.asarray(knn_scores, dtype=np.float64), types)
+            global_baseline = LadmimGlobalBranch(1, train_features.shape[1])
+            global_baseline.fit(train_features, 0)
+            global_scores = global_baseline(features, torch.zeros(len(features), dtype=torch.long), [category])
+            metrics["baselines"]["global"][category] = _branch_aurocs(global_scores.numpy().astype(np.float64), types)
 
         labels = np.array([t != "good" for t in types])
         roc_curves[category] = {}
-        for name, scores in (("fused", fused), ("logical branch", logical), ("structural branch", structural)):
+        for name, scores in (("fused", fused), *((f"{b.replace('_', ' ')} branch", v) for b, v in branch_scores.items())):
             for kind in ("logical", "structural"):
                 keep = np.array([t in ("good", kind) for t in types])
                 if keep.sum() and labels[keep].any() and (~labels[keep]).any():
@@ -188,11 +196,12 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         for i in picks:
             image = load_image(paths[i]).resize((detector.config.tokenizer_config.image_size,) * 2)
             heatmap_items.append({"image": image, "title": f"{category} {types[i]} score {fused[i]:.2f}",
-                                  "maps": {"structural": result["structural_map"][i].numpy(), "logical": result["logical_map"][i].numpy()}})
+                                  "maps": {b.replace("_", " "): result[f"{b}_map"][i].numpy()
+                                           for b in detector.config.enabled_branches if f"{b}_map" in result}})
         for i, row in enumerate(rows):
             score_rows.append({"path": row["path"], "category": category, "anomaly_type": types[i],
                                "defect_type": row["defect_type"], "pred_score": fused[i],
-                               "logical_score": logical[i], "structural_score": structural[i],
+                               **{f"{b}_score": v[i] for b, v in branch_scores.items()},
                                "pred_label": bool(result["pred_score"][i] > detector.calibration_for(category)["threshold"])})
 
     keys = ("auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05")
@@ -200,11 +209,13 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         values = [v[key] for v in metrics["categories"].values() if not math.isnan(v[key])]
         metrics["mean"][key] = float(np.mean(values)) if values else float("nan")
     if knn_baseline:
-        per = metrics["baselines"]["knn"]
-        metrics["baselines"]["knn"]["mean"] = {k: float(np.nanmean([per[c][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+        for per in metrics["baselines"].values():
+            per["mean"] = {k: float(np.nanmean([per[c][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+    else:
+        del metrics["baselines"]
     metrics["branches_mean"] = {
         branch: {k: float(np.nanmean([metrics["categories"][c]["branches"][branch][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
-        for branch in ("logical", "structural")
+        for branch in detector.config.enabled_branches
     }
     metrics["seconds"] = round(time.time() - started, 1)
     _write_outputs(out_dir, metrics, score_rows, roc_curves, heatmap_items, model)
@@ -238,13 +249,25 @@ def per_defect_aurocs(scores: dict[str, np.ndarray], types: list[str], defect_ty
     return result
 
 
+BRANCH_TITLES = {"logical": "logical branch", "structural": "structural branch", "memory_bank": "memory bank",
+                 "global": "global"}
+
+
+def _branch_names(metrics: dict) -> list[str]:
+    """The branches a metrics dict reports, in the detector's order."""
+    first = next(iter(metrics["categories"].values()), {})
+    return [b for b in BRANCH_TITLES if b in first.get("branches", {})]
+
+
 def per_defect_table(metrics: dict) -> str:
     """Markdown table of `metrics["per_defect"]`: which rules and damages each branch catches."""
-    lines = ["| category | defect type | kind | images | fused | logical branch | structural branch |", "|---|---|---|---|---|---|---|"]
+    branches = _branch_names(metrics)
+    lines = ["| category | defect type | kind | images | fused | " + " | ".join(BRANCH_TITLES[b] for b in branches) + " |",
+             "|---|---|---|---|---|" + "---|" * len(branches)]
     for category, defects in metrics.get("per_defect", {}).items():
         for name, entry in defects.items():
-            lines.append(f"| {category} | {name} | {entry['anomaly_type']} | {entry['count']} | {_fmt(entry['fused'])} | "
-                         f"{_fmt(entry['logical_branch'])} | {_fmt(entry['structural_branch'])} |")
+            cells = " | ".join(_fmt(entry.get(f"{b}_branch")) for b in branches)
+            lines.append(f"| {category} | {name} | {entry['anomaly_type']} | {entry['count']} | {_fmt(entry['fused'])} | {cells} |")
     return "\n".join(lines)
 
 
@@ -252,26 +275,29 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _pair(entry: dict | None) -> str:
+    return f"{_fmt(entry.get('auroc_logical'))} / {_fmt(entry.get('auroc_structural'))}" if entry else "n/a"
+
+
 def results_table(metrics: dict) -> str:
-    """Markdown table: per category the fused AUROCs, AU-sPRO, each branch alone, and the kNN baseline."""
-    knn = metrics.get("baselines", {}).get("knn", {})
-    lines = ["| category | logical | structural | mean | AU-sPRO@0.05 | logical branch (log/str) | structural branch (log/str) | kNN (log/str) |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table: per category the fused AUROCs, AU-sPRO, each branch alone, and the baselines."""
+    branches = _branch_names(metrics)
+    baselines = {name: per for name, per in metrics.get("baselines", {}).items() if per}
+    header = (["category", "logical", "structural", "mean", "AU-sPRO@0.05"]
+              + [f"{BRANCH_TITLES[b]} (log/str)" for b in branches]
+              + [f"{'kNN' if name == 'knn' else name} baseline (log/str)" for name in baselines])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in list(metrics["categories"].items()) + [("**mean**", None)]:
+        key = name
         if entry is None:
             entry = dict(metrics["mean"])
             entry["branches"] = metrics.get("branches_mean", {})
-            base = knn.get("mean")
-        else:
-            base = knn.get(name)
-        branches = entry.get("branches", {})
-        lb, sb = branches.get("logical", {}), branches.get("structural", {})
-        knn_cell = f"{_fmt(base['auroc_logical'])} / {_fmt(base['auroc_structural'])}" if base else "n/a"
-        lines.append(
-            f"| {name} | {_fmt(entry['auroc_logical'])} | {_fmt(entry['auroc_structural'])} | {_fmt(entry['auroc_mean'])} | "
-            f"{_fmt(entry['spro_0.05'])} | {_fmt(lb.get('auroc_logical'))} / {_fmt(lb.get('auroc_structural'))} | "
-            f"{_fmt(sb.get('auroc_logical'))} / {_fmt(sb.get('auroc_structural'))} | {knn_cell} |"
-        )
+            key = "mean"
+        cells = [name, _fmt(entry["auroc_logical"]), _fmt(entry["auroc_structural"]), _fmt(entry["auroc_mean"]),
+                 _fmt(entry["spro_0.05"])]
+        cells += [_pair(entry.get("branches", {}).get(b)) for b in branches]
+        cells += [_pair(per.get(key)) for per in baselines.values()]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -295,11 +321,14 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
         figures.append((f"Score histogram: {category}", f"figures/scores_{category}.png"))
     if heatmap_items:
         heatmap_grid(heatmap_items, out_dir / "figures" / "heatmaps.png")
-        figures.append(("Most and least anomalous test images (structural and logical maps)", "figures/heatmaps.png"))
+        figures.append(("Most and least anomalous test images (each branch's map)", "figures/heatmaps.png"))
     report = [f"# LADMIM evaluation report", "", f"Model: `{model}`; {metrics['num_masks']} masks per image, seed {metrics['seed']}.", "",
               results_table(metrics), "",
-              "AUROCs are image-level (good vs logical, good vs structural). Branch columns score with one branch alone; "
-              "kNN is a PatchCore-style nearest-neighbour baseline on the same backbone features.", ""]
+              f"Fused: {' + '.join(metrics['fused_branches'])}, each standardised on validation/good, combined by "
+              f"{metrics['fusion_rule']!r}. AUROCs are image-level (good vs logical, good vs structural). Branch columns "
+              "score with one branch alone. Baselines need no training: kNN is a PatchCore-style nearest-neighbour score "
+              "with every training patch in its bank, global the Mahalanobis distance of pooled features; both on the "
+              "same backbone features.", ""]
     if any(metrics.get("per_defect", {}).values()):
         report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",
                    per_defect_table(metrics), ""]

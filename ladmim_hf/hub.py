@@ -50,6 +50,7 @@ MODEL_CODE_FILES = (
     "configuration_ladmim.py",
     "modeling_ladmim.py",
     "backbone_ladmim.py",
+    "branches_ladmim.py",
     "masking.py",
     "image_processing_ladmim.py",
 )

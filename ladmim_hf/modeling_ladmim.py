@@ -2,7 +2,7 @@
 
 Shipped to the Hub next to the weights and loaded with ``trust_remote_code=True``: imports only
 torch, numpy, transformers and the flat sibling files (``configuration_ladmim``, ``backbone_ladmim``,
-``masking``), never the rest of ``ladmim_hf``.
+``branches_ladmim``, ``masking``), never the rest of ``ladmim_hf``.
 
 Shapes use B = batch, M = masks per image, N = grid cells (grid_size ** 2), L = codebook levels,
 K = codebook size, C = feature channels.
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .backbone_ladmim import LadmimBackbone
+from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
 from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
 from .masking import BlockMaskGenerator
 
@@ -88,15 +89,22 @@ class LadmimPredictorOutput(ModelOutput):
 class LadmimAnomalyOutput(ModelOutput):
     """Output of [`LadmimForAnomalyDetection.forward`] (names follow anomalib where they overlap).
 
+    Every branch score is raw (unstandardised); `pred_score` and `anomaly_map` combine the branches
+    named in `config.fused_branches`, each standardised on normal validation images, by
+    `config.fusion_rule`. Branches that are switched off leave their fields `None`.
+
     Args:
-        pred_score: fused score z(logical) + z(structural) `(B,)`.
+        pred_score: fused score `(B,)`.
         pred_label: `pred_score > threshold` `(B,)` bool.
-        logical_score: mean over masks of the summed L1 histogram distance `(B,)` (range 0..2L).
+        logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`.
         structural_score: HVQ-Trans image score `(B,)`.
-        anomaly_map: fused map z(logical_map) + z(structural_map) `(B, S, S)`.
+        memory_bank_score: largest nearest-neighbour patch distance to the category's memory bank `(B,)`.
+        global_score: Mahalanobis distance of the image's pooled features `(B,)`.
+        anomaly_map: fused map of the fused branches that have one `(B, S, S)`.
         logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)`.
         structural_map: HVQ-Trans reconstruction map `(B, S, S)`.
-        mask_scores: per-mask L1 distance `(B, M)`.
+        memory_bank_map: nearest-neighbour distances, upsampled and smoothed `(B, S, S)`.
+        mask_scores: per-mask histogram distance `(B, M)`.
         masks: the masks used `(B, M, N)`.
         predicted_histograms: `softmax` of the hist logits `(B, M, L, K)` (if requested).
         target_histograms: true code histograms of the masked cells `(B, M, L, K)` (if requested).
@@ -113,6 +121,19 @@ class LadmimAnomalyOutput(ModelOutput):
     masks: torch.BoolTensor | None = None
     predicted_histograms: torch.FloatTensor | None = None
     target_histograms: torch.FloatTensor | None = None
+    memory_bank_score: torch.FloatTensor | None = None
+    memory_bank_map: torch.FloatTensor | None = None
+    global_score: torch.FloatTensor | None = None
+
+    def branch_scores(self) -> dict[str, torch.Tensor]:
+        """`{branch: raw score (B,)}` for every branch the detector computed."""
+        names = ("logical", "structural", "memory_bank", "global")
+        return {name: getattr(self, f"{name}_score") for name in names if getattr(self, f"{name}_score") is not None}
+
+    def branch_maps(self) -> dict[str, torch.Tensor]:
+        """`{branch: raw map (B, S, S)}` for every computed branch that has a map (the global one has none)."""
+        names = ("logical", "structural", "memory_bank")
+        return {name: getattr(self, f"{name}_map") for name in names if getattr(self, f"{name}_map") is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -988,11 +1009,17 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
 
 
 class LadmimForAnomalyDetection(LadmimPreTrainedModel):
-    """LADMIM: a class-switched tokenizer, one predictor per category, and calibrated fusion.
+    """LADMIM: a class-switched tokenizer, one predictor per category, optional training-free
+    branches, and calibrated fusion.
 
-    `forward` scores images: the tokenizer runs once per image (codes and structural map), all
-    masks of all images go through the predictor in one batched forward, and the logical score is
-    the mean over masks of the L1 distance between predicted and true code histograms.
+    `forward` scores images: the backbone and tokenizer run once per image (codes and structural
+    map), all masks of all images go through the predictor in one batched forward, and the logical
+    score is the mean over masks of the distance between predicted and true code histograms. With
+    `config.memory_bank_size > 0` a PatchCore memory bank scores the same backbone features, and with
+    `config.global_branch` a Mahalanobis distance of their pooled statistics; both are fitted on the
+    training images (`fit_feature_branches`). Each branch is standardised with the category's
+    calibration statistics (normal validation images) and the branches in `config.fused_branches`
+    are combined by `config.fusion_rule`.
 
     Example:
         ```python
@@ -1012,6 +1039,12 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         self.tokenizer = LadmimTokenizerModel(config.tokenizer_config)
         names = ["shared"] if config.shared_predictor else config.categories
         self.predictors = nn.ModuleDict({name: LadmimPredictorModel(config.predictor_config) for name in names})
+        cats, channels = len(config.categories), config.tokenizer_config.feature_channels
+        self.memory_bank = None
+        if config.memory_bank_size > 0:
+            self.memory_bank = LadmimMemoryBank(cats, channels, config.memory_bank_size, config.memory_bank_neighbourhood,
+                                                config.memory_bank_smoothing_sigma)
+        self.global_branch = LadmimGlobalBranch(cats, channels) if config.global_branch else None
         self._warned_uncalibrated: set[str] = set()
         self.post_init()
 
@@ -1035,15 +1068,53 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         )
 
     def calibration_for(self, category: str) -> dict:
-        """Calibration statistics of a category (identity statistics if it was never calibrated)."""
+        """Calibration statistics of a category: `{branch}_mean` and `{branch}_std` of every enabled
+        branch and the fused `threshold` (identity statistics if it was never calibrated)."""
         stats = self.config.calibration.get(category)
         if stats is None:
             if category not in self._warned_uncalibrated:
                 logger.warning("category %r has no calibration statistics; scores are not standardised", category)
                 self._warned_uncalibrated.add(category)
-            return {"logical_mean": 0.0, "logical_std": 1.0, "structural_mean": 0.0, "structural_std": 1.0,
-                    "threshold": self.config.default_threshold}
+            stats = {"threshold": self.config.default_threshold}
+            for branch in self.config.enabled_branches:
+                stats.update({f"{branch}_mean": 0.0, f"{branch}_std": 1.0})
+            return stats
+        missing = [b for b in self.config.fused_branches if f"{b}_mean" not in stats or f"{b}_std" not in stats]
+        if missing:
+            raise ValueError(f"config.calibration[{category!r}] has no statistics for the fused branches {missing}; "
+                             "recalibrate the model (training stage 3) or remove them from config.fused_branches")
         return stats
+
+    @torch.no_grad()
+    def fit_feature_branches(self, features: torch.Tensor, category: str, seed: int = 0) -> None:
+        """Fit the memory-bank and global branches (those enabled) of one category from its training
+        images' raw backbone features `(num_images, C, g, g)`."""
+        class_id = int(self.tokenizer.category_ids(category, 1)[0])
+        features = features.to(self.device)
+        if self.memory_bank is not None:
+            self.memory_bank.fit(features, class_id, seed=seed)
+        if self.global_branch is not None:
+            self.global_branch.fit(features, class_id)
+
+    def standardized_scores(self, scores: dict[str, torch.Tensor], categories: Sequence[str]) -> dict[str, torch.Tensor]:
+        """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with each
+        image's category (`categories`, one name per image) calibration statistics."""
+        stats = [self.calibration_for(c) for c in categories]
+        out = {}
+        for branch, values in scores.items():
+            shape = (-1,) + (1,) * (values.dim() - 1)
+            mean = torch.tensor([float(s.get(f"{branch}_mean", 0.0)) for s in stats], device=values.device).view(shape)
+            std = torch.tensor([float(s.get(f"{branch}_std", 1.0)) for s in stats], device=values.device).view(shape)
+            out[branch] = (values - mean) / std.clamp(min=1e-12)
+        return out
+
+    def fuse_branches(self, z_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Combine standardised branches `{branch: (B, ...)}` that are in `config.fused_branches` by
+        `config.fusion_rule` (branches absent from `z_scores`, e.g. the global one for maps, are skipped)."""
+        present = [z_scores[b] for b in self.config.fused_branches if b in z_scores]
+        if not present:
+            raise ValueError(f"none of the fused branches {self.config.fused_branches} was given")
+        return fuse(torch.stack(present, -1), self.config.fusion_rule)
 
     def logical_scores(self, features: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor, category: str,
                        return_histograms: bool = False, max_sequences_per_chunk: int | None = None,
@@ -1096,6 +1167,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             bool_masked_pos: explicit masks `(B, M, N)`; overrides `num_masks` and `seed`.
             features: precomputed raw backbone features `(B, C, g, g)` (`tokenizer.extract_features`).
             threshold: decision threshold on the fused score (default: the category's calibrated one).
+                Refused unless it is a finite number.
             return_histograms: also return predicted and true histograms `(B, M, L, K)`.
             max_sequences_per_chunk: bound the predictor's working memory.
             predictor_dtype: `"bf16"`/`"fp16"` (or a torch dtype) runs the predictor, most of the cost,
@@ -1109,9 +1181,13 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if len(self.categories) != 1:
                     raise ValueError(f"pass category= (one of {self.categories})")
                 category = self.categories[0]
-            batch = (pixel_values if features is None else features).shape[0]
+            if features is None:
+                if pixel_values is None:
+                    raise ValueError("pass pixel_values or features")
+                features = self.tokenizer.extract_features(pixel_values)
+            batch = features.shape[0]
             class_ids = self.tokenizer.category_ids(category, batch)
-            tokens = self.tokenizer.tokenize(pixel_values, class_ids, features=features)
+            tokens = self.tokenizer.tokenize(features=features, category=class_ids)
             if bool_masked_pos is None:
                 masks = self.mask_generator()(batch, num_masks or self.config.num_masks, seed).to(tokens["codes"].device)
             else:
@@ -1135,28 +1211,34 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 mask_scores[rows] = scores
                 if return_histograms:
                     predicted_all[rows], target_all[rows] = predicted, target
-            logical_score = mask_scores.mean(1)
             size_px = self.config.tokenizer_config.image_size
             logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
                                         mode="bilinear", align_corners=True)[:, 0]
-            structural_score, structural_map = tokens["structural_score"], tokens["structural_map"]
-            stats = [self.calibration_for(self.categories[c]) for c in class_ids.tolist()]
-
-            def column(key: str) -> torch.Tensor:
-                return torch.tensor([float(s[key]) for s in stats], device=masks.device)
-
-            z_logical_scale, z_structural_scale = column("logical_std").clamp(min=1e-12), column("structural_std").clamp(min=1e-12)
-            z_logical = (logical_score - column("logical_mean")) / z_logical_scale
-            z_structural = (structural_score - column("structural_mean")) / z_structural_scale
-            pred_score = z_logical + z_structural
-            anomaly_map = ((logical_map - column("logical_mean")[:, None, None]) / z_logical_scale[:, None, None]
-                           + (structural_map - column("structural_mean")[:, None, None]) / z_structural_scale[:, None, None])
-            thresholds = torch.full_like(pred_score, float(threshold)) if threshold is not None else column("threshold")
+            scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
+            maps = {"logical": logical_map, "structural": tokens["structural_map"]}
+            if self.memory_bank is not None:
+                scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories)
+            if self.global_branch is not None:
+                scores["global"] = self.global_branch(features, class_ids, self.categories)
+            names = [self.categories[c] for c in class_ids.tolist()]
+            pred_score = self.fuse_branches(self.standardized_scores(scores, names))
+            # Maps are standardised with their branch's image-score statistics, so a cell and an image
+            # at the same z are equally unusual.
+            anomaly_map = self.fuse_branches(self.standardized_scores(maps, names))
+            if threshold is not None:
+                threshold = float(threshold)
+                if not math.isfinite(threshold):
+                    raise ValueError(f"threshold must be a finite number, got {threshold}")
+                thresholds = torch.full_like(pred_score, threshold)
+            else:
+                thresholds = torch.tensor([float(self.calibration_for(c)["threshold"]) for c in names], device=masks.device)
             return LadmimAnomalyOutput(
-                pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=logical_score,
-                structural_score=structural_score, anomaly_map=anomaly_map, logical_map=logical_map,
-                structural_map=structural_map, mask_scores=mask_scores, masks=masks,
+                pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=scores["logical"],
+                structural_score=scores["structural"], anomaly_map=anomaly_map, logical_map=logical_map,
+                structural_map=maps["structural"], mask_scores=mask_scores, masks=masks,
                 predicted_histograms=predicted_all, target_histograms=target_all,
+                memory_bank_score=scores.get("memory_bank"), memory_bank_map=maps.get("memory_bank"),
+                global_score=scores.get("global"),
             )
 
 

@@ -32,6 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from .branches_ladmim import fuse
 from .configuration_ladmim import LadmimConfig
 from .hub import add_pipeline_to_folder
 from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor
@@ -593,25 +594,29 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             progress.mark(stage_name, summary[stage_name], accelerator.is_main_process)
             accelerator.print(f"[{stage_name}] {summary[stage_name]}")
 
-    # Stage 3: calibration on normal validation images (never on test images); the residual
-    # statistics of the structural map come from the training images, so validation stays unseen.
+    # Stage 3: calibration on normal validation images (never on test images). The structural map's
+    # residual statistics, the memory bank and the global branch are fitted on the training images,
+    # so validation stays unseen.
     model.eval()
-    if model.config.tokenizer_config.residual_normalization == "cell_channel":
-        for category in categories:
+    for category in tqdm(categories, desc="feature branches", disable=disable_bars):
+        if model.config.tokenizer_config.residual_normalization == "cell_channel":
             model.tokenizer.fit_residual_statistics(cache[f"train/{category}"], category)
+        model.fit_feature_branches(cache[f"train/{category}"], category, seed=settings.seed)
     model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
     num_masks = settings.calibration_num_masks or model.config.num_masks
     for category in tqdm(categories, desc="calibration", disable=disable_bars):
         features = cache[f"validation/{category}"]
-        logical, structural = [], []
+        branch_scores: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(features), 16):
             chunk = features[start:start + 16].to(accelerator.device)
             seeds = [settings.seed * 1_000_003 + start + i for i in range(len(chunk))]
             out = model(features=chunk, category=category, num_masks=num_masks, seed=seeds)
-            logical.append(out.logical_score.cpu())
-            structural.append(out.structural_score.cpu())
-        calibration[category] = calibration_statistics(torch.cat(logical), torch.cat(structural), settings.calibration_fpr)
+            for branch, values in out.branch_scores().items():
+                branch_scores.setdefault(branch, []).append(values.cpu())
+        calibration[category] = calibration_statistics({b: torch.cat(v) for b, v in branch_scores.items()},
+                                                       model.config.fused_branches, model.config.fusion_rule,
+                                                       settings.calibration_fpr)
     model.config.calibration = calibration
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
@@ -628,20 +633,22 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     return model_dir
 
 
-def calibration_statistics(logical: torch.Tensor, structural: torch.Tensor, fpr: float) -> dict[str, float]:
-    """Per-branch mean/std on normal images and the fused-score threshold at the target false-positive rate.
+def calibration_statistics(scores: dict[str, torch.Tensor], fused_branches: list[str], fusion_rule: str,
+                           fpr: float) -> dict[str, float]:
+    """Per-branch mean/std of raw scores `{branch: (num_images,)}` on normal images and the threshold
+    on the fused score (`fused_branches` combined by `fusion_rule`) at the target false-positive rate.
 
     The threshold is mean + z * std of the fused validation scores (normal approximation, since
     validation sets are small), with z the standard-normal quantile of `1 - fpr`.
     """
-    stats = {
-        "logical_mean": float(logical.mean()), "logical_std": float(logical.std(unbiased=False).clamp(min=1e-6)),
-        "structural_mean": float(structural.mean()), "structural_std": float(structural.std(unbiased=False).clamp(min=1e-6)),
-    }
-    fused = (logical - stats["logical_mean"]) / stats["logical_std"] + (structural - stats["structural_mean"]) / stats["structural_std"]
+    stats: dict[str, float] = {}
+    for branch, values in scores.items():
+        stats[f"{branch}_mean"] = float(values.mean())
+        stats[f"{branch}_std"] = float(values.std(unbiased=False).clamp(min=1e-6))
+    fused = fuse(torch.stack([(scores[b] - stats[f"{b}_mean"]) / stats[f"{b}_std"] for b in fused_branches], -1), fusion_rule)
     z = statistics.NormalDist().inv_cdf(1.0 - fpr)
     stats["threshold"] = float(fused.mean() + z * fused.std(unbiased=False))
-    stats["num_images"] = int(logical.numel())
+    stats["num_images"] = int(next(iter(scores.values())).numel())
     return stats
 
 

@@ -29,6 +29,9 @@ TINY_SETTINGS = {
                                  residual_normalization="cell_channel"),
         "predictor_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0),
         "num_masks": 3,
+        "memory_bank_size": 24,
+        "global_branch": True,
+        "fusion_rule": "max",
     },
     "tokenizer": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3},
     "predictor": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3},
@@ -101,9 +104,21 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     pushpins = CATEGORIES.index("pushpins")
     torch.testing.assert_close(model.tokenizer.residual_mean[pushpins], residual.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.tokenizer.residual_var[pushpins], residual.var(0), rtol=1e-3, atol=1e-5)
+    # Memory bank and global branch: fitted on each category's training features, as a by-hand refit gives
+    from ladmim_hf.branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank
+
+    bank = LadmimMemoryBank(1, 64, 24)
+    bank.fit(cache["train/pushpins"], 0, seed=0)
+    assert torch.equal(model.memory_bank.bank[pushpins], bank.bank[0])
+    global_branch = LadmimGlobalBranch(1, 64)
+    global_branch.fit(cache["train/pushpins"], 0)
+    torch.testing.assert_close(model.global_branch.precision[pushpins], global_branch.precision[0])
+    assert model.memory_bank.fitted.all() and model.global_branch.fitted.all()
     calibration = model.config.calibration
     assert set(calibration) == set(CATEGORIES)
-    assert all(calibration[c]["logical_std"] > 0 and "threshold" in calibration[c] for c in CATEGORIES)
+    for category in CATEGORIES:
+        assert "threshold" in calibration[category]
+        assert all(calibration[category][f"{b}_std"] > 0 for b in ("logical", "structural", "memory_bank", "global"))
 
     eval_dir = tmp_path / "eval"
     result = subprocess.run(
@@ -120,24 +135,47 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
         entry = metrics["categories"][category]
         for key in ("auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05"):
             assert 0.0 <= entry[key] <= 1.0, (category, key, entry[key])
-        for branch in ("logical", "structural"):
+        for branch in ("logical", "structural", "memory_bank", "global"):
             assert set(entry["branches"][branch]) == {"auroc_logical", "auroc_structural"}
-        assert set(metrics["baselines"]["knn"][category]) == {"auroc_logical", "auroc_structural"}
+        for baseline in ("knn", "global"):
+            assert set(metrics["baselines"][baseline][category]) == {"auroc_logical", "auroc_structural"}
+        # the global branch is the global baseline fitted inside the model
+        assert entry["branches"]["global"] == metrics["baselines"]["global"][category]
     assert set(metrics["mean"]) == {"auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05"}
     assert set(metrics["baselines"]["knn"]["mean"]) == {"auroc_logical", "auroc_structural"}
+    assert metrics["fusion_rule"] == "max" and metrics["fused_branches"] == ["logical", "structural", "memory_bank", "global"]
     rows = (eval_dir / "scores.csv").read_text().splitlines()
-    assert rows[0].startswith("path,category,anomaly_type,defect_type,pred_score,logical_score,structural_score")
+    assert rows[0].startswith("path,category,anomaly_type,defect_type,pred_score,logical_score,structural_score,"
+                              "memory_bank_score,global_score")
     for category in CATEGORIES:
         defects = metrics["per_defect"][category]
         assert defects, category
         for name, entry in defects.items():
             assert entry["anomaly_type"] in ("logical", "structural") and entry["count"] >= 1, (category, name)
-            for key in ("fused", "logical_branch", "structural_branch"):
+            for key in ("fused", "logical_branch", "structural_branch", "memory_bank_branch", "global_branch"):
                 assert 0.0 <= entry[key] <= 1.0, (category, name, key)
     assert "## Per defect type" in (eval_dir / "report.md").read_text()
     assert len(rows) == 1 + 2 * 9
     report = (eval_dir / "report.md").read_text()
     assert "| pushpins |" in report and "figures/heatmaps.png" in report
+    assert "memory bank (log/str)" in report and "global baseline (log/str)" in report
+
+    # The fusion sweep on the same trained model: its variant equal to the trained fusion reproduces
+    # the evaluation's fused AUROCs (same calibration and test mask seeds)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fusion_sweep.py"), "--model", str(model_dir), "--data_root",
+         str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"), "--num_masks", "2", "--threads", "1",
+         "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "--no_spro"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    sweep = json.loads(result.stdout.strip().splitlines()[-1])
+    trained = sweep["variants"]["logical + structural + memory_bank + global (max)"]
+    for category in CATEGORIES:
+        for key in ("auroc_logical", "auroc_structural"):
+            assert trained[category][key] == pytest.approx(metrics["categories"][category][key]), (category, key)
+            assert sweep["variants"]["memory_bank (sum)"][category][key] == pytest.approx(
+                metrics["categories"][category]["branches"]["memory_bank"][key])
     assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
 
     # benchmarks/scoring_sweep.py rescoring the trained model: the 2-mask variant reproduces the

@@ -68,7 +68,7 @@ def test_cosine_schedule_with_warmup_and_step_schedule():
 def test_calibration_statistics_by_hand():
     logical = torch.tensor([1.0, 2.0, 3.0])
     structural = torch.tensor([10.0, 10.0, 13.0])
-    stats = calibration_statistics(logical, structural, fpr=0.01)
+    stats = calibration_statistics({"logical": logical, "structural": structural}, ["logical", "structural"], "sum", fpr=0.01)
     assert stats["logical_mean"] == pytest.approx(2.0)
     assert stats["logical_std"] == pytest.approx(math.sqrt(2 / 3))
     assert stats["structural_mean"] == pytest.approx(11.0)
@@ -76,6 +76,22 @@ def test_calibration_statistics_by_hand():
     mean = sum(fused) / 3
     std = math.sqrt(sum((f - mean) ** 2 for f in fused) / 3)
     assert stats["threshold"] == pytest.approx(mean + statistics.NormalDist().inv_cdf(0.99) * std, rel=1e-5)
+
+
+def test_calibration_statistics_max_rule_and_unfused_branches_by_hand():
+    scores = {"logical": torch.tensor([1.0, 2.0, 3.0]), "structural": torch.tensor([10.0, 10.0, 13.0]),
+              "memory_bank": torch.tensor([0.5, 1.5, 1.0])}
+    stats = calibration_statistics(scores, ["logical", "memory_bank"], "max", fpr=0.05)
+    # every branch is measured, also one the fusion leaves out
+    assert stats["structural_std"] == pytest.approx(math.sqrt(2.0))
+    assert stats["memory_bank_mean"] == pytest.approx(1.0)
+    z_logical = [(v - 2.0) / math.sqrt(2 / 3) for v in (1, 2, 3)]
+    z_bank = [(v - 1.0) / math.sqrt(1 / 6) for v in (0.5, 1.5, 1.0)]
+    fused = [max(a, b) for a, b in zip(z_logical, z_bank)]
+    mean = sum(fused) / 3
+    std = math.sqrt(sum((f - mean) ** 2 for f in fused) / 3)
+    assert stats["threshold"] == pytest.approx(mean + statistics.NormalDist().inv_cdf(0.95) * std, rel=1e-5)
+    assert stats["num_images"] == 3
 
 
 class _Linear(torch.nn.Module):

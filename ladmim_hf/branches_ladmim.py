@@ -1,0 +1,293 @@
+"""The detector's training-free branches and the fusion of branch scores.
+
+Shipped to the Hub next to the weights (``trust_remote_code=True``): imports only torch and the flat
+sibling ``configuration_ladmim``.
+
+- **Memory bank** (PatchCore, Roth et al., CVPR 2022): per category, a greedy k-center coreset of
+  the training images' patch features; a test cell's score is the Euclidean distance to its nearest
+  bank patch, the map is that grid upsampled and Gaussian-smoothed, the image score its maximum.
+- **Global** (a PUAD-style global score, Sugawara et al. 2024): per category, the Mahalanobis distance
+  of an image's pooled features (per-channel mean and standard deviation over the grid) under a
+  Ledoit-Wolf shrinkage covariance fitted on the training images. It sees counts and combinations
+  that no single patch shows.
+- **Fusion**: each branch standardised on normal validation images (a z-score), then combined by a
+  rule (`fuse`).
+
+Shapes: B = batch, C = feature channels, g = grid side, P = bank patches per category, D = 2C.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_ladmim import FUSION_RULES
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nearest neighbours and coresets
+# --------------------------------------------------------------------------------------------------
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of `a (n, C)` and `b (m, C)`, `(n, m)`, clamped at 0."""
+    d = (a * a).sum(1, keepdim=True) - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk_size: int = 4096,
+                      bank_chunk_size: int = 65536) -> torch.Tensor:
+    """Euclidean distance of each query row `(n, C)` to its nearest bank row `(m, C)`, `(n,)`, computed
+    in `(chunk_size x bank_chunk_size)` blocks so memory stays bounded whatever the bank size."""
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"feature dims differ: queries have {queries.shape[1]}, the bank has {bank.shape[1]}")
+    if bank.shape[0] == 0:
+        raise ValueError("the memory bank is empty")
+    if chunk_size < 1 or bank_chunk_size < 1:
+        raise ValueError("chunk sizes must be >= 1")
+    out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
+    for i in range(0, queries.shape[0], chunk_size):
+        q = queries[i:i + chunk_size]
+        best = torch.full((q.shape[0],), float("inf"), dtype=q.dtype, device=q.device)
+        for j in range(0, bank.shape[0], bank_chunk_size):
+            best = torch.minimum(best, squared_distances(q, bank[j:j + bank_chunk_size]).min(dim=1).values)
+        out[i:i + chunk_size] = best.sqrt()
+    return out
+
+
+def greedy_coreset(rows: torch.Tensor, n_select: int, projection_dim: int | None = 128, seed: int = 0,
+                   start_index: int | None = None, chunk_size: int = 65536) -> torch.Tensor:
+    """Greedy k-center coreset (PatchCore): indices of `n_select` of the rows `(M, C)`, in selection order.
+
+    Each step adds the row farthest from every row selected so far. With `projection_dim` smaller
+    than C, distances are taken after a seeded Gaussian random projection (Johnson-Lindenstrauss);
+    `seed` also draws the first row unless `start_index` is given.
+    """
+    m, c = rows.shape
+    if not 1 <= n_select <= m:
+        raise ValueError(f"n_select must be in 1..{m}, got {n_select}")
+    generator = torch.Generator().manual_seed(int(seed))
+    x = rows.float()
+    if projection_dim is not None and projection_dim < c:
+        projection = torch.randn(c, projection_dim, generator=generator) / math.sqrt(projection_dim)
+        x = x @ projection.to(x.device)
+    first = int(torch.randint(m, (1,), generator=generator)) if start_index is None else int(start_index)
+    if not 0 <= first < m:
+        raise ValueError(f"start_index {first} out of range 0..{m - 1}")
+    selected = torch.empty(n_select, dtype=torch.long)
+    selected[0] = first
+    min_distance = torch.full((m,), float("inf"), device=x.device)
+    last = x[first:first + 1]
+    for k in range(1, n_select):
+        for j in range(0, m, chunk_size):
+            block = squared_distances(x[j:j + chunk_size], last)[:, 0]
+            min_distance[j:j + chunk_size] = torch.minimum(min_distance[j:j + chunk_size], block)
+        chosen = int(torch.argmax(min_distance))
+        selected[k] = chosen
+        last = x[chosen:chosen + 1]
+    return selected
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of `(B, H, W)` maps, as `scipy.ndimage.gaussian_filter(mode="mirror")`
+    (radius 4 sigma), which PatchCore applies to its upsampled maps. `sigma <= 0`: unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    # reflect padding needs pad < size; very small maps fall back to replicate
+    mode = "reflect" if radius < min(maps.shape[-2:]) else "replicate"
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shrinkage covariance
+# --------------------------------------------------------------------------------------------------
+
+
+def ledoit_wolf_covariance(samples: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Ledoit-Wolf shrunk covariance of `samples (n, D)` and its shrinkage in [0, 1] (float64).
+
+    `(1 - s) S + s (trace(S) / D) I` with S the maximum-likelihood covariance and s the
+    Ledoit-Wolf (2004) estimate of the optimal shrinkage; with fewer samples than dimensions S is
+    singular, the shrunk matrix is not.
+    """
+    x = samples.double()
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+    x = x - x.mean(0, keepdim=True)
+    covariance = x.T @ x / n
+    mu = covariance.diagonal().sum() / d
+    squared = x * x
+    beta_sum = (squared.T @ squared).sum()                   # sum_k ||x_k||^4 terms, pairwise over dims
+    delta_sum = covariance.pow(2).sum()                      # ||S||_F^2
+    beta = (beta_sum / n - delta_sum) / (d * n)
+    delta = (delta_sum - 2.0 * mu * covariance.diagonal().sum() + d * mu * mu) / d
+    shrinkage = 0.0 if float(delta) == 0.0 else float(torch.clamp(beta, max=delta) / delta)
+    shrinkage = min(max(shrinkage, 0.0), 1.0)
+    shrunk = (1.0 - shrinkage) * covariance
+    shrunk.diagonal().add_(shrinkage * mu)
+    return shrunk, shrinkage
+
+
+# --------------------------------------------------------------------------------------------------
+# Branch modules
+# --------------------------------------------------------------------------------------------------
+
+
+class _PerCategoryBranch(nn.Module):
+    """Per-category buffers that are filled by `fit` (training stage 3) and saved with the weights."""
+
+    name = "branch"
+
+    def __init__(self, num_categories: int):
+        super().__init__()
+        self.register_buffer("fitted", torch.zeros(num_categories, dtype=torch.bool))
+        self._warned: set[int] = set()
+
+    def _check_fitted(self, class_ids: torch.Tensor, categories: list[str]) -> None:
+        unfitted = set(class_ids[~self.fitted[class_ids]].tolist()) - self._warned
+        if unfitted:
+            logger.warning("the %s branch was never fitted for categories %s; its scores there are meaningless",
+                           self.name, [categories[i] for i in sorted(unfitted)])
+            self._warned.update(unfitted)
+
+
+class LadmimMemoryBank(_PerCategoryBranch):
+    """PatchCore memory bank per category: `bank (categories, P, C)` (fp16 storage).
+
+    Args:
+        num_categories, channels: buffer shapes; bank_size: P, patches kept per category.
+        neighbourhood: side of the mean filter over each cell's neighbourhood before matching (PatchCore's
+            local aggregation; 1 = the cell alone).
+        smoothing_sigma: Gaussian sigma, in pixels, of the upsampled map.
+        projection_dim: random projection used only to select the coreset.
+    """
+
+    name = "memory_bank"
+
+    def __init__(self, num_categories: int, channels: int, bank_size: int, neighbourhood: int = 1,
+                 smoothing_sigma: float = 4.0, projection_dim: int = 128):
+        super().__init__(num_categories)
+        self.neighbourhood = neighbourhood
+        self.smoothing_sigma = smoothing_sigma
+        self.projection_dim = projection_dim
+        self.register_buffer("bank", torch.zeros(num_categories, bank_size, channels, dtype=torch.float16))
+
+    def patch_features(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` -> `(B, g, g, C)` patch features after the neighbourhood mean."""
+        if self.neighbourhood > 1:
+            features = F.avg_pool2d(features, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                                    count_include_pad=False)
+        return features.permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, class_id: int, seed: int = 0) -> None:
+        """Fill one category's bank from its training features `(num_images, C, g, g)`.
+
+        Keeps a greedy k-center coreset of P of the patches; a category with fewer patches keeps
+        them all and repeats the first (duplicates change no nearest-neighbour distance)."""
+        rows = self.patch_features(features.float()).reshape(-1, features.shape[1])
+        size = self.bank.shape[1]
+        if rows.shape[0] <= size:
+            index = torch.arange(rows.shape[0])
+            index = torch.cat([index, index.new_zeros(size - rows.shape[0])])
+        else:
+            index = greedy_coreset(rows, size, projection_dim=self.projection_dim, seed=seed)
+        self.bank[class_id] = rows[index.to(rows.device)].to(self.bank)
+        self.fitted[class_id] = True
+
+    def forward(self, features: torch.Tensor, class_ids: torch.Tensor, image_size: int,
+                categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores `(B,)` (the largest cell distance) and maps `(B, S, S)` for raw features `(B, C, g, g)`."""
+        self._check_fitted(class_ids, categories)
+        patches = self.patch_features(features.float())
+        batch, g = patches.shape[0], patches.shape[1]
+        cells = torch.empty(batch, g * g, device=features.device)
+        for cid in class_ids.unique().tolist():
+            rows = torch.nonzero(class_ids == cid).flatten()
+            queries = patches[rows].reshape(-1, patches.shape[-1])
+            cells[rows] = nearest_distances(queries, self.bank[cid].float()).view(len(rows), -1)
+        grid = cells.view(batch, g, g)
+        full = F.interpolate(grid[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+        return cells.amax(1), gaussian_blur(full, self.smoothing_sigma)
+
+
+class LadmimGlobalBranch(_PerCategoryBranch):
+    """Mahalanobis distance of pooled features per category: `mean (categories, D)` and
+    `precision (categories, D, D)` with D = 2C (per-channel mean and std over the grid)."""
+
+    name = "global"
+
+    def __init__(self, num_categories: int, channels: int):
+        super().__init__(num_categories)
+        dim = 2 * channels
+        self.register_buffer("mean", torch.zeros(num_categories, dim))
+        self.register_buffer("precision", torch.eye(dim).repeat(num_categories, 1, 1))
+        self.register_buffer("shrinkage", torch.zeros(num_categories))
+
+    @staticmethod
+    def pooled(features: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` -> `(B, 2C)`: per-channel mean and standard deviation over the grid."""
+        flat = features.float().flatten(2)
+        return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, class_id: int) -> None:
+        """Fit one category from its training features `(num_images, C, g, g)`."""
+        pooled = self.pooled(features)
+        covariance, shrinkage = ledoit_wolf_covariance(pooled)
+        self.mean[class_id] = pooled.double().mean(0).to(self.mean)
+        self.precision[class_id] = torch.linalg.inv(covariance).to(self.precision)
+        self.shrinkage[class_id] = shrinkage
+        self.fitted[class_id] = True
+
+    def forward(self, features: torch.Tensor, class_ids: torch.Tensor, categories: list[str]) -> torch.Tensor:
+        """Mahalanobis distances `(B,)` for raw features `(B, C, g, g)`."""
+        self._check_fitted(class_ids, categories)
+        centred = self.pooled(features) - self.mean[class_ids]
+        squared = torch.einsum("bi,bij,bj->b", centred, self.precision[class_ids], centred)
+        return squared.clamp_min(0).sqrt()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fusion
+# --------------------------------------------------------------------------------------------------
+
+
+def fuse(z_scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Combine standardised branch scores `(..., branches)` into one `(...)`.
+
+    `"sum"`: the sum of the z-scores (the paper's rule for its two branches). `"max"`: the largest
+    z-score, so a defect that only one branch sees is not diluted by the others.
+    """
+    if rule == "sum":
+        return z_scores.sum(-1)
+    if rule == "max":
+        return z_scores.amax(-1)
+    raise ValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
+
+
+__all__ = [
+    "FUSION_RULES",
+    "LadmimGlobalBranch",
+    "LadmimMemoryBank",
+    "fuse",
+    "gaussian_blur",
+    "greedy_coreset",
+    "ledoit_wolf_covariance",
+    "nearest_distances",
+    "squared_distances",
+]

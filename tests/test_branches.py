@@ -1,0 +1,188 @@
+"""The memory-bank and global branches and the fusion rules, against slow obvious references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from scipy.ndimage import gaussian_filter
+from sklearn.covariance import LedoitWolf
+
+from ladmim_hf.branches_ladmim import (
+    LadmimGlobalBranch,
+    LadmimMemoryBank,
+    fuse,
+    gaussian_blur,
+    greedy_coreset,
+    ledoit_wolf_covariance,
+)
+
+
+def _features(n=4, c=6, g=5, seed=0) -> torch.Tensor:
+    return torch.randn(n, c, g, g, generator=torch.Generator().manual_seed(seed))
+
+
+def test_memory_bank_distances_equal_brute_force_nearest_neighbours():
+    train, test = _features(3, seed=1), _features(2, seed=2)
+    bank = LadmimMemoryBank(2, 6, bank_size=75, smoothing_sigma=0.0)  # 3 x 25 patches: all of them
+    bank.fit(train, 1)
+    scores, maps = bank(test, torch.tensor([1, 1]), image_size=5, categories=["a", "b"])
+    rows = [train[i, :, y, x].half().float() for i in range(3) for y in range(5) for x in range(5)]
+    for b in range(2):
+        expected = torch.tensor([[min(float((test[b, :, y, x] - r).norm()) for r in rows) for x in range(5)] for y in range(5)])
+        # image_size == grid: bilinear resizing with align_corners=False is the identity
+        torch.testing.assert_close(maps[b], expected, rtol=1e-4, atol=1e-4)
+        assert float(scores[b]) == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+def test_memory_bank_neighbourhood_is_a_mean_over_the_cells_around():
+    features = _features(1, c=2, g=4)
+    bank = LadmimMemoryBank(1, 2, bank_size=4, neighbourhood=3)
+    patches = bank.patch_features(features)
+    expected = features[0, :, 0:2, 0:2].mean((1, 2))  # a corner cell averages its 2 x 2 neighbours
+    torch.testing.assert_close(patches[0, 0, 0], expected)
+    torch.testing.assert_close(patches[0, 1, 1], features[0, :, 0:3, 0:3].mean((1, 2)))
+
+
+def test_memory_bank_coreset_is_deterministic_by_seed_and_small_banks_keep_every_patch():
+    train = _features(6, seed=3)  # 150 patches
+    a, b, c = (LadmimMemoryBank(1, 6, bank_size=20) for _ in range(3))
+    a.fit(train, 0, seed=0)
+    b.fit(train, 0, seed=0)
+    c.fit(train, 0, seed=1)
+    assert torch.equal(a.bank, b.bank) and not torch.equal(a.bank, c.bank)
+    small = LadmimMemoryBank(1, 6, bank_size=200)
+    small.fit(train, 0)
+    rows = train.permute(0, 2, 3, 1).reshape(-1, 6).half()
+    assert torch.equal(small.bank[0, :150], rows) and torch.equal(small.bank[0, 150:], rows[:1].expand(50, -1))
+
+
+def test_greedy_coreset_covers_the_outlier_first():
+    rows = torch.cat([torch.zeros(10, 3), torch.tensor([[100.0, 0, 0]])])
+    assert greedy_coreset(rows, 2, projection_dim=None, start_index=0).tolist() == [0, 10]
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    samples = torch.randn(30, 40, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.2, 3.0, 40)
+    covariance, shrinkage = ledoit_wolf_covariance(samples)
+    reference = LedoitWolf().fit(samples.double().numpy())
+    assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-9)
+    np.testing.assert_allclose(covariance.numpy(), reference.covariance_, rtol=1e-9, atol=1e-12)
+
+
+def test_global_branch_is_the_mahalanobis_distance_of_pooled_features_by_hand():
+    train, test = _features(12, c=3, g=4, seed=5), _features(2, c=3, g=4, seed=6)
+    branch = LadmimGlobalBranch(1, 3)
+    branch.fit(train, 0)
+    pooled = lambda x: np.concatenate([x.reshape(len(x), 3, -1).mean(-1), x.reshape(len(x), 3, -1).std(-1)], 1)  # noqa: E731
+    train_pooled, test_pooled = pooled(train.double().numpy()), pooled(test.double().numpy())
+    reference = LedoitWolf().fit(train_pooled)
+    precision = np.linalg.inv(reference.covariance_)
+    centred = test_pooled - train_pooled.mean(0)
+    expected = np.sqrt(np.einsum("bi,ij,bj->b", centred, precision, centred))
+    got = branch(test, torch.zeros(2, dtype=torch.long), ["only"])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
+def test_gaussian_blur_matches_scipy():
+    maps = torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = gaussian_blur(maps, 2.0)
+    for b in range(2):
+        # torch's "reflect" padding excludes the edge sample, which is scipy's "mirror" mode
+        expected = gaussian_filter(maps[b].numpy(), 2.0, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(gaussian_blur(maps, 0.0), maps)
+
+
+def test_fusion_rules_by_hand():
+    z = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    assert fuse(z, "sum").tolist() == [-0.5, 2.0]
+    assert fuse(z, "max").tolist() == [1.0, 3.0]
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse(z, "mean")
+
+
+def _fitted_detector(**overrides):
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(tiny_config(memory_bank_size=8, global_branch=True, **overrides)).eval()
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    features = model.tokenizer.extract_features(images)
+    for category in model.categories:
+        model.fit_feature_branches(features, category, seed=0)
+    return model
+
+
+def test_detector_fuses_standardised_branches_by_the_configured_rule(pixel_values):
+    model = _fitted_detector(fusion_rule="max", fused_branches=["logical", "memory_bank", "global"])
+    stats = {"logical_mean": 0.1, "logical_std": 2.0, "structural_mean": 0.0, "structural_std": 1.0,
+             "memory_bank_mean": 1.0, "memory_bank_std": 0.5, "global_mean": 3.0, "global_std": 4.0, "threshold": 1.0}
+    model.config.calibration = {c: dict(stats) for c in model.categories}
+    out = model(pixel_values, category="pushpins", num_masks=3, seed=[1, 2, 3])
+    z = torch.stack([(out.logical_score - 0.1) / 2.0, (out.memory_bank_score - 1.0) / 0.5, (out.global_score - 3.0) / 4.0], -1)
+    torch.testing.assert_close(out.pred_score, z.amax(-1))
+    maps = torch.stack([(out.logical_map - 0.1) / 2.0, (out.memory_bank_map - 1.0) / 0.5], -1)  # the global branch has no map
+    torch.testing.assert_close(out.anomaly_map, maps.amax(-1))
+    assert out.pred_label.tolist() == (out.pred_score > 1.0).tolist()
+    assert set(out.branch_scores()) == {"logical", "structural", "memory_bank", "global"}
+
+
+def test_detector_without_the_new_branches_leaves_them_none(tiny_model, pixel_values):
+    out = tiny_model(pixel_values, category="pushpins", num_masks=2, seed=0)
+    assert out.memory_bank_score is None and out.memory_bank_map is None and out.global_score is None
+    assert tiny_model.memory_bank is None and tiny_model.global_branch is None
+    torch.testing.assert_close(out.pred_score, out.logical_score + out.structural_score)
+
+
+def test_branch_buffers_survive_a_save_and_load_round_trip(tmp_path, pixel_values):
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    model = _fitted_detector()
+    model.save_pretrained(tmp_path)
+    loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
+    for name in ("memory_bank.bank", "memory_bank.fitted", "global_branch.mean", "global_branch.precision"):
+        assert torch.equal(model.state_dict()[name], loaded.state_dict()[name]), name
+    assert loaded.memory_bank.bank.dtype == torch.float16
+    a = model(pixel_values, category="breakfast_box", num_masks=2, seed=0)
+    b = loaded(pixel_values, category="breakfast_box", num_masks=2, seed=0)
+    torch.testing.assert_close(a.memory_bank_score, b.memory_bank_score)
+    torch.testing.assert_close(a.global_score, b.global_score)
+    torch.testing.assert_close(a.pred_score, b.pred_score)
+
+
+def test_unfitted_branch_warns_once_naming_the_category(pixel_values, caplog):
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    model = LadmimForAnomalyDetection(tiny_config(memory_bank_size=4)).eval()
+    with caplog.at_level("WARNING"):
+        model(pixel_values, category="pushpins", num_masks=1, seed=0)
+        model(pixel_values, category="pushpins", num_masks=1, seed=0)
+    warnings = [r for r in caplog.records if "memory_bank branch was never fitted" in r.getMessage()]
+    assert len(warnings) == 1 and "pushpins" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"memory_bank_size": -1}, "memory_bank_size"),
+    ({"memory_bank_size": "8"}, "memory_bank_size"),
+    ({"memory_bank_neighbourhood": 2}, "memory_bank_neighbourhood"),
+    ({"memory_bank_smoothing_sigma": float("nan")}, "memory_bank_smoothing_sigma"),
+    ({"global_branch": "yes"}, "global_branch"),
+    ({"fusion_rule": "mean"}, "fusion_rule"),
+    ({"fused_branches": ["logical", "memory_bank"]}, "memory_bank_size > 0"),
+    ({"fused_branches": ["global"]}, "global_branch: true"),
+    ({"fused_branches": []}, "fused_branches"),
+    ({"fused_branches": ["logical", "logical"]}, "twice"),
+])
+def test_config_refuses_bad_branch_settings_naming_the_field(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        tiny_config(**overrides)
+
+
+def test_calibration_missing_a_fused_branch_names_it(pixel_values):
+    model = _fitted_detector()
+    model.config.calibration = {"pushpins": {"logical_mean": 0.0, "logical_std": 1.0, "structural_mean": 0.0,
+                                             "structural_std": 1.0, "threshold": 3.0}}
+    with pytest.raises(ValueError, match=r"\['memory_bank', 'global'\]"):
+        model(pixel_values, category="pushpins", num_masks=1, seed=0)
