@@ -1,0 +1,178 @@
+"""Which branches to fuse, and how: every fusion variant of one trained model, scored once.
+
+Loads a trained detector, switches on the memory-bank and global branches if it lacks them (fitted
+on each category's training images, as training stage 3 does), measures every branch's mean/std on
+`validation/good` with the training calibration's mask seeds, and scores the test images once with
+the evaluation's mask seeds. Each variant is then a set of branches and a fusion rule applied to
+those same standardised scores and maps, so the comparison is paired: image AUROCs (good vs
+logical, good vs structural) and AU-sPRO@0.05 of the fused map, per category and on average.
+
+    python benchmarks/fusion_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
+        --feature_cache outputs/synthloco/cache/features.pt \
+        --variants logical+structural:sum memory_bank+logical+global:max
+
+A variant is `branch+branch+...:rule`. Last stdout line: JSON with one entry per variant and the
+branches alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+DEFAULT_VARIANTS = (
+    "logical+structural:sum", "memory_bank:sum", "global:sum", "logical+memory_bank:sum",
+    "logical+memory_bank+global:sum", "logical+structural+memory_bank+global:sum",
+    "logical+memory_bank+global:max", "logical+structural+memory_bank+global:max", "logical+memory_bank:max",
+)
+
+
+def parse_variant(text: str) -> tuple[list[str], str]:
+    from ladmim_hf.configuration_ladmim import FUSION_RULES
+
+    branches, sep, rule = text.partition(":")
+    names = [b for b in branches.split("+") if b]
+    known = ("logical", "structural", "memory_bank", "global")
+    if not sep or rule not in FUSION_RULES or not names or any(b not in known for b in names):
+        raise SystemExit(f"bad variant {text!r}: use branch+branch:rule with branches from {known} and a rule from {FUSION_RULES}")
+    return names, rule
+
+
+def with_all_branches(model, memory_bank_size: int, train_features: dict, seed: int):
+    """A copy of `model` with the memory-bank and global branches on (fitted here where the model lacks them)."""
+    from ladmim_hf import LadmimConfig, LadmimForAnomalyDetection
+
+    config = model.config.to_dict()
+    refit_bank = config.get("memory_bank_size", 0) == 0
+    refit_global = not config.get("global_branch", False)
+    if refit_bank:
+        config["memory_bank_size"] = memory_bank_size
+    config["global_branch"] = True
+    config["fused_branches"] = None
+    config["calibration"] = {}  # the sweep standardises on validation itself; raw scores are what it needs
+    full = LadmimForAnomalyDetection(LadmimConfig.from_dict(config))
+    missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise SystemExit(f"unexpected weights {unexpected}")
+    for category in model.categories:
+        if refit_bank or refit_global:
+            features = train_features[category]
+            class_id = int(full.tokenizer.category_ids(category, 1)[0])
+            if refit_bank:
+                full.memory_bank.fit(features, class_id, seed=seed)
+            if refit_global:
+                full.global_branch.fit(features, class_id)
+    full._warned_uncalibrated.update(full.categories)
+    return full.eval()
+
+
+def score(model, features: torch.Tensor, category: str, num_masks: int, seed_base: int, batch_size: int = 16):
+    """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}` with the given mask seeds."""
+    scores, maps = {}, {}
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        seeds = [seed_base + start + i for i in range(len(chunk))]
+        out = model(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+        for name, value in out.branch_scores().items():
+            scores.setdefault(name, []).append(value)
+        for name, value in out.branch_maps().items():
+            maps.setdefault(name, []).append(value)
+    return {k: torch.cat(v) for k, v in scores.items()}, {k: torch.cat(v) for k, v in maps.items()}
+
+
+def main(argv=None) -> None:
+    parser = C.base_parser(__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data_root", required=True)
+    parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt)")
+    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser.add_argument("--memory_bank_size", type=int, default=2048, help="bank size when the model has none")
+    parser.add_argument("--eval_seed", type=int, default=0, help="the evaluation seed (test masks)")
+    parser.add_argument("--num_masks", type=int, default=None, help="test masks per image (default: the model's; "
+                        "validation always uses the model's, as training calibrates)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--no_spro", action="store_true", help="skip AU-sPRO (the slow part)")
+    parser.add_argument("--save_scores", default=None, help="also save every branch's test z-scores and the anomaly "
+                        "types per category to this file (torch.save), for other fusion rules offline")
+    args = parser.parse_args(argv)
+    C.apply_threads(args)
+    variants = [parse_variant(v) for v in args.variants]
+
+    from ladmim_hf.data import resolve_categories
+    from ladmim_hf.evaluation import _defects_config, _features, _resize_map, _test_rows, _train_paths, load_detector
+    from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
+
+    model, processor = load_detector(args.model)
+    categories = resolve_categories(args.data_root, "all" if args.categories == ["all"] else args.categories)
+    cache = torch.load(args.feature_cache, weights_only=True) if args.feature_cache else {}
+
+    def cached(split: str, category: str) -> torch.Tensor:
+        key = f"{split}/{category}"
+        if key not in cache:
+            from ladmim_hf.data import load_loco
+
+            paths = (_train_paths(args.data_root, category, "loco") if split == "train"
+                     else list(load_loco(args.data_root, category, split)["path"]))
+            cache[key] = _features(model, processor, paths, 16, f"features {key}")
+        return cache[key]
+
+    model = with_all_branches(model, args.memory_bank_size, {c: cached("train", c) for c in categories}, args.seed)
+    num_masks = model.config.num_masks
+    test_masks = args.num_masks or num_masks
+    results = {" + ".join(b) + f" ({r})": {} for b, r in variants}
+    alone, saved = {}, {}
+    for category in categories:
+        C.log(f"{category}: scoring")
+        val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed * 1_000_003)
+        stats = {b: (float(v.mean()), float(v.std(unbiased=False).clamp(min=1e-6))) for b, v in val_scores.items()}
+        rows = _test_rows(args.data_root, category, "loco")
+        types = [r["anomaly_type"] for r in rows]
+        test_features = _features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
+        test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed * 1_000_003, batch_size=8)
+        z = {b: (v - stats[b][0]) / stats[b][1] for b, v in test_scores.items()}
+        z_maps = {b: (v - stats[b][0]) / stats[b][1] for b, v in test_maps.items()}
+        saved[category] = {"z": z, "types": types}
+        alone[category] = {b: loco_image_aurocs(v.numpy().astype(np.float64), types) for b, v in test_scores.items()}
+        defects = _defects_config(args.data_root, category)
+        for (branches, rule), name in zip(variants, results):
+            from ladmim_hf.branches_ladmim import fuse
+
+            fused = fuse(torch.stack([z[b] for b in branches], -1), rule).numpy().astype(np.float64)
+            entry = loco_image_aurocs(fused, types)
+            with_maps = [b for b in branches if b in z_maps]
+            entry["spro_0.05"] = float("nan")
+            if with_maps and defects is not None and not args.no_spro:
+                fused_maps = fuse(torch.stack([z_maps[b] for b in with_maps], -1), rule)
+                maps = [_resize_map(fused_maps[i], r["regions"][0].shape) if r["regions"] else fused_maps[i].numpy()
+                        for i, r in enumerate(rows)]
+                entry["spro_0.05"] = loco_au_spro(maps, [r["regions"] for r in rows], types, defects, max_fpr=0.05)["au_spro_mean"]
+            results[name][category] = entry
+
+    if args.save_scores:
+        torch.save(saved, args.save_scores)
+
+    def mean(per: dict, key: str) -> float:
+        return float(np.nanmean([v[key] for v in per.values()]))
+
+    print("| fused | logical | structural | mean | AU-sPRO@0.05 | worst category (log / str) |")
+    print("|---|---|---|---|---|---|")
+    for name, per in results.items():
+        worst = min(per, key=lambda c: per[c]["auroc_mean"])
+        print(f"| {name} | {mean(per, 'auroc_logical'):.3f} | {mean(per, 'auroc_structural'):.3f} | "
+              f"{mean(per, 'auroc_mean'):.3f} | {mean(per, 'spro_0.05'):.3f} | {worst} "
+              f"{per[worst]['auroc_logical']:.3f} / {per[worst]['auroc_structural']:.3f} |")
+    print("\nbranches alone (log / str): " + "; ".join(
+        f"{b} {np.mean([alone[c][b]['auroc_logical'] for c in categories]):.3f} / "
+        f"{np.mean([alone[c][b]['auroc_structural'] for c in categories]):.3f}" for b in alone[categories[0]]))
+    C.emit("fusion sweep", {"variants": results, "branches_alone": alone, "memory_bank_size": model.config.memory_bank_size})
+
+
+if __name__ == "__main__":
+    main()
