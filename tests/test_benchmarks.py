@@ -32,6 +32,7 @@ RUNS = {
     "mask_sweep": ["mask_sweep.py", "--tiny", "--masks", "1,5,10"],
     "quality_probe": ["quality_probe.py", "--tiny"],
     "run_all": ["run_all.py", "--tiny", "--only", "roofline"],
+    "branch_cost": ["branch_cost.py", "--tiny"],
 }
 
 
@@ -69,6 +70,12 @@ def check_keys(payload: dict, keys: list[str]) -> None:
     missing = [k for k in keys if k not in payload]
     assert not missing, f"missing keys {missing} in {sorted(payload)}"
     assert "load_average" in payload["environment"]
+
+
+def test_branch_cost(runs):
+    out = last_json(runs, "branch_cost")
+    check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "memory_bank_size"])
+    assert out["ratio"] > 0 and out["memory_bank_size"] == 16 and out["global_branch"] is True
 
 
 def test_scoring(runs):
