@@ -27,6 +27,8 @@ def _predict(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, empty_folders = _expand_image_arguments(args.images)
     heatmap_names = _heatmap_names(paths)
+    # One raw-score column per optional branch the model computes (logical and structural always print).
+    extra = [b for b in detector.config.enabled_branches if b not in ("logical", "structural")]
     rows, failures = [], len(empty_folders)
     for folder in empty_folders:
         print(f"error: no files in folder {folder}", file=sys.stderr)
@@ -42,13 +44,18 @@ def _predict(args: argparse.Namespace) -> int:
         anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
         heatmap = out_dir / heatmap_names[index]
         heatmap_overlay(image, anomaly_map).save(heatmap)
+        branch_scores = out.branch_scores()
         rows.append((path, float(out.pred_score[0]), "anomalous" if bool(out.pred_label[0]) else "good",
-                     float(out.logical_score[0]), float(out.structural_score[0]), heatmap))
+                     float(out.logical_score[0]), float(out.structural_score[0]),
+                     [float(branch_scores[b][0]) for b in extra], heatmap))
     if rows:
         width = max(len(str(r[0])) for r in rows)
-        print(f"{'image':<{width}}  {'score':>8}  {'verdict':<9}  {'logical':>8}  {'structural':>10}  heatmap")
-        for path, score, verdict, logical, structural, heatmap in rows:
-            print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  {heatmap}")
+        widths = [max(len(b), 8) for b in extra]
+        print(f"{'image':<{width}}  {'score':>8}  {'verdict':<9}  {'logical':>8}  {'structural':>10}  "
+              + "".join(f"{b:>{w}}  " for b, w in zip(extra, widths)) + "heatmap")
+        for path, score, verdict, logical, structural, others, heatmap in rows:
+            print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  "
+                  + "".join(f"{v:{w}.4f}  " for v, w in zip(others, widths)) + str(heatmap))
     if failures:
         print(f"error: {failures} input(s) could not be read (listed above); {len(rows)} of {len(paths)} image(s) "
               "scored", file=sys.stderr)

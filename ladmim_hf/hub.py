@@ -8,8 +8,8 @@
   ``image-anomaly-detection`` pipeline),
 * ``model.safetensors`` (or its shards and index),
 * the flat code files (``configuration_ladmim.py``, ``modeling_ladmim.py``, ``backbone_ladmim.py``,
-  ``masking.py``, ``image_processing_ladmim.py``, ``pipeline_ladmim.py``) taken from this package, so the
-  six files always belong together,
+  ``branches_ladmim.py``, ``masking.py``, ``image_processing_ladmim.py``, ``pipeline_ladmim.py``) taken from
+  this package, so they always belong together,
 * ``preprocessor_config.json`` (written with the model's input size when the folder has none),
 * ``README.md``: the generated model card (:func:`build_model_card`).
 
@@ -453,31 +453,51 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}" if _is_number(value) else "n/a"
 
 
+_METRIC_KEYS = ("auroc_logical", "auroc_structural", "auroc_mean", "spro_0.05")
+
+
+def _numbers(entry: Any) -> dict:
+    """The plain values of a metrics entry, each a float or None (shown as n/a): metrics.json may be hand-edited."""
+    if not isinstance(entry, dict):
+        return {}
+    return {k: float(v) if _is_number(v) else None for k, v in entry.items() if not isinstance(v, dict)}
+
+
+def _entries(group: Any) -> dict:
+    """`{name: _numbers(entry)}` of a dict of metrics entries (branches, a baseline's categories)."""
+    return {k: _numbers(v) for k, v in group.items() if isinstance(v, dict)} if isinstance(group, dict) else {}
+
+
 def _results_table(metrics: dict) -> str:
-    knn = (metrics.get("baselines") or {}).get("knn") or {}
-    lines = [
-        "| category | logical AUROC | structural AUROC | mean AUROC | AU-sPRO@0.05 | logical branch alone (log / str) "
-        "| structural branch alone (log / str) | kNN baseline (log / str) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    rows = list((metrics.get("categories") or {}).items())
-    mean = dict(metrics.get("mean") or {})
-    if mean:
-        mean.setdefault("branches", metrics.get("branches_mean") or {})
-        rows.append(("**mean**", mean))
-    for name, entry in rows:
-        entry = entry or {}
-        branches = entry.get("branches") or {}
-        logical, structural = branches.get("logical") or {}, branches.get("structural") or {}
-        base = knn.get("mean" if name == "**mean**" else name) or {}
+    """`evaluation.results_table` (every branch and baseline the metrics report) of a sanitised copy."""
+    from .evaluation import results_table
 
-        def pair(d: dict) -> str:
-            return f"{_fmt(d.get('auroc_logical'))} / {_fmt(d.get('auroc_structural'))}" if d else "n/a"
+    def entry(raw: Any) -> dict:
+        return {**dict.fromkeys(_METRIC_KEYS), **_numbers(raw),
+                "branches": _entries(raw.get("branches") if isinstance(raw, dict) else None)}
 
-        lines.append(f"| {name} | {_fmt(entry.get('auroc_logical'))} | {_fmt(entry.get('auroc_structural'))} | "
-                     f"{_fmt(entry.get('auroc_mean'))} | {_fmt(entry.get('spro_0.05'))} | {pair(logical)} | "
-                     f"{pair(structural)} | {pair(base)} |")
-    return "\n".join(lines)
+    clean = {"categories": {name: entry(e) for name, e in (metrics.get("categories") or {}).items()},
+             "mean": entry(metrics.get("mean")), "branches_mean": _entries(metrics.get("branches_mean")),
+             "baselines": {name: _entries(per) for name, per in (metrics.get("baselines") or {}).items()}}
+    lines = results_table(clean).split("\n")
+    return "\n".join(lines if metrics.get("mean") else lines[:-1])  # no mean row without means
+
+
+_BRANCH_NAMES = {"logical": "logical", "structural": "structural", "memory_bank": "memory-bank", "global": "global"}
+
+
+def _fusion_phrase(config, raw: bool = False) -> str:
+    """How the fused score combines the branches, e.g. "the sum of the logical and structural scores"."""
+    names = [_BRANCH_NAMES[b] for b in config.fused_branches]
+    listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    if len(names) == 1:
+        return f"the {'raw ' if raw else ''}{listed} score alone"
+    rule = {"sum": "sum", "max": "maximum"}[config.fusion_rule]
+    return f"the {'raw ' if raw else ''}{rule} of the {listed} scores"
+
+
+_BASELINE_TEXT = {"knn": "kNN is a PatchCore-style nearest-neighbour score with every training patch in its bank",
+                  "global": "global is the Mahalanobis distance of pooled features"}
 
 
 def _eval_results(metrics: dict, dataset: dict):
@@ -569,6 +589,19 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
     predictors = "one shared predictor" if config.shared_predictor else f"one predictor per category ({len(categories)})"
     distance = ("L1 between predicted and true histograms" if config.histogram_distance == "l1"
                 else "an RBF-kernel distance over the codebook vectors, so near-identical codes do not count as errors")
+    branches = config.enabled_branches
+    branch_text, branch_lines = "", []
+    if config.memory_bank_size > 0:
+        branch_text += (" A PatchCore memory bank of normal training patches gives the memory-bank score: the largest "
+                        "distance of an image's patch to its nearest bank patch.")
+        branch_lines.append(f"- memory bank: {config.memory_bank_size} patches per category (a greedy k-center coreset "
+                            f"of the training images' backbone features), {config.memory_bank_neighbourhood}x"
+                            f"{config.memory_bank_neighbourhood} neighbourhood, map smoothing sigma "
+                            f"{config.memory_bank_smoothing_sigma:g} px")
+    if config.global_branch:
+        branch_text += (" The global score is the Mahalanobis distance of the image's pooled backbone features "
+                        "(per-channel mean and standard deviation) under a Ledoit-Wolf covariance of the training images.")
+    pipeline_scores = ", ".join(f'result["{b}_score"]' for b in branches)
     losses = {"l1": "the L1 histogram loss (the paper)", "kl": "a KL histogram loss",
               "token_ce": "a cross-entropy on each masked cell's code (the histogram is the mean of the cells' predictions)",
               "codebook_mmd": "the kernel histogram distance as loss"}
@@ -580,8 +613,8 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         "industrial images. A frozen EfficientNet gives a feature grid; a class-switched HVQ-Trans tokenizer turns it "
         "into discrete codes and reconstructs it (the reconstruction error is the structural score); a masked "
         "transformer (LAViT) predicts the histogram of codes hidden under random block masks, and its error "
-        f"({distance}) is the logical score. Both are standardised with statistics of normal validation images and "
-        "summed.",
+        f"({distance}) is the logical score.{branch_text} Each branch is standardised with statistics of normal "
+        f"validation images; the fused score is {_fusion_phrase(config)} (fusion rule `{config.fusion_rule}`).",
         "",
         f"- categories: {', '.join(f'`{c}`' for c in categories)}",
         f"- backbone: `{tok.backbone}` taps {tok.backbone_taps} -> {tok.feature_channels} x {tok.grid_size} x "
@@ -595,6 +628,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"{f', one token per {pred.patch_size}x{pred.patch_size} cells' if pred.patch_size > 1 else ''}, "
         f"trained with {losses[pred.loss_type]}",
         f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default",
+        *branch_lines,
         "",
         "## Usage",
         "",
@@ -609,7 +643,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f'processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
         'image = Image.open("image.png")',
         f'out = model(**processor(image), category="{example}", num_masks={num_masks}, seed=0)',
-        "print(out.pred_score, out.pred_label, out.logical_score, out.structural_score)",
+        f"print(out.pred_score, out.pred_label, {', '.join(f'out.{b}_score' for b in branches)})",
         "anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])  # (1, H, W)",
         "```",
         "",
@@ -620,7 +654,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         "",
         f'detector = pipeline("{PIPELINE_TASK}", model="{repo_id}", trust_remote_code=True)',
         f'result = detector("image.png", category="{example}")',
-        'print(result["score"], result["label"], result["logical_score"], result["structural_score"])',
+        f'print(result["score"], result["label"], {pipeline_scores})',
         'result["anomaly_map"]  # PIL image (mode "F", float values) at the size of the input image',
         "```",
         "",
@@ -632,11 +666,14 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         "",
     ]
     if metrics:
+        baselines = [name for name, per in (metrics.get("baselines") or {}).items() if per]
+        baseline_text = "".join(f"; {_BASELINE_TEXT.get(name, f'{name} is a baseline')}" for name in baselines)
+        if baselines:
+            baseline_text += " (baselines need no training and use the same backbone features)"
         sections += [
             f"Test split of {data['name']}, {metrics.get('num_masks', num_masks)} masks per image, seed "
             f"{metrics.get('seed', 'n/a')}. Image AUROCs compare good images with logical (resp. structural) "
-            "anomalies; the branch columns score with one branch alone; kNN is a PatchCore-style nearest-neighbour "
-            "baseline on the same backbone features.",
+            f"anomalies; the branch columns score with one branch alone{baseline_text}.",
             "",
             _results_table(metrics),
             "",
@@ -653,7 +690,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         "reproducible scores; more masks reduce the variance.",
         ("- Thresholds were calibrated at a fixed false-positive rate on a few normal validation images; check them "
          "on your own data before using the `label` output for decisions." if config.calibration else
-         "- This model has no calibration statistics: the fused score is the raw sum of the two branch scores and "
+         f"- This model has no calibration statistics: the fused score is {_fusion_phrase(config, raw=True)} and "
          f"`label` uses the default threshold {config.default_threshold}, which is not meaningful; calibrate it on "
          "normal images of your own before using `label`."),
         "- The anomaly map is coarse (one value per feature cell, upsampled); it localises, it does not segment.",

@@ -7,7 +7,8 @@ Shipped to the Hub next to the model (listed under `custom_pipelines` in `config
     >>> detector("image.png", category="breakfast_box")
     {'score': 4.1, 'label': 'anomalous', 'logical_score': 1.3, 'structural_score': 0.6, 'anomaly_map': <PIL.Image mode=F>}
 
-works without installing `ladmim_hf`. Like the other shipped files it imports only torch, numpy, PIL,
+works without installing `ladmim_hf` (a model with the optional branches adds `memory_bank_score` and
+`global_score`). Like the other shipped files it imports only torch, numpy, PIL,
 transformers and its flat sibling `image_processing_ladmim` (relatively), never the rest of `ladmim_hf`.
 Importing this module also registers the task in-process, so
 `pipeline("image-anomaly-detection", model=<a loaded LadmimForAnomalyDetection>)` works too.
@@ -29,6 +30,7 @@ from .image_processing_ladmim import LadmimImageProcessor, load_image
 TASK = "image-anomaly-detection"
 _URL_PREFIXES = ("http://", "https://", "ftp://", "ftps://", "s3://", "gs://", "hf://", "data:")
 _PARAMETERS = ("category", "num_masks", "threshold", "seed")
+_BRANCHES = ("logical", "structural", "memory_bank", "global")  # the output's `{branch}_score` fields, in order
 
 
 def _is_url(value: Any) -> bool:
@@ -50,12 +52,19 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
             an image's score does not depend on its position in a list; `None` draws fresh masks.
 
     Returns, per image, a dict:
-        score (`float`): fused score z(logical) + z(structural).
+        score (`float`): fused score: the branches in `config.fused_branches`, each standardised on
+            normal validation images, combined by `config.fusion_rule` ("sum" or "max").
         label (`str`): `"anomalous"` if `score > threshold`, else `"good"`.
-        logical_score (`float`): mean L1 histogram discrepancy over the masks.
+        logical_score (`float`): mean over the masks of the histogram discrepancy
+            (`config.histogram_distance`).
         structural_score (`float`): HVQ-Trans reconstruction score.
+        memory_bank_score (`float`, only with a memory bank): largest distance of a patch to its
+            nearest normal training patch.
+        global_score (`float`, only with the global branch): Mahalanobis distance of the pooled features.
         anomaly_map (`PIL.Image.Image`): the fused anomaly map at the original image size, mode `"F"`
             (32-bit float values; `numpy.asarray(result["anomaly_map"])` gives the array).
+
+    All branch scores are raw (not standardised).
     """
 
     # The image processor is loaded when the repository has one; otherwise a default one with the
@@ -165,14 +174,17 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
             seed=None if seed is None else [int(seed)] * pixel_values.shape[0],
             threshold=threshold,
         )
-        return {
+        outputs = {
             "pred_score": out.pred_score,
             "pred_label": out.pred_label,
-            "logical_score": out.logical_score,
-            "structural_score": out.structural_score,
             "anomaly_map": out.anomaly_map,
             "original_size": model_inputs["original_size"],
         }
+        for branch in _BRANCHES:  # getattr: the model's remote code may predate the optional branches
+            value = getattr(out, f"{branch}_score", None)
+            if value is not None:
+                outputs[f"{branch}_score"] = value
+        return outputs
 
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, Any]:
         height, width = (int(v) for v in model_outputs["original_size"])
@@ -181,13 +193,15 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
             anomaly_map = anomaly_map[None]
         resized = F.interpolate(anomaly_map[:1, None], size=(height, width), mode="bilinear", align_corners=False)
         array = np.ascontiguousarray(resized[0, 0].cpu().numpy().astype(np.float32))
-        return {
+        result = {
             "score": float(model_outputs["pred_score"].reshape(-1)[0]),
             "label": "anomalous" if bool(model_outputs["pred_label"].reshape(-1)[0]) else "good",
-            "logical_score": float(model_outputs["logical_score"].reshape(-1)[0]),
-            "structural_score": float(model_outputs["structural_score"].reshape(-1)[0]),
-            "anomaly_map": Image.fromarray(array),
         }
+        for branch in _BRANCHES:
+            if f"{branch}_score" in model_outputs:
+                result[f"{branch}_score"] = float(model_outputs[f"{branch}_score"].reshape(-1)[0])
+        result["anomaly_map"] = Image.fromarray(array)
+        return result
 
 
 def _register() -> None:

@@ -8,7 +8,9 @@ model), else ``outputs/synthloco/model`` of the repository (what ``make demo`` t
 
 Run ``python spaces_app/app.py``; host and port come from Gradio's own ``GRADIO_SERVER_NAME`` and
 ``GRADIO_SERVER_PORT``. Tests import :func:`build_demo` and call the ``/predict`` endpoint with
-inputs ``(image, category, num_masks, threshold, seed)``.
+inputs ``(image, category, num_masks, threshold, seed)``; its outputs are verdict, details, the logical and
+structural heat maps (and the memory-bank one for a model with a memory bank), 3 mask views, 3 charts and the
+JSON scores.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,9 @@ DISPLAY_MAX_SIDE = 512  # overlays and mask views
 TOP_MASKS = 3
 MAX_MASKS = 50
 Z_RED = 4.0  # heat-map colour scale: z = 0 (typical of normal images) is blue, z >= Z_RED is red
+# Every branch a detector may compute (its output's `{branch}_score` fields), in output order, with its title.
+BRANCH_TITLES = {"logical": "Logical branch", "structural": "Structural branch", "memory_bank": "Memory bank",
+                 "global": "Global branch"}
 
 CSS = """
 .verdict {padding: 14px 18px; border-radius: 10px; border: 1px solid var(--border-color-primary);}
@@ -255,8 +260,8 @@ class Scored:
     is_anomalous: bool
     logical_score: float
     structural_score: float
-    z_logical: float
-    z_structural: float
+    z_logical: float | None  # None: the calibration has no statistics for the branch
+    z_structural: float | None
     stats: dict
     logical_map: np.ndarray
     structural_map: np.ndarray
@@ -266,6 +271,25 @@ class Scored:
     target: np.ndarray
     grid_size: int
     distance_name: str = "L1"  # what mask_scores measure: "L1" or the codebook "kernel distance"
+    # Every computed branch, in output order: raw score and z (None: no calibration statistics for it).
+    branch_scores: dict = field(default_factory=dict)
+    branch_z: dict = field(default_factory=dict)
+    fused_branches: list = field(default_factory=lambda: ["logical", "structural"])
+    fusion_rule: str = "sum"
+    memory_bank_map: np.ndarray | None = None
+
+
+def _z(raw: float, stats: dict, branch: str) -> float | None:
+    """A branch's z-score as the model computes it, or None when the calibration lacks the branch."""
+    if f"{branch}_mean" not in stats or f"{branch}_std" not in stats:
+        return None
+    return (raw - stats[f"{branch}_mean"]) / max(stats[f"{branch}_std"], 1e-12)
+
+
+def fusion_text(result: Scored) -> str:
+    """How the fused score is made, e.g. "sum of z logical, z structural" or "max of z logical, z global"."""
+    names = [f"z {BRANCH_TITLES[b].lower().removesuffix(' branch')}" for b in result.fused_branches]
+    return names[0] if len(names) == 1 else f"{result.fusion_rule} of {', '.join(names)}"
 
 
 def score(model, processor, image: Image.Image, category: str, num_masks: int, threshold: float | None,
@@ -275,24 +299,31 @@ def score(model, processor, image: Image.Image, category: str, num_masks: int, t
     with torch.inference_mode():
         out = model(pixel_values=pixel_values, category=category, num_masks=num_masks, seed=[seed],
                     threshold=threshold, return_histograms=True)
-    calibration = getattr(model.config, "calibration", None) or {}
+    config = model.config
+    calibration = getattr(config, "calibration", None) or {}
     stats = {key: float(value) for key, value in model.calibration_for(category).items()}
-    logical, structural = float(out.logical_score[0]), float(out.structural_score[0])
-    z_logical = (logical - stats["logical_mean"]) / max(stats["logical_std"], 1e-12)
-    z_structural = (structural - stats["structural_mean"]) / max(stats["structural_std"], 1e-12)
+    # getattr: a model whose remote code predates the optional branches has no such fields
+    raw = {b: float(getattr(out, f"{b}_score")[0]) for b in BRANCH_TITLES
+           if getattr(out, f"{b}_score", None) is not None}
+    z = {b: _z(value, stats, b) for b, value in raw.items()}
+    memory_bank_map = getattr(out, "memory_bank_map", None)
     used_threshold = float(threshold) if threshold is not None else float(stats["threshold"])
     return Scored(
         category=category, calibrated=category in calibration, num_masks=num_masks, seed=seed,
         threshold=used_threshold, threshold_source="your override" if threshold is not None else "calibrated",
         pred_score=float(out.pred_score[0]), is_anomalous=bool(out.pred_label[0]),
-        logical_score=logical, structural_score=structural, z_logical=z_logical, z_structural=z_structural,
-        stats=stats, logical_map=out.logical_map[0].float().cpu().numpy(),
+        logical_score=raw["logical"], structural_score=raw["structural"], z_logical=z["logical"],
+        z_structural=z["structural"], stats=stats, logical_map=out.logical_map[0].float().cpu().numpy(),
         structural_map=out.structural_map[0].float().cpu().numpy(),
         mask_scores=out.mask_scores[0].float().cpu().numpy(), masks=out.masks[0].cpu().numpy().astype(bool),
         predicted=out.predicted_histograms[0].float().cpu().numpy(),
         target=out.target_histograms[0].float().cpu().numpy(),
         grid_size=int(model.config.tokenizer_config.grid_size),
-        distance_name="L1" if getattr(model.config, "histogram_distance", "l1") == "l1" else "kernel distance",
+        distance_name="L1" if getattr(config, "histogram_distance", "l1") == "l1" else "kernel distance",
+        branch_scores=raw, branch_z=z,
+        fused_branches=list(getattr(config, "fused_branches", None) or ["logical", "structural"]),
+        fusion_rule=getattr(config, "fusion_rule", "sum"),
+        memory_bank_map=None if memory_bank_map is None else memory_bank_map[0].float().cpu().numpy(),
     )
 
 
@@ -322,6 +353,35 @@ def explain_structural(z: float) -> str:
             "(e.g. a scratch, stain, cut or wrong colour) in the red regions of its heat map.")
 
 
+def explain_memory_bank(z: float) -> str:
+    level = _level(z)
+    if not level:
+        return (f"**Memory bank** (z = {z:+.1f}): every local patch resembles some patch of the normal "
+                "training images.")
+    return (f"**Memory bank** (z = {z:+.1f}): some local patches are {level} unlike any patch of the normal "
+            "training images (the red regions of its heat map).")
+
+
+def explain_global(z: float) -> str:
+    level = _level(z)
+    if not level:
+        return (f"**Global branch** (z = {z:+.1f}): the image's overall feature statistics look like those of "
+                "normal images.")
+    return (f"**Global branch** (z = {z:+.1f}): the image's overall feature statistics are {level} unusual "
+            "(e.g. too many or too few parts, or a wrong mix of them, even where each part looks fine).")
+
+
+EXPLAIN = {"logical": explain_logical, "structural": explain_structural, "memory_bank": explain_memory_bank,
+           "global": explain_global}
+
+
+def explain(branch: str, raw: float, z: float | None) -> str:
+    if z is None:
+        return (f"**{BRANCH_TITLES[branch]}** (raw score {raw:.4f}): this category's calibration has no statistics "
+                "for this branch, so it cannot be compared with normal images.")
+    return EXPLAIN[branch](z)
+
+
 def verdict_markdown(result: Scored) -> str:
     # A coloured badge instead of an emoji: headless browsers and some systems lack emoji fonts.
     if result.is_anomalous:
@@ -334,18 +394,14 @@ def verdict_markdown(result: Scored) -> str:
 
 def details_markdown(result: Scored) -> str:
     s = result.stats
-    lines = [
-        "| | raw score | normal images (mean ± std) | z-score |",
-        "|---|---:|---:|---:|",
-        f"| Logical branch | {result.logical_score:.4f} | {s['logical_mean']:.4f} ± {s['logical_std']:.4f} | "
-        f"{result.z_logical:+.2f} |",
-        f"| Structural branch | {result.structural_score:.4f} | {s['structural_mean']:.4f} ± "
-        f"{s['structural_std']:.4f} | {result.z_structural:+.2f} |",
-        f"| **Fused** (z logical + z structural) | | | **{result.pred_score:+.2f}** |",
-        "",
-        f"- {explain_logical(result.z_logical)}",
-        f"- {explain_structural(result.z_structural)}",
-    ]
+    lines = ["| | raw score | normal images (mean ± std) | z-score |", "|---|---:|---:|---:|"]
+    for branch, raw in result.branch_scores.items():
+        title = BRANCH_TITLES[branch] + ("" if branch in result.fused_branches else " (not fused)")
+        z = result.branch_z[branch]
+        normal = "no statistics" if z is None else f"{s[branch + '_mean']:.4f} ± {s[branch + '_std']:.4f}"
+        lines.append(f"| {title} | {raw:.4f} | {normal} | {'n/a' if z is None else f'{z:+.2f}'} |")
+    lines += [f"| **Fused** ({fusion_text(result)}) | | | **{result.pred_score:+.2f}** |", ""]
+    lines += [f"- {explain(b, raw, result.branch_z[b])}" for b, raw in result.branch_scores.items()]
     if not result.calibrated:
         lines.append(f"- **Note:** the model has no calibration for *{result.category}*: scores are raw, not "
                      "standardised, the threshold is the model's default, and each heat map is coloured by its own range.")
@@ -364,19 +420,25 @@ def render(result: Scored, image: Image.Image):
     """Heat maps, top masks and charts for the UI."""
     view = _display(image)
     s = result.stats
+    logical_range = structural_range = memory_bank_range = (None, None)
     if result.calibrated:
         # Colour scale in calibrated units: blue = typical of normal images, red = Z_RED std above.
-        # The structural map is in the units of the structural score. A logical-map cell is the mean
-        # score of the masks that hid it, so its spread is about one mask's, i.e. the image-level std
-        # (a mean over num_masks masks) times sqrt(num_masks).
+        # The structural and memory-bank maps are in the units of their image scores (the memory
+        # bank's score is its map's largest cell). A logical-map cell is the mean score of the masks
+        # that hid it, so its spread is about one mask's, i.e. the image-level std (a mean over
+        # num_masks masks) times sqrt(num_masks).
         mask_std = s["logical_std"] * math.sqrt(max(result.num_masks, 1))
         logical_range = (s["logical_mean"], s["logical_mean"] + Z_RED * mask_std)
         structural_range = (s["structural_mean"], s["structural_mean"] + Z_RED * s["structural_std"])
-    else:
-        logical_range = structural_range = (None, None)
+        if result.branch_z.get("memory_bank") is not None:
+            memory_bank_range = (s["memory_bank_mean"], s["memory_bank_mean"] + Z_RED * s["memory_bank_std"])
     logical = heatmap_overlay(view, result.logical_map, alpha=0.5, vmin=logical_range[0], vmax=logical_range[1])
     structural = heatmap_overlay(view, result.structural_map, alpha=0.5, vmin=structural_range[0],
                                  vmax=structural_range[1])
+    memory_bank = None
+    if result.memory_bank_map is not None:
+        memory_bank = heatmap_overlay(view, result.memory_bank_map, alpha=0.5, vmin=memory_bank_range[0],
+                                      vmax=memory_bank_range[1])
     order = np.argsort(-result.mask_scores, kind="stable")[:TOP_MASKS]
     outlines, charts, top = [], [], []
     for rank, index in enumerate(order, start=1):
@@ -391,17 +453,22 @@ def render(result: Scored, image: Image.Image):
     while len(outlines) < TOP_MASKS:
         outlines.append(None)
         charts.append(None)
-    return logical, structural, outlines, charts, top
+    return logical, structural, memory_bank, outlines, charts, top
 
 
 def summary(result: Scored, top: list[dict]) -> dict:
-    return {
+    """The JSON output: raw score and z (None without calibration statistics) of every computed branch."""
+    data = {
         "status": "ok", "verdict": "anomalous" if result.is_anomalous else "normal", "category": result.category,
         "pred_score": result.pred_score, "threshold": result.threshold, "threshold_source": result.threshold_source,
-        "logical_score": result.logical_score, "structural_score": result.structural_score,
-        "z_logical": result.z_logical, "z_structural": result.z_structural, "calibrated": result.calibrated,
-        "num_masks": result.num_masks, "seed": result.seed, "top_masks": top,
     }
+    for branch, raw in result.branch_scores.items():
+        data[f"{branch}_score"] = raw
+    for branch, z in result.branch_z.items():
+        data[f"z_{branch}"] = z
+    data.update(fused_branches=result.fused_branches, fusion_rule=result.fusion_rule, calibrated=result.calibrated,
+                num_masks=result.num_masks, seed=result.seed, top_masks=top)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,11 +495,29 @@ INTRO = """
 </div>
 
 Upload an image of one of the product categories (or click an example below), pick its category and
-press **Detect anomalies**. [LADMIM](https://arxiv.org/abs/2410.10234) checks an image in two ways:
+press **Detect anomalies**. [LADMIM](https://arxiv.org/abs/2410.10234) checks an image in {ways} ways:
 the **logical** branch hides random blocks of the image and predicts which visual "words" (codes of a
 learned tokenizer) should be there; missing, extra or mismatched parts make that prediction fail. The
 **structural** branch reconstructs the image features and flags local defects such as scratches or stains.
 """
+
+BRANCH_INTRO = {
+    "memory_bank": "The **memory bank** compares every local patch with the patches of normal training images.",
+    "global": "The **global** branch checks the image's overall feature statistics.",
+}
+
+
+def intro(branches: list[str], fused: list[str], rule: str) -> str:
+    """INTRO, plus the optional branches the model has and how its verdict combines them."""
+    extra = [BRANCH_INTRO[b] for b in branches if b in BRANCH_INTRO]
+    text = INTRO.format(ways={2: "two", 3: "three", 4: "four"}.get(len(branches), len(branches)))
+    if not extra:
+        return text
+    names = [BRANCH_TITLES[b].lower().removesuffix(" branch") for b in fused]
+    listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    how = f"the {rule} of the standardised {listed} scores" if len(names) > 1 else f"the {listed} score"
+    return text.rstrip() + " " + " ".join(extra) + f" The verdict uses {how}.\n"
+
 
 HEATMAP_NOTE = (f"Heat maps: blue = typical of normal images, red = {Z_RED:.0f} standard deviations or more above "
                 "(colours use the calibration of the chosen category).")
@@ -443,9 +528,14 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
     source = resolve_model_source(model_path)
     model, processor = load_model(source)
     categories = model_categories(model)
+    config = model.config
+    branches = list(getattr(config, "enabled_branches", None) or ["logical", "structural"])
+    # The memory-bank heat map exists only for models with a memory bank, so the outputs of other models
+    # (and their /predict API) stay as they were.
+    has_memory_bank = "memory_bank" in branches
     default_masks = int(min(max(int(getattr(model.config, "num_masks", 10) or 10), 1), MAX_MASKS))
     max_pixels = int(getattr(processor, "max_pixels", 0) or Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
-    blank = [None] * (2 + 2 * TOP_MASKS)
+    blank = [None] * (2 + has_memory_bank + 2 * TOP_MASKS)
 
     def failure(message: str):
         gr.Warning(message)
@@ -461,14 +551,14 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
             progress(0.2, desc=f"Scoring with {num_masks} masks")
             result = score(model, processor, picture, category, num_masks, threshold, seed)
             progress(0.8, desc="Drawing heat maps and charts")
-            logical, structural, outlines, charts, top = render(result, picture)
+            logical, structural, memory_bank, outlines, charts, top = render(result, picture)
         except InputError as error:
             return failure(str(error))
         except Exception as error:  # never show a stack trace; keep serving the next request
             logger.exception("scoring failed")
             return failure(f"Scoring failed ({type(error).__name__}: {error}). Please try another image.")
-        return (verdict_markdown(result), details_markdown(result), logical, structural, *outlines, *charts,
-                summary(result, top))
+        maps = (logical, structural, memory_bank) if has_memory_bank else (logical, structural)
+        return (verdict_markdown(result), details_markdown(result), *maps, *outlines, *charts, summary(result, top))
 
     def category_from_name(value):
         """Pick the category from a file name such as ``pushpins_good.png`` (the examples, or a user's
@@ -479,7 +569,8 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
         return gr.update(value=max(matches, key=len)) if matches else gr.update()
 
     with gr.Blocks(title="LADMIM logical anomaly detection", analytics_enabled=False) as demo:
-        gr.Markdown(INTRO)
+        gr.Markdown(intro(branches, list(getattr(config, "fused_branches", None) or branches[:2]),
+                          getattr(config, "fusion_rule", "sum")))
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=280,
@@ -512,6 +603,11 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
                     structural_map = gr.Image(label="Structural heat map", type="pil", format="png",
                                               interactive=False, elem_id="structural-heatmap", height=300,
                                               buttons=["fullscreen"])
+                    heat_maps = [logical_map, structural_map]
+                    if has_memory_bank:
+                        heat_maps.append(gr.Image(label="Memory-bank heat map", type="pil", format="png",
+                                                  interactive=False, elem_id="memory-bank-heatmap", height=300,
+                                                  buttons=["fullscreen"]))
                 gr.Markdown(HEATMAP_NOTE, elem_classes=["small-note"])
         gr.Markdown("### Where the logical branch was most surprised\nThe three masks with the largest "
                     "disagreement: the hidden region (outlined; the rest is dimmed) and, per tokenizer level, "
@@ -535,7 +631,7 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
         # preprocess=False: the raw upload reaches `predict`, which explains unreadable files itself
         # (Gradio's Image preprocessing would fail on them with a generic error before `predict` runs).
         button.click(predict, inputs=[image, category, num_masks, threshold, seed],
-                     outputs=[verdict, details, logical_map, structural_map, *outlines, *charts, raw],
+                     outputs=[verdict, details, *heat_maps, *outlines, *charts, raw],
                      api_name="predict", preprocess=False)
     demo.queue(default_concurrency_limit=2)
     demo.ladmim_model, demo.ladmim_source = model, source  # for tests and debugging

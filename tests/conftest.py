@@ -41,6 +41,33 @@ def tiny_config(**overrides):
     )
 
 
+# Calibration of every branch, for models with the optional branches (`fitted_branch_model`).
+BRANCH_STATS = {"logical_mean": 0.1, "logical_std": 2.0, "structural_mean": 0.0, "structural_std": 1.0,
+                "memory_bank_mean": 1.0, "memory_bank_std": 0.5, "global_mean": 3.0, "global_std": 4.0,
+                "threshold": 1.0}
+
+
+def fitted_branch_model(**overrides):
+    """A tiny detector with every branch (memory bank of 8 patches, global branch; fusion "max" unless
+    overridden), both fitted on 6 random images' features and calibrated with BRANCH_STATS for every category.
+
+    The backbone gets its ImageNet weights: a randomly initialised one gives features of ~1e-9, which the
+    fp16 memory bank stores as zeros, so every memory-bank score would be ~0 and prove nothing."""
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    torch.manual_seed(0)
+    kwargs = dict(memory_bank_size=8, global_branch=True, fusion_rule="max")
+    model = LadmimForAnomalyDetection(tiny_config(**{**kwargs, **overrides})).eval()
+    model.tokenizer.backbone.load_imagenet_weights()
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        features = model.tokenizer.extract_features(images)
+    for category in model.categories:
+        model.fit_feature_branches(features, category, seed=0)
+    model.config.calibration = {c: dict(BRANCH_STATS) for c in model.categories}
+    return model
+
+
 @pytest.fixture
 def tiny_model():
     from ladmim_hf import LadmimForAnomalyDetection

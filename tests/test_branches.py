@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import BRANCH_STATS, fitted_branch_model, tiny_config
 from scipy.ndimage import gaussian_filter
 from sklearn.covariance import LedoitWolf
 
@@ -103,28 +103,15 @@ def test_fusion_rules_by_hand():
         fuse(z, "mean")
 
 
-def _fitted_detector(**overrides):
-    from ladmim_hf import LadmimForAnomalyDetection
-
-    torch.manual_seed(0)
-    model = LadmimForAnomalyDetection(tiny_config(memory_bank_size=8, global_branch=True, **overrides)).eval()
-    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(8))
-    features = model.tokenizer.extract_features(images)
-    for category in model.categories:
-        model.fit_feature_branches(features, category, seed=0)
-    return model
-
-
 def test_detector_fuses_standardised_branches_by_the_configured_rule(pixel_values):
-    model = _fitted_detector(fusion_rule="max", fused_branches=["logical", "memory_bank", "global"])
-    stats = {"logical_mean": 0.1, "logical_std": 2.0, "structural_mean": 0.0, "structural_std": 1.0,
-             "memory_bank_mean": 1.0, "memory_bank_std": 0.5, "global_mean": 3.0, "global_std": 4.0, "threshold": 1.0}
-    model.config.calibration = {c: dict(stats) for c in model.categories}
+    model = fitted_branch_model(fusion_rule="max", fused_branches=["logical", "memory_bank", "global"])
+    assert BRANCH_STATS["memory_bank_std"] == 0.5 and BRANCH_STATS["global_mean"] == 3.0
     out = model(pixel_values, category="pushpins", num_masks=3, seed=[1, 2, 3])
     z = torch.stack([(out.logical_score - 0.1) / 2.0, (out.memory_bank_score - 1.0) / 0.5, (out.global_score - 3.0) / 4.0], -1)
     torch.testing.assert_close(out.pred_score, z.amax(-1))
     maps = torch.stack([(out.logical_map - 0.1) / 2.0, (out.memory_bank_map - 1.0) / 0.5], -1)  # the global branch has no map
     torch.testing.assert_close(out.anomaly_map, maps.amax(-1))
+    assert (out.memory_bank_score > 1e-3).all(), "ImageNet features: a real distance, not fp16 zeros"
     assert out.pred_label.tolist() == (out.pred_score > 1.0).tolist()
     assert set(out.branch_scores()) == {"logical", "structural", "memory_bank", "global"}
 
@@ -139,7 +126,7 @@ def test_detector_without_the_new_branches_leaves_them_none(tiny_model, pixel_va
 def test_branch_buffers_survive_a_save_and_load_round_trip(tmp_path, pixel_values):
     from ladmim_hf import LadmimForAnomalyDetection
 
-    model = _fitted_detector()
+    model = fitted_branch_model()
     model.save_pretrained(tmp_path)
     loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
     for name in ("memory_bank.bank", "memory_bank.fitted", "global_branch.mean", "global_branch.precision"):
@@ -181,7 +168,7 @@ def test_config_refuses_bad_branch_settings_naming_the_field(overrides, fragment
 
 
 def test_calibration_missing_a_fused_branch_names_it(pixel_values):
-    model = _fitted_detector()
+    model = fitted_branch_model()
     model.config.calibration = {"pushpins": {"logical_mean": 0.0, "logical_std": 1.0, "structural_mean": 0.0,
                                              "structural_std": 1.0, "threshold": 3.0}}
     with pytest.raises(ValueError, match=r"\['memory_bank', 'global'\]"):

@@ -204,3 +204,28 @@ def test_predict_same_file_name_in_two_folders_keeps_both_heatmaps(tmp_path, cap
     assert code == 0, stderr
     heatmaps = [row["heatmap"] for row in _table(stdout).values()]
     assert len(set(heatmaps)) == 2 and all(Path(h).is_file() for h in heatmaps)
+
+
+def test_predict_prints_a_column_per_enabled_branch(tmp_path, capsys):
+    from conftest import fitted_branch_model
+
+    model = fitted_branch_model()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    LadmimImageProcessor(size=64).save_pretrained(model_dir)
+    _make_inputs(tmp_path / "images")
+    inputs = [str(tmp_path / "images" / name) for name in ("plain.png", "cmyk.jpg")]
+    code, stdout, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "out", seed=1)
+    assert code == 0, stderr
+    lines = [line.split() for line in stdout.splitlines() if line.strip()]
+    header = next(line for line in lines if line[:3] == ["image", "score", "verdict"])
+    assert header == ["image", "score", "verdict", "logical", "structural", "memory_bank", "global", "heatmap"]
+    rows = {line[0]: dict(zip(header, line)) for line in lines[lines.index(header) + 1:]}
+    assert list(rows) == inputs
+    processor = LadmimImageProcessor(size=64)
+    for index, path in enumerate(inputs):
+        with torch.no_grad():
+            out = model(**processor(load_image(path)), category=CATEGORY, num_masks=NUM_MASKS, seed=[1 + index])
+        assert float(rows[path]["score"]) == pytest.approx(float(out.pred_score[0]), abs=1e-3), path
+        for branch, value in out.branch_scores().items():
+            assert float(rows[path][branch]) == pytest.approx(float(value[0]), abs=1e-4), (path, branch)

@@ -27,8 +27,8 @@ REPO_ID = "org/ladmim-loco"
 TRAINED_ID = "org/ladmim-trained"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "configuration_ladmim.py",
-                  "modeling_ladmim.py", "backbone_ladmim.py", "masking.py", "image_processing_ladmim.py",
-                  "pipeline_ladmim.py"}
+                  "modeling_ladmim.py", "backbone_ladmim.py", "branches_ladmim.py", "masking.py",
+                  "image_processing_ladmim.py", "pipeline_ladmim.py"}
 
 
 def _category(logical: float, structural: float) -> dict:
@@ -336,3 +336,52 @@ def test_model_card_names_the_structural_map_and_patch_tokens(tmp_path):
     plain_card, special_card = hub.build_model_card(plain, "org/plain"), hub.build_model_card(special, "org/special")
     assert "normalised per cell and channel" in special_card and "normalised per cell and channel" not in plain_card
     assert "one token per 2x2 cells" in special_card and "one token per" not in plain_card
+
+
+def test_model_card_shows_every_branch_baseline_and_the_fusion(tmp_path):
+    from conftest import tiny_config
+
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    config = tiny_config(memory_bank_size=8, global_branch=True, fusion_rule="max",
+                         fused_branches=["logical", "memory_bank", "global"])
+    LadmimForAnomalyDetection(config).save_pretrained(tmp_path / "model")
+    metrics = json.loads(json.dumps(FAKE_METRICS))
+    for entry in metrics["categories"].values():
+        entry["branches"].update({"memory_bank": {"auroc_logical": 0.61, "auroc_structural": 0.93},
+                                  "global": {"auroc_logical": 0.83, "auroc_structural": 0.58}})
+    metrics["baselines"]["global"] = {"breakfast_box": {"auroc_logical": 0.7, "auroc_structural": 0.5},
+                                      "pushpins": {"auroc_logical": 0.8, "auroc_structural": 0.4},
+                                      "mean": {"auroc_logical": 0.75, "auroc_structural": 0.45}}
+    metrics["branches_mean"] = {"logical": {"auroc_logical": 0.69, "auroc_structural": 0.52},
+                                "memory_bank": {"auroc_logical": 0.61, "auroc_structural": 0.93}}
+    metrics["categories"]["pushpins"]["spro_0.05"] = "not measured"  # a hand-edited file: shown as n/a
+
+    card = hub.build_model_card(tmp_path / "model", REPO_ID, metrics=metrics)
+    assert ("| breakfast_box | 0.810 | 0.920 | 0.865 | 0.410 | 0.710 / 0.520 | 0.550 / 0.920 | 0.610 / 0.930 | "
+            "0.830 / 0.580 | 0.600 / 0.700 | 0.700 / 0.500 |") in card
+    assert "| pushpins | 0.770 | n/a | n/a | n/a | 0.670 / 0.520 |" in card
+    assert ("| **mean** | 0.790 | 0.920 | 0.855 | 0.410 | 0.690 / 0.520 | n/a | 0.610 / 0.930 | n/a | 0.550 / 0.675 | "
+            "0.750 / 0.450 |") in card
+    assert "memory bank (log/str) | global (log/str) | kNN baseline (log/str) | global baseline (log/str) |" in card
+    assert "global is the Mahalanobis distance of pooled features" in card
+    assert "the fused score is the maximum of the logical, memory-bank and global scores (fusion rule `max`)" in card
+    assert "PatchCore memory bank" in card and "- memory bank: 8 patches per category" in card
+    assert "out.logical_score, out.structural_score, out.memory_bank_score, out.global_score)" in card
+    assert 'result["memory_bank_score"], result["global_score"])' in card
+    assert "summed" not in card
+
+    assert "no calibration statistics: the fused score is the raw maximum of the logical, memory-bank and global" in card
+    assert "two branch scores" not in card
+    default_card = hub.build_model_card(_saved_tiny(tmp_path / "plain"), REPO_ID)
+    assert "the fused score is the sum of the logical and structural scores (fusion rule `sum`)" in default_card
+    assert "the fused score is the raw sum of the logical and structural scores" in default_card
+
+
+def _saved_tiny(folder):
+    from conftest import tiny_config
+
+    from ladmim_hf import LadmimForAnomalyDetection
+
+    LadmimForAnomalyDetection(tiny_config()).save_pretrained(folder)
+    return folder

@@ -159,3 +159,26 @@ def test_pipeline_bad_files_name_the_file_and_odd_files_are_scored(saved, tmp_pa
     rotated = detector(str(tmp_path / "rotated.jpg"))
     assert rotated["anomaly_map"].size == (image.height, image.width)
     assert detector(str(good))["score"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_pipeline_reports_every_enabled_branch(tmp_path):
+    from conftest import fitted_branch_model
+
+    model = fitted_branch_model()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor = LadmimImageProcessor(size=64)
+    processor.save_pretrained(folder)
+    add_pipeline_to_folder(folder)
+    image = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+
+    result = pipeline(TASK, model=str(folder), trust_remote_code=True)(image, category="pushpins", num_masks=3, seed=2)
+    assert list(result) == ["score", "label", "logical_score", "structural_score", "memory_bank_score", "global_score",
+                            "anomaly_map"]
+    with torch.no_grad():
+        expected = model(**processor(image), category="pushpins", num_masks=3, seed=[2])
+    for branch, value in expected.branch_scores().items():
+        assert result[f"{branch}_score"] == pytest.approx(float(value[0]), rel=1e-5), branch
+    assert result["score"] == pytest.approx(float(expected.pred_score[0]), rel=1e-5)
+    full = processor.postprocess_anomaly_map(expected.anomaly_map, (40, 56))[0].numpy()
+    np.testing.assert_allclose(np.asarray(result["anomaly_map"]), full, rtol=1e-5, atol=1e-4)

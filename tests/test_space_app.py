@@ -359,3 +359,66 @@ def test_mask_charts_name_the_configured_distance(space):
     result = app.score(kernel_model, processor, image, CATEGORY, NUM_MASKS, None, 0)
     assert result.distance_name == "kernel distance"
     assert not np.allclose(result.mask_scores, plain.mask_scores)
+
+
+def test_a_model_with_every_branch_shows_each_one(tmp_path):
+    """Memory bank and global branch: raw score and z of each in the JSON, a row and a plain-language line each
+    in the details, the fused row naming rule and branches, and a memory-bank heat map on the calibrated scale."""
+    import copy
+
+    from conftest import BRANCH_STATS, fitted_branch_model
+
+    from ladmim_hf import LadmimImageProcessor, load_image
+
+    model, processor = fitted_branch_model(num_masks=NUM_MASKS), LadmimImageProcessor(size=64)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    app = load_app_module()
+    demo = app.build_demo(str(tmp_path / "model"))
+    predict_fn = next(f.fn for f in demo.fns.values() if f.api_name == "predict")
+    outputs = predict_fn(str(GOOD), CATEGORY, NUM_MASKS, None, 0)
+    raw, details = outputs[-1], outputs[DETAILS]
+    assert raw["status"] == "ok", raw
+    # verdict, details, 3 heat maps (logical, structural, memory bank), 3 mask views, 3 charts, JSON
+    assert len(outputs) == 12 and all(isinstance(item, Image.Image) for item in outputs[2:-1])
+
+    with torch.no_grad():
+        expected = model(**processor(load_image(GOOD)), category=CATEGORY, num_masks=NUM_MASKS, seed=[0])
+    branches = ["logical", "structural", "memory_bank", "global"]
+    assert list(expected.branch_scores()) == branches
+    for branch, value in expected.branch_scores().items():
+        assert raw[f"{branch}_score"] == pytest.approx(float(value[0]), rel=1e-5), branch
+        z = (float(value[0]) - BRANCH_STATS[f"{branch}_mean"]) / BRANCH_STATS[f"{branch}_std"]
+        assert raw[f"z_{branch}"] == pytest.approx(z, rel=1e-4, abs=1e-4), branch
+    assert raw["pred_score"] == pytest.approx(float(expected.pred_score[0]), rel=1e-5)
+    assert raw["pred_score"] == pytest.approx(max(raw[f"z_{b}"] for b in branches), rel=1e-4)
+    assert (raw["fusion_rule"], raw["fused_branches"]) == ("max", branches)
+
+    for title in ("| Logical branch |", "| Structural branch |", "| Memory bank |", "| Global branch |"):
+        assert title in details, title
+    assert "**Fused** (max of z logical, z structural, z memory bank, z global)" in details
+    assert "z logical + z structural" not in details
+    assert "patch of the normal training images" in details and "overall feature statistics" in details
+
+    # The memory-bank map is coloured from its calibration mean (blue) to mean + Z_RED std (red).
+    view = app._display(app.read_upload(str(GOOD)))
+    mean, std = BRANCH_STATS["memory_bank_mean"], BRANCH_STATS["memory_bank_std"]
+    reference = app.heatmap_overlay(view, expected.memory_bank_map[0].numpy(), alpha=0.5, vmin=mean,
+                                    vmax=mean + app.Z_RED * std)
+    np.testing.assert_allclose(np.asarray(outputs[4], dtype=float), np.asarray(reference, dtype=float), atol=2)
+
+    with pytest.warns(UserWarning, match="upload an image"):  # gr.Warning outside a request
+        failed = predict_fn(None, CATEGORY, NUM_MASKS, None, 0)
+    assert failed[-1]["status"] == "error" and len(failed) == 12 and all(x is None for x in failed[2:-1])
+
+    # A branch left out of the fusion and of the calibration: shown, but without a z.
+    partial = copy.deepcopy(demo.ladmim_model)
+    partial.config.fused_branches, partial.config.fusion_rule = ["logical", "structural"], "sum"
+    partial.config.calibration = {CATEGORY: {k: v for k, v in BRANCH_STATS.items()
+                                             if not k.startswith(("memory_bank", "global"))}}
+    result = app.score(partial, processor, Image.open(GOOD).convert("RGB"), CATEGORY, NUM_MASKS, None, 0)
+    assert result.branch_z["memory_bank"] is None and result.branch_z["global"] is None
+    text = app.details_markdown(result)
+    assert "| Memory bank (not fused) |" in text and "no statistics" in text
+    assert "**Fused** (sum of z logical, z structural)" in text
+    assert app.render(result, view)[2] is not None and app.summary(result, [])["z_global"] is None
