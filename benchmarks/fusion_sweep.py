@@ -45,20 +45,25 @@ def parse_variant(text: str) -> tuple[list[str], str]:
     return names, rule
 
 
-def with_all_branches(model, memory_bank_size: int, train_features: dict, seed: int):
-    """A copy of `model` with the memory-bank and global branches on (fitted here where the model lacks them)."""
+def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: int | None = None,
+                      memory_bank_neighbourhood: int | None = None):
+    """A copy of `model` with the memory-bank and global branches on: fitted here where the model lacks
+    them, and the bank refitted when its size or neighbourhood is given."""
     from ladmim_hf import LadmimConfig, LadmimForAnomalyDetection
 
     config = model.config.to_dict()
-    refit_bank = config.get("memory_bank_size", 0) == 0
+    refit_bank = (config.get("memory_bank_size", 0) == 0 or memory_bank_size is not None
+                  or memory_bank_neighbourhood is not None)
     refit_global = not config.get("global_branch", False)
     if refit_bank:
-        config["memory_bank_size"] = memory_bank_size
+        config["memory_bank_size"] = memory_bank_size or config.get("memory_bank_size") or 2048
+        config["memory_bank_neighbourhood"] = memory_bank_neighbourhood or config.get("memory_bank_neighbourhood", 1)
     config["global_branch"] = True
     config["fused_branches"] = None
     config["calibration"] = {}  # the sweep standardises on validation itself; raw scores are what it needs
     full = LadmimForAnomalyDetection(LadmimConfig.from_dict(config))
-    missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
+    weights = {k: v for k, v in model.state_dict().items() if not (refit_bank and k.startswith("memory_bank."))}
+    missing, unexpected = full.load_state_dict(weights, strict=False)
     if unexpected:
         raise SystemExit(f"unexpected weights {unexpected}")
     for category in model.categories:
@@ -93,7 +98,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt)")
     parser.add_argument("--categories", nargs="+", default=["all"])
-    parser.add_argument("--memory_bank_size", type=int, default=2048, help="bank size when the model has none")
+    parser.add_argument("--memory_bank_size", type=int, default=None,
+                        help="refit the memory bank with this many patches (default: the model's, or 2048 if it has none)")
+    parser.add_argument("--memory_bank_neighbourhood", type=int, default=None,
+                        help="refit the memory bank with this neighbourhood (default: the model's)")
     parser.add_argument("--eval_seed", type=int, default=0, help="the evaluation seed (test masks)")
     parser.add_argument("--num_masks", type=int, default=None, help="test masks per image (default: the model's; "
                         "validation always uses the model's, as training calibrates)")
@@ -123,7 +131,8 @@ def main(argv=None) -> None:
             cache[key] = _features(model, processor, paths, 16, f"features {key}")
         return cache[key]
 
-    model = with_all_branches(model, args.memory_bank_size, {c: cached("train", c) for c in categories}, args.seed)
+    model = with_all_branches(model, {c: cached("train", c) for c in categories}, args.seed, args.memory_bank_size,
+                              args.memory_bank_neighbourhood)
     num_masks = model.config.num_masks
     test_masks = args.num_masks or num_masks
     results = {" + ".join(b) + f" ({r})": {} for b, r in variants}
@@ -171,7 +180,8 @@ def main(argv=None) -> None:
     print("\nbranches alone (log / str): " + "; ".join(
         f"{b} {np.mean([alone[c][b]['auroc_logical'] for c in categories]):.3f} / "
         f"{np.mean([alone[c][b]['auroc_structural'] for c in categories]):.3f}" for b in alone[categories[0]]))
-    C.emit("fusion sweep", {"variants": results, "branches_alone": alone, "memory_bank_size": model.config.memory_bank_size})
+    C.emit("fusion sweep", {"variants": results, "branches_alone": alone, "memory_bank_size": model.config.memory_bank_size,
+                            "memory_bank_neighbourhood": model.config.memory_bank_neighbourhood})
 
 
 if __name__ == "__main__":
