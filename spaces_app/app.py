@@ -335,51 +335,31 @@ def _level(z: float) -> str:
     return ""
 
 
-def explain_logical(z: float) -> str:
-    level = _level(z)
-    if not level:
-        return (f"**Logical branch** (z = {z:+.1f}): the arrangement looks like normal images: with parts of the "
-                "image hidden, the model predicted what belongs there about as well as it does for normal images.")
-    return (f"**Logical branch** (z = {z:+.1f}): the arrangement, counts or combination of parts {level} differ "
-            "from normal images: what is in the hidden regions does not match what the rest of the image implies.")
-
-
-def explain_structural(z: float) -> str:
-    level = _level(z)
-    if not level:
-        return (f"**Structural branch** (z = {z:+.1f}): the local appearance looks like normal images "
-                "(no unusual texture, colour or damage).")
-    return (f"**Structural branch** (z = {z:+.1f}): the local appearance {level} differs from normal images "
-            "(e.g. a scratch, stain, cut or wrong colour) in the red regions of its heat map.")
-
-
-def explain_memory_bank(z: float) -> str:
-    level = _level(z)
-    if not level:
-        return (f"**Memory bank** (z = {z:+.1f}): every local patch resembles some patch of the normal "
-                "training images.")
-    return (f"**Memory bank** (z = {z:+.1f}): some local patches are {level} unlike any patch of the normal "
-            "training images (the red regions of its heat map).")
-
-
-def explain_global(z: float) -> str:
-    level = _level(z)
-    if not level:
-        return (f"**Global branch** (z = {z:+.1f}): the image's overall feature statistics look like those of "
-                "normal images.")
-    return (f"**Global branch** (z = {z:+.1f}): the image's overall feature statistics are {level} unusual "
-            "(e.g. too many or too few parts, or a wrong mix of them, even where each part looks fine).")
-
-
-EXPLAIN = {"logical": explain_logical, "structural": explain_structural, "memory_bank": explain_memory_bank,
-           "global": explain_global}
+# Per branch: what a normal z says, and what a high z says ({level}: "somewhat" or "clearly").
+EXPLANATIONS = {
+    "logical": ("the arrangement looks like normal images: with parts of the image hidden, the model predicted what "
+                "belongs there about as well as it does for normal images.",
+                "the arrangement, counts or combination of parts {level} differ from normal images: what is in the "
+                "hidden regions does not match what the rest of the image implies."),
+    "structural": ("the local appearance looks like normal images (no unusual texture, colour or damage).",
+                   "the local appearance {level} differs from normal images (e.g. a scratch, stain, cut or wrong "
+                   "colour) in the red regions of its heat map."),
+    "memory_bank": ("every local patch resembles some patch of the normal training images.",
+                    "some local patches are {level} unlike any patch of the normal training images (the red regions "
+                    "of its heat map)."),
+    "global": ("the image's overall feature statistics look like those of normal images.",
+               "the image's overall feature statistics are {level} unusual (e.g. too many or too few parts, or a "
+               "wrong mix of them, even where each part looks fine)."),
+}
 
 
 def explain(branch: str, raw: float, z: float | None) -> str:
     if z is None:
         return (f"**{BRANCH_TITLES[branch]}** (raw score {raw:.4f}): this category's calibration has no statistics "
                 "for this branch, so it cannot be compared with normal images.")
-    return EXPLAIN[branch](z)
+    normal, unusual = EXPLANATIONS[branch]
+    level = _level(z)
+    return f"**{BRANCH_TITLES[branch]}** (z = {z:+.1f}): " + (unusual.format(level=level) if level else normal)
 
 
 def verdict_markdown(result: Scored) -> str:

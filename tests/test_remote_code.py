@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import torch
+from conftest import fitted_branch_model
 
 from ladmim_hf import LadmimImageProcessor
 
@@ -38,6 +39,7 @@ CHILD = textwrap.dedent(
     print(json.dumps({"module": type(model).__module__, "categories": config.tokenizer_config.categories,
                       "pred_score": out.pred_score.tolist(), "logical_score": out.logical_score.tolist(),
                       "structural_score": out.structural_score.tolist(),
+                      "memory_bank_score": out.memory_bank_score.tolist(), "global_score": out.global_score.tolist(),
                       "pixel_sum": float(inputs["pixel_values"].sum())}))
     """
 )
@@ -56,8 +58,10 @@ def _run_child(source: str, image_path, env_extra: dict, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_remote_code_local_folder_and_offline_hub_cache(tmp_path, tiny_model):
+def test_remote_code_local_folder_and_offline_hub_cache(tmp_path):
     import numpy as np
+
+    tiny_model = fitted_branch_model()  # every branch, so the shipped branches_ladmim.py is exercised too
 
     save_dir = tmp_path / "saved"
     tiny_model.save_pretrained(save_dir)
@@ -88,5 +92,5 @@ def test_remote_code_local_folder_and_offline_hub_cache(tmp_path, tiny_model):
         assert got["categories"] == ["breakfast_box", "pushpins"], name
         assert got["module"].startswith("transformers_modules"), got["module"]
         assert abs(got["pixel_sum"] - float(inputs["pixel_values"].sum())) < 1e-3, name
-        for key in ("pred_score", "logical_score", "structural_score"):
+        for key in ("pred_score", "logical_score", "structural_score", "memory_bank_score", "global_score"):
             torch.testing.assert_close(torch.tensor(got[key]), getattr(expected, key), rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
