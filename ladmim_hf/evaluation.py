@@ -254,14 +254,15 @@ BRANCH_TITLES = {"logical": "logical branch", "structural": "structural branch",
 
 
 def _branch_names(metrics: dict) -> list[str]:
-    """The branches a metrics dict reports, in the detector's order."""
+    """The branches a metrics dict reports per category, in the detector's order."""
     first = next(iter(metrics["categories"].values()), {})
     return [b for b in BRANCH_TITLES if b in first.get("branches", {})]
 
 
 def per_defect_table(metrics: dict) -> str:
     """Markdown table of `metrics["per_defect"]`: which rules and damages each branch catches."""
-    branches = _branch_names(metrics)
+    entries = [entry for defects in metrics.get("per_defect", {}).values() for entry in defects.values()]
+    branches = [b for b in BRANCH_TITLES if any(f"{b}_branch" in entry for entry in entries)]
     lines = ["| category | defect type | kind | images | fused | " + " | ".join(BRANCH_TITLES[b] for b in branches) + " |",
              "|---|---|---|---|---|" + "---|" * len(branches)]
     for category, defects in metrics.get("per_defect", {}).items():

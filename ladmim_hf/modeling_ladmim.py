@@ -1119,7 +1119,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     def logical_scores(self, features: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor, category: str,
                        return_histograms: bool = False, max_sequences_per_chunk: int | None = None,
                        predictor_dtype=None):
-        """Per-mask L1 distances `(B, M)` between predicted and true histograms, for one category.
+        """Per-mask distances `(B, M)` between predicted and true histograms (`config.histogram_distance`), for one category.
 
         Args:
             features: `(B, C, g, g)`; codes: `(B, L, N)`; masks: `(B, M, N)` bool.
