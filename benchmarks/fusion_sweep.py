@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -159,7 +160,8 @@ def main(argv=None) -> None:
             entry["spro_0.05"] = float("nan")
             if with_maps and defects is not None and not args.no_spro:
                 fused_maps = fuse(torch.stack([z_maps[b] for b in with_maps], -1), rule)
-                maps = [_resize_map(fused_maps[i], r["regions"][0].shape) if r["regions"] else fused_maps[i].numpy()
+                # at the ground truth's resolution (the image's for good images), as the evaluation does
+                maps = [_resize_map(fused_maps[i], r["regions"][0].shape if r["regions"] else Image.open(r["path"]).size[::-1])
                         for i, r in enumerate(rows)]
                 entry["spro_0.05"] = loco_au_spro(maps, [r["regions"] for r in rows], types, defects, max_fpr=0.05)["au_spro_mean"]
             results[name][category] = entry
@@ -168,7 +170,8 @@ def main(argv=None) -> None:
         torch.save(saved, args.save_scores)
 
     def mean(per: dict, key: str) -> float:
-        return float(np.nanmean([v[key] for v in per.values()]))
+        values = [v[key] for v in per.values() if not np.isnan(v[key])]
+        return float(np.mean(values)) if values else float("nan")
 
     print("| fused | logical | structural | mean | AU-sPRO@0.05 | worst category (log / str) |")
     print("|---|---|---|---|---|---|")
