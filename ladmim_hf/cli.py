@@ -7,22 +7,59 @@ defined once (`scripts/train.py` and `ladmim train` accept exactly the same flag
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import math
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (not nan or inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__, non_negative_int.__name__, finite_float.__name__ = (
+    "whole number >= 1", "whole number >= 0", "finite number")  # what argparse names in its message
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .evaluation import load_detector
     from .image_processing_ladmim import ImageDecodeError, load_image
+    from .io_utils import atomic_write_bytes
     from .visualization import heatmap_overlay
 
-    detector, processor = load_detector(args.model)
+    try:
+        detector, processor = load_detector(args.model)
+    except (OSError, ValueError) as error:  # a missing, corrupt or foreign model folder: one line, no traceback
+        raise SystemExit(f"error: cannot load the model {args.model}: {error}") from None
     category = args.category or (detector.categories[0] if len(detector.categories) == 1 else None)
     if category is None:
-        raise SystemExit(f"pass --category (one of {', '.join(detector.categories)})")
+        raise SystemExit(f"error: pass --category (one of {', '.join(detector.categories)})")
+    if category not in detector.categories:
+        raise SystemExit(f"error: --category {category!r} is not one this model was trained on "
+                         f"({', '.join(detector.categories)})")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, empty_folders = _expand_image_arguments(args.images)
@@ -35,15 +72,19 @@ def _predict(args: argparse.Namespace) -> int:
     for index, path in enumerate(paths):
         try:
             image = load_image(path)
-        except ImageDecodeError as error:  # corrupt, truncated, empty, not an image, too large: named, then skipped
-            print(f"error: {error}", file=sys.stderr)
+            out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
+                           threshold=args.threshold, predictor_dtype=args.predictor_dtype)
+        except (ImageDecodeError, ValueError) as error:
+            # unreadable images, and scores that are not finite (never a verdict from a NaN): named, then skipped
+            print(f"error: {path}: {error}" if not isinstance(error, ImageDecodeError) else f"error: {error}",
+                  file=sys.stderr)
             failures += 1
             continue
-        out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
-                       threshold=args.threshold, predictor_dtype=args.predictor_dtype)
         anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
         heatmap = out_dir / heatmap_names[index]
-        heatmap_overlay(image, anomaly_map).save(heatmap)
+        buffer = io.BytesIO()
+        heatmap_overlay(image, anomaly_map).save(buffer, format="PNG")
+        atomic_write_bytes(heatmap, buffer.getvalue())  # a kill never leaves a truncated PNG under the final name
         branch_scores = out.branch_scores()
         rows.append((path, float(out.pred_score[0]), "anomalous" if bool(out.pred_label[0]) else "good",
                      float(out.logical_score[0]), float(out.structural_score[0]),
@@ -57,7 +98,7 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  "
                   + "".join(f"{v:{w}.4f}  " for v, w in zip(others, widths)) + str(heatmap))
     if failures:
-        print(f"error: {failures} input(s) could not be read (listed above); {len(rows)} of {len(paths)} image(s) "
+        print(f"error: {failures} input(s) could not be scored (listed above); {len(rows)} of {len(paths)} image(s) "
               "scored", file=sys.stderr)
     return 1 if failures else 0
 
@@ -114,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--model", required=True, help="model folder or Hub id")
     predict.add_argument("--category", default=None, help="category the images belong to")
-    predict.add_argument("--num_masks", type=int, default=None)
-    predict.add_argument("--seed", type=int, default=0)
-    predict.add_argument("--threshold", type=float, default=None, help="override the calibrated threshold")
+    predict.add_argument("--num_masks", type=positive_int, default=None, help="masks per image (default: the model's)")
+    predict.add_argument("--seed", type=non_negative_int, default=0, help="mask seed of the first image (+1 per image)")
+    predict.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
     predict.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
                          help="run the predictor under autocast (float32 if unset)")
     predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")

@@ -18,6 +18,29 @@ BACKBONE_DEFAULTS = {
     "efficientnet_lite0": {"taps": [2, 4, 10, 14], "channels": 368},
 }
 
+def check_whole_numbers(config_name: str, **fields) -> None:
+    """Refuse, naming the field, any value that is not a whole number >= 1 (a string such as "14" from a
+    hand-edited config.json, a float, a bool); `None` passes (the field then takes its default)."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{config_name}.{name} must be a whole number >= 1, got {value!r}")
+
+
+def check_calibration(category: str, stats) -> None:
+    """Refuse calibration statistics that would standardise or decide on a non-number: every value must
+    be a finite number and every `*_std` positive (the error names the category and field)."""
+    if not isinstance(stats, dict):
+        raise ValueError(f"calibration[{category!r}] must be a mapping of statistics, got {type(stats).__name__}")
+    for key, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"calibration[{category!r}][{key!r}] must be a finite number, got {value!r}; "
+                             "recalibrate the model (training stage 3)")
+        if key.endswith("_std") and value <= 0:
+            raise ValueError(f"calibration[{category!r}][{key!r}] must be positive, got {value!r}")
+
+
 # The rules `branches_ladmim.fuse` combines standardised branch scores with.
 FUSION_RULES = ("sum", "max")
 
@@ -108,6 +131,11 @@ class LadmimTokenizerConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        check_whole_numbers("tokenizer_config", feature_channels=feature_channels, image_size=image_size,
+                            grid_size=grid_size, hidden_size=hidden_size, num_encoder_layers=num_encoder_layers,
+                            num_decoder_layers=num_decoder_layers, num_attention_heads=num_attention_heads,
+                            intermediate_size=intermediate_size, num_levels=num_levels, codebook_size=codebook_size,
+                            score_filter_size=score_filter_size)
         if residual_normalization not in ("none", "cell_channel"):
             raise ValueError(f"residual_normalization must be 'none' or 'cell_channel', got {residual_normalization!r}")
         if not (residual_variance_floor > 0 and math.isfinite(residual_variance_floor)):
@@ -221,7 +249,10 @@ class LadmimPredictorConfig(PretrainedConfig):
             raise ValueError(f"loss_type must be 'l1', 'kl', 'token_ce' or 'codebook_mmd', got {loss_type!r}")
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        if patch_size < 1 or grid_size % patch_size:
+        check_whole_numbers("predictor_config", input_channels=input_channels, grid_size=grid_size, patch_size=patch_size,
+                            hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                            num_attention_heads=num_attention_heads, num_levels=num_levels, codebook_size=codebook_size)
+        if grid_size % patch_size:
             raise ValueError(f"patch_size ({patch_size}) must divide grid_size ({grid_size})")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
@@ -302,6 +333,10 @@ class LadmimConfig(PretrainedConfig):
             every enabled branch.
         fusion_rule (`str`, *optional*, defaults to `"sum"`): how the standardised branch scores are
             combined, `"sum"` (the paper) or `"max"`; see `branches_ladmim.fuse`.
+        scoring_memory_mb (`int`, *optional*, defaults to 512): working memory of the predictor while
+            scoring, in MiB: the (image, mask) sequences run in chunks this budget holds
+            (`LadmimPredictorModel.inference_bytes_per_sequence`), so memory does not grow with the
+            number of masks or images. Results do not depend on it.
     """
 
     model_type = "ladmim"
@@ -328,6 +363,7 @@ class LadmimConfig(PretrainedConfig):
         global_branch: bool = False,
         fused_branches: list[str] | None = None,
         fusion_rule: str = "sum",
+        scoring_memory_mb: int = 512,
         **kwargs,
     ):
         if not isinstance(tokenizer_config, LadmimTokenizerConfig):
@@ -341,6 +377,13 @@ class LadmimConfig(PretrainedConfig):
                 codebook_size=tokenizer_config.codebook_size,
             )
             predictor_config = LadmimPredictorConfig(**predictor_config)
+        check_whole_numbers("config", num_masks=num_masks, train_num_masked=train_num_masked,
+                            train_min_block=train_min_block, score_num_masked=score_num_masked,
+                            score_min_block=score_min_block, scoring_memory_mb=scoring_memory_mb)
+        for category, stats in (calibration or {}).items():
+            check_calibration(category, stats)
+        if isinstance(default_threshold, bool) or not isinstance(default_threshold, (int, float)) or not math.isfinite(default_threshold):
+            raise ValueError(f"default_threshold must be a finite number, got {default_threshold!r}")
         self.tokenizer_config = tokenizer_config
         self.predictor_config = predictor_config
         self.shared_predictor = shared_predictor
@@ -394,6 +437,7 @@ class LadmimConfig(PretrainedConfig):
         self.memory_bank_smoothing_sigma = float(memory_bank_smoothing_sigma)
         self.global_branch = global_branch
         self.fusion_rule = fusion_rule
+        self.scoring_memory_mb = scoring_memory_mb
         enabled = self.enabled_branches
         if fused_branches is None:
             fused_branches = enabled

@@ -343,9 +343,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_root", required=True, help="dataset root with one folder per category")
     parser.add_argument("--categories", nargs="+", default=["all"], help="category names or 'all'")
     parser.add_argument("--output_dir", required=True, help="where metrics.json, scores.csv and report.md go")
-    parser.add_argument("--num_masks", type=int, default=None, help="test-time masks per image (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=8)
+    from .cli import non_negative_int, positive_int
+
+    parser.add_argument("--num_masks", type=positive_int, default=None, help="test-time masks per image (default: the model's)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
     parser.add_argument("--no_knn", action="store_true", help="skip the kNN baseline")
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")

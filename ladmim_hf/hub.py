@@ -265,7 +265,8 @@ def _strip_fields(config: dict, fields: list[str]) -> dict:
 
 
 def check_code_files(folder: str | os.PathLike, config: dict | None = None) -> list[str]:
-    """What a folder lacks for `trust_remote_code` loading: code files and `auto_map` entries (empty if fine)."""
+    """What a folder lacks for `trust_remote_code` loading (code files, `auto_map` entries), and any code
+    beyond the shipped files that such loading would run (empty if fine)."""
     folder = Path(folder)
     config = config if config is not None else _read_json(folder / CONFIG_NAME)
     problems = []
@@ -275,11 +276,26 @@ def check_code_files(folder: str | os.PathLike, config: dict | None = None) -> l
             problems.append(f"auto_map[{auto_class!r}] in {CONFIG_NAME} (should be {reference!r})")
     needed = [name for name in MODEL_CODE_FILES if name != "image_processing_ladmim.py"]
     processor_path = folder / PROCESSOR_NAME
-    if config.get("custom_pipelines") or (processor_path.is_file() and "auto_map" in _read_json(processor_path)):
+    processor_map = (_read_json(processor_path).get("auto_map") or {}) if processor_path.is_file() else {}
+    if config.get("custom_pipelines") or processor_map:
         needed.append("image_processing_ladmim.py")  # the processor's class; the pipeline imports it too
     if config.get("custom_pipelines"):
         needed.append(PIPELINE_FILE)
     problems += [name for name in needed if not (folder / name).is_file()]
+    # trust_remote_code runs whatever module these entries name: only the shipped files may be named,
+    # and the folder may hold no other Python code (a shipped file could import it).
+    targets = [(f"{CONFIG_NAME} auto_map[{k!r}]", v) for k, v in auto_map.items()]
+    targets += [(f"{PROCESSOR_NAME} auto_map[{k!r}]", v) for k, v in processor_map.items()]
+    targets += [(f"{CONFIG_NAME} custom_pipelines[{task!r}]", (entry or {}).get("impl"))
+                for task, entry in (config.get("custom_pipelines") or {}).items()]
+    for where, reference in targets:
+        for item in reference if isinstance(reference, (list, tuple)) else [reference]:
+            if item is None:
+                continue
+            module = str(item).rsplit(".", 1)[0]
+            if "--" in str(item) or f"{module}.py" not in CODE_FILES:
+                problems.append(f"{where} = {item!r} names code outside the shipped files {list(CODE_FILES)}")
+    problems += [f"unexpected code file {path.name}" for path in sorted(folder.glob("*.py")) if path.name not in CODE_FILES]
     return problems
 
 
@@ -379,7 +395,8 @@ def load_model(path_or_id: str | os.PathLike, *, revision: str | None = None, ch
         problems = check_code_files(folder, _read_json(folder / CONFIG_NAME))
         if problems:
             raise ModelFolderError(
-                f"{path_or_id} lacks what trust_remote_code loading needs: {_listing(problems)}. Rebuild the folder with "
+                f"{path_or_id} does not hold exactly the code trust_remote_code loading needs: {_listing(problems)}. "
+                "Rebuild the folder with "
                 "`python scripts/push_to_hub.py --model DIR --repo_id org/name --dry_run OUT` (or "
                 "ladmim_hf.hub.prepare_upload_folder), or pass check_code=False to load it with the installed ladmim_hf"
             )

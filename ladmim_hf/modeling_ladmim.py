@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .backbone_ladmim import LadmimBackbone
 from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
-from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
+from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig, check_calibration
 from .masking import BlockMaskGenerator
 
 logger = logging.getLogger(__name__)
@@ -416,6 +416,22 @@ class LadmimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False
     _no_split_modules = ["LadmimPredictorLayer", "LadmimEncoderLayer", "LadmimDecoderLayer"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then `check_finite_weights` (a corrupt checkpoint fails here,
+        naming the tensor, instead of scoring every image NaN)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_finite_weights()
+        return loaded
+
+    @torch.no_grad()
+    def check_finite_weights(self) -> None:
+        """Raise `ValueError` naming the first parameter or buffer that holds NaN or inf."""
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"weight {name!r} holds NaN or inf values: the checkpoint is corrupt; "
+                                 "retrain or download the model again")
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -891,6 +907,17 @@ class LadmimPredictorModel(LadmimPreTrainedModel):
         self.head = nn.Linear(config.hidden_size, cells_per_token * config.num_levels * config.codebook_size)
         self.post_init()
 
+    def inference_bytes_per_sequence(self) -> int:
+        """An upper estimate of the float32 activations one (image, mask) sequence keeps alive in an
+        inference forward: token states and the MLP's hidden layer, one block's attention scores, and
+        the per-cell logits of `token_ce` (`(N, L, K)`, twice for their log-softmax)."""
+        config = self.config
+        tokens = config.num_tokens + 2
+        states = tokens * config.hidden_size * (4 + config.mlp_ratio)
+        attention = config.num_attention_heads * tokens * tokens
+        cells = 2 * config.num_patches * config.num_levels * config.codebook_size if config.loss_type == "token_ce" else 0
+        return int(4 * (states + attention + cells))
+
     def token_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """Cell masks `(..., N)` -> token masks `(..., T)`: a patch token is masked when any of its cells
         is (so no masked cell is ever visible); identical for patch_size 1."""
@@ -1079,6 +1106,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             for branch in self.config.enabled_branches:
                 stats.update({f"{branch}_mean": 0.0, f"{branch}_std": 1.0})
             return stats
+        check_calibration(category, stats)  # also when it was set after loading
         missing = [b for b in self.config.fused_branches if f"{b}_mean" not in stats or f"{b}_std" not in stats]
         if missing:
             raise ValueError(f"config.calibration[{category!r}] has no statistics for the fused branches {missing}; "
@@ -1126,6 +1154,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             predictor_dtype: run the predictor under `torch.autocast` with this dtype (see `forward`).
         """
         predictor = self.predictor_for(category)
+        if max_sequences_per_chunk is None:  # memory follows the budget, not the number of masks
+            max_sequences_per_chunk = max(1, self.config.scoring_memory_mb * 2**20 // predictor.inference_bytes_per_sequence())
         dtype = _autocast_dtype(predictor_dtype)
         with torch.autocast(features.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = predictor(features, masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
@@ -1169,7 +1199,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             threshold: decision threshold on the fused score (default: the category's calibrated one).
                 Refused unless it is a finite number.
             return_histograms: also return predicted and true histograms `(B, M, L, K)`.
-            max_sequences_per_chunk: bound the predictor's working memory.
+            max_sequences_per_chunk: (image, mask) sequences per predictor call (default: as many as
+                `config.scoring_memory_mb` holds).
             predictor_dtype: `"bf16"`/`"fp16"` (or a torch dtype) runs the predictor, most of the cost,
                 under `torch.autocast`; the tokenizer, its codes and the histograms stay float32. On a
                 CPU with AVX512-BF16, bf16 scores 1.5x faster at paper size (`benchmarks/scoring.py
@@ -1181,6 +1212,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if len(self.categories) != 1:
                     raise ValueError(f"pass category= (one of {self.categories})")
                 category = self.categories[0]
+            if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1):
+                raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
             if features is None:
                 if pixel_values is None:
                     raise ValueError("pass pixel_values or features")
@@ -1189,7 +1222,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             class_ids = self.tokenizer.category_ids(category, batch)
             tokens = self.tokenizer.tokenize(features=features, category=class_ids)
             if bool_masked_pos is None:
-                masks = self.mask_generator()(batch, num_masks or self.config.num_masks, seed).to(tokens["codes"].device)
+                masks = self.mask_generator()(batch, num_masks if num_masks is not None else self.config.num_masks, seed).to(tokens["codes"].device)
             else:
                 masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
                 if masks.dim() == 2:
@@ -1220,6 +1253,11 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories)
             if self.global_branch is not None:
                 scores["global"] = self.global_branch(features, class_ids, self.categories)
+            for branch, values in scores.items():
+                bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+                if bad:  # never a verdict from a non-number
+                    raise ValueError(f"the {branch} score is not finite (NaN or inf) for image(s) {bad} of the batch: "
+                                     "the input or the model's weights hold non-finite values")
             names = [self.categories[c] for c in class_ids.tolist()]
             pred_score = self.fuse_branches(self.standardized_scores(scores, names))
             # Maps are standardised with their branch's image-score statistics, so a cell and an image

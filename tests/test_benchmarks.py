@@ -33,6 +33,7 @@ RUNS = {
     "quality_probe": ["quality_probe.py", "--tiny"],
     "run_all": ["run_all.py", "--tiny", "--only", "roofline"],
     "branch_cost": ["branch_cost.py", "--tiny"],
+    "predict_memory": ["predict_memory.py", "--tiny"],
 }
 
 
@@ -76,6 +77,12 @@ def test_branch_cost(runs):
     out = last_json(runs, "branch_cost")
     check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "memory_bank_size"])
     assert out["ratio"] > 0 and out["memory_bank_size"] == 16 and out["global_branch"] is True
+
+
+def test_predict_memory(runs):
+    out = last_json(runs, "predict_memory")
+    check_keys(out, ["peak_rss_mb", "growth_mb"])
+    assert set(out["peak_rss_mb"]) == {"2", "200"} and all(v > 0 for v in out["peak_rss_mb"].values())
 
 
 def test_scoring(runs):

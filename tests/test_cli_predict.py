@@ -119,7 +119,7 @@ def test_predict_folder_with_bad_and_odd_files(tmp_path, capsys, model_dir, tiny
         lines = [line for line in errors if str(tmp_path / "images" / name) in line]
         assert len(lines) == 1, f"{name} is not reported exactly once by path:\n{stderr}"
         assert reason in lines[0], (name, lines[0])
-    assert f"{len(bad)} input(s) could not be read" in stderr and f"{len(good)} of {len(good) + len(bad)} image(s) scored" in stderr
+    assert f"{len(bad)} input(s) could not be scored" in stderr and f"{len(good)} of {len(good) + len(bad)} image(s) scored" in stderr
 
     rows = _table(stdout)
     assert sorted(Path(p).name for p in rows) == sorted(good), "every readable file is scored, no unreadable one"
@@ -153,7 +153,7 @@ def test_predict_list_keeps_scoring_after_bad_files(tmp_path, capsys, model_dir,
     assert f"error: cannot read image {images / 'notes.png'}: UnidentifiedImageError" in stderr
     assert f"error: image {images / 'bomb.png'} is too large to decode safely" in stderr
     assert f"error: no files in folder {empty_folder}" in stderr
-    assert "5 input(s) could not be read" in stderr and "3 of 7 image(s) scored" in stderr
+    assert "5 input(s) could not be scored" in stderr and "3 of 7 image(s) scored" in stderr
     rows = _table(stdout)
     scored = [str(images / name) for name in ("plain.png", "one_pixel.png", "cmyk.jpg")]
     assert list(rows) == scored, "the good files after each bad one are still scored, in input order"

@@ -255,11 +255,11 @@ def test_load_model_errors(tmp_path, tiny_model):
 
     no_code = variant("no_code")
     (no_code / "modeling_ladmim.py").unlink()
-    with pytest.raises(ModelFolderError, match="lacks what trust_remote_code loading needs: modeling_ladmim.py"):
+    with pytest.raises(ModelFolderError, match="does not hold exactly the code trust_remote_code loading needs: modeling_ladmim.py"):
         load_model(no_code)
     load_model(no_code, check_code=False)  # the installed package does not need the files
     _cache_repo(tmp_path / "cache", "org/no-code", no_code)  # the same through a Hub repo id (offline cache)
-    with pytest.raises(ModelFolderError, match="org/no-code lacks what trust_remote_code loading needs: modeling_ladmim.py"):
+    with pytest.raises(ModelFolderError, match="org/no-code does not hold exactly the code trust_remote_code loading needs: modeling_ladmim.py"):
         load_model("org/no-code", cache_dir=tmp_path / "cache", local_files_only=True)
     no_map = variant("no_map")
     edit_config(no_map, lambda c: c.pop("auto_map"))

@@ -1,0 +1,237 @@
+"""Inference that never lies: corrupt models, bad configs, bad arguments and foreign code are refused
+with one line naming the problem, and no verdict is ever given from a non-finite score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
+from ladmim_hf.cli import main
+from ladmim_hf.hub import ModelFolderError, add_pipeline_to_folder, load_model
+
+CATEGORY = "pushpins"
+STATS = {"logical_mean": 0.0, "logical_std": 1.0, "structural_mean": 0.0, "structural_std": 1.0, "threshold": 3.0}
+
+
+def _model() -> LadmimForAnomalyDetection:
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(tiny_config(num_masks=2)).eval()
+    model.config.calibration = {c: dict(STATS) for c in model.categories}
+    return model
+
+
+def _folder(tmp_path: Path, model: LadmimForAnomalyDetection | None = None, name: str = "model") -> Path:
+    folder = tmp_path / name
+    (model or _model()).save_pretrained(folder)
+    LadmimImageProcessor(size=64).save_pretrained(folder)
+    add_pipeline_to_folder(folder)
+    return folder
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse errors and one-line refusals
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=__import__("sys").stderr)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite values
+# --------------------------------------------------------------------------------------------------
+
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor(tmp_path, capsys):
+    model = _model()
+    with torch.no_grad():
+        model.predictors[CATEGORY].head.weight[0, 0] = float("nan")
+    folder = _folder(tmp_path, model)
+    with pytest.raises(ValueError, match="predictors.pushpins.head.weight"):
+        LadmimForAnomalyDetection.from_pretrained(folder)
+    with pytest.raises(ModelFolderError, match="NaN or inf"):
+        load_model(folder, check_code=False)
+    code, out, err = _run(["predict", str(_image(tmp_path)), "--model", str(folder), "--category", CATEGORY,
+                           "--output_dir", str(tmp_path / "out")], capsys)
+    assert code != 0 and "predictors.pushpins.head.weight" in err and "good" not in out
+
+
+def test_a_non_finite_score_is_an_error_never_a_verdict(pixel_values):
+    model = _model()
+    broken = pixel_values.clone()
+    broken[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"score is not finite .* image\(s\) \[1\]"):
+        model(broken, category=CATEGORY, num_masks=2, seed=[0, 1, 2])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "3.0"])
+def test_bad_calibration_in_config_json_is_refused_at_load_naming_the_field(tmp_path, value):
+    folder = _folder(tmp_path)
+    calibration = {c: dict(STATS) for c in tiny_config().categories}
+    calibration[CATEGORY]["threshold"] = value
+    _edit_config(folder, calibration=calibration)
+    with pytest.raises(ModelFolderError, match=r"calibration\['pushpins'\]\['threshold'\] must be a finite number"):
+        load_model(folder, check_code=False)
+
+
+def test_calibration_set_after_loading_is_checked_before_use(pixel_values):
+    model = _model()
+    model.config.calibration[CATEGORY]["structural_std"] = 0.0
+    with pytest.raises(ValueError, match=r"calibration\['pushpins'\]\['structural_std'\] must be positive"):
+        model(pixel_values, category=CATEGORY, num_masks=1, seed=0)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        _model()(pixel_values, category=CATEGORY, num_masks=1, seed=0, threshold=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory bounded by design
+# --------------------------------------------------------------------------------------------------
+
+
+def test_masks_run_in_chunks_the_memory_budget_holds_with_identical_scores(pixel_values, monkeypatch):
+    model = _model()
+    predictor = model.predictor_for(CATEGORY)
+    per_sequence = predictor.inference_bytes_per_sequence()
+    expected_chunk = 2**20 // per_sequence
+    assert 1 <= expected_chunk < 60, "the test needs a budget smaller than its 3 x 20 sequences"
+    reference = model(pixel_values, category=CATEGORY, num_masks=20, seed=[0, 1, 2], max_sequences_per_chunk=60)
+    seen = []
+    forward = predictor.embeddings.forward
+
+    def spy(patches, masks):
+        seen.append(patches.shape[0])
+        return forward(patches, masks)
+
+    monkeypatch.setattr(predictor.embeddings, "forward", spy)
+    model.config.scoring_memory_mb = 1
+    out = model(pixel_values, category=CATEGORY, num_masks=20, seed=[0, 1, 2])
+    assert max(seen) == expected_chunk and sum(seen) == 60
+    torch.testing.assert_close(out.mask_scores, reference.mask_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.pred_score, reference.pred_score, rtol=1e-5, atol=1e-6)
+
+
+def test_num_masks_zero_is_refused_not_silently_the_default(pixel_values):
+    with pytest.raises(ValueError, match="num_masks must be a whole number >= 1"):
+        _model()(pixel_values, category=CATEGORY, num_masks=0, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config types
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_masks": "ten"}, "config.num_masks"),
+    ({"score_num_masked": "44"}, "config.score_num_masked"),
+    ({"tokenizer_config": {**tiny_config().tokenizer_config.to_dict(), "grid_size": "14"}}, "tokenizer_config.grid_size"),
+    ({"predictor_config": {**tiny_config().predictor_config.to_dict(), "hidden_size": 32.5}}, "predictor_config.hidden_size"),
+])
+def test_bad_config_types_are_refused_at_load_naming_the_field(tmp_path, changes, field):
+    folder = _folder(tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(ModelFolderError, match=field.replace(".", r"\.")):
+        load_model(folder, check_code=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line arguments
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return _folder(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--seed", "-1"], "whole number >= 0"),
+    (["--num_masks", "0"], "whole number >= 1"),
+    (["--num_masks", "-1"], "whole number >= 1"),
+    (["--threshold", "nan"], "finite number"),
+    (["--category", "nosuchcat"], "'nosuchcat' is not one this model was trained on"),
+])
+def test_bad_predict_arguments_get_one_line_and_a_nonzero_exit(tmp_path, capsys, model_folder, extra, phrase):
+    argv = ["predict", str(_image(tmp_path)), "--model", str(model_folder), "--output_dir", str(tmp_path / "out")]
+    if "--category" not in extra:
+        argv += ["--category", CATEGORY]
+    code, out, err = _run(argv + extra, capsys)
+    assert code != 0 and phrase in err and not out
+
+
+def test_bad_evaluate_batch_size_gets_one_line(tmp_path, capsys, model_folder):
+    code, out, err = _run(["evaluate", "--model", str(model_folder), "--data_root", str(tmp_path),
+                           "--output_dir", str(tmp_path / "eval"), "--batch_size", "0"], capsys)
+    assert code == 2 and "whole number >= 1" in err
+
+
+def test_missing_model_folder_gets_one_line(tmp_path, capsys):
+    code, _, err = _run(["predict", str(_image(tmp_path)), "--model", str(tmp_path / "nothing"), "--category", CATEGORY],
+                        capsys)
+    assert code != 0 and "cannot load the model" in err
+
+
+def test_predict_leaves_only_finished_heat_maps(tmp_path, capsys, model_folder, monkeypatch):
+    import ladmim_hf.io_utils as io_utils
+
+    argv = ["predict", str(_image(tmp_path)), "--model", str(model_folder), "--category", CATEGORY]
+    out_dir = tmp_path / "out"
+    code, out, _ = _run(argv + ["--output_dir", str(out_dir)], capsys)
+    assert code == 0 and "image.png" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["image_heatmap.png"]
+    Image.open(out_dir / "image_heatmap.png").verify()
+
+    # Killed after the heat map's bytes were written but before they got their final name: nothing under
+    # that name, and no temporary left behind.
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_utils.os, "replace", killed)
+    killed_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + ["--output_dir", str(killed_dir)])
+    assert list(killed_dir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The remote-code boundary
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["config", "processor", "extra_file"])
+def test_checked_loader_refuses_code_outside_the_shipped_files(tmp_path, where):
+    folder = _folder(tmp_path)
+    marker = tmp_path / "evil_ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    if where == "config":
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"]["AutoModel"] = "evil.Model"
+        (folder / "config.json").write_text(json.dumps(config))
+    elif where == "processor":
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        processor["auto_map"] = {"AutoImageProcessor": "evil.Processor"}
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ModelFolderError, match="evil"):
+        load_model(folder, check_code=True)
+    assert not marker.exists(), "the foreign module ran"
