@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
@@ -1212,7 +1213,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if len(self.categories) != 1:
                     raise ValueError(f"pass category= (one of {self.categories})")
                 category = self.categories[0]
-            if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1):
+            if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, numbers.Integral)
+                                          or num_masks < 1):
                 raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
             if features is None:
                 if pixel_values is None:
