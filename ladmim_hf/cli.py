@@ -51,7 +51,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .visualization import heatmap_overlay
 
     try:
-        detector, processor = load_detector(args.model)
+        detector, processor = load_detector(args.model, args.allow_default_processor)
     except (OSError, ValueError) as error:  # a missing, corrupt or foreign model folder: one line, no traceback
         raise SystemExit(f"error: cannot load the model {args.model}: {error}") from None
     category = args.category or (detector.categories[0] if len(detector.categories) == 1 else None)
@@ -62,13 +62,13 @@ def _predict(args: argparse.Namespace) -> int:
                          f"({', '.join(detector.categories)})")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, empty_folders = _expand_image_arguments(args.images)
+    paths, input_problems = _expand_image_arguments(args.images)
     heatmap_names = _heatmap_names(paths)
     # One raw-score column per optional branch the model computes (logical and structural always print).
     extra = [b for b in detector.config.enabled_branches if b not in ("logical", "structural")]
-    rows, failures = [], len(empty_folders)
-    for folder in empty_folders:
-        print(f"error: no files in folder {folder}", file=sys.stderr)
+    rows, failures = [], len(input_problems)
+    for problem in input_problems:
+        print(f"error: {problem}", file=sys.stderr)
     for index, path in enumerate(paths):
         try:
             image = load_image(path)
@@ -122,19 +122,32 @@ def _heatmap_names(paths: list[str]) -> list[str]:
 
 
 def _expand_image_arguments(items: list[str]) -> tuple[list[str], list[str]]:
-    """`(files, empty_folders)`: files as given; a folder stands for its non-hidden files (sorted, not
-    recursive), so a file there that is not an image is reported like any other unreadable input."""
-    paths, empty = [], []
+    """`(files, problems)`: files as given; a folder stands for its non-hidden regular files (sorted, not
+    recursive), so a file there that is not an image is reported like any other unreadable input.
+    `problems` names what cannot be scored: an empty or unreadable folder, and entries that are not
+    regular files (FIFOs, sockets, devices, broken or looping links), which would block or fail if opened."""
+    paths, problems = [], []
     for item in items:
         folder = Path(item)
-        if folder.is_dir():
-            found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not found:
-                empty.append(item)
-            paths.extend(found)
-        else:
+        if not folder.is_dir():
             paths.append(item)
-    return paths, empty
+            continue
+        try:
+            entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError as error:
+            problems.append(f"cannot list folder {item}: {error.strerror or error}")
+            continue
+        found, odd = [], []
+        for entry in entries:
+            if entry.is_file():
+                found.append(str(entry))
+            elif not entry.is_dir():  # sub-folders are not inputs (not recursive); anything else is named
+                odd.append(f"{entry}: not a regular file (a FIFO, socket, device, or a broken or looping link); skipped")
+        if not found and not odd:
+            problems.append(f"no files in folder {item}")
+        problems.extend(odd)
+        paths.extend(found)
+    return paths, problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
                          help="run the predictor under autocast (float32 if unset)")
     predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
+    predict.add_argument("--allow_default_processor", action="store_true",
+                         help="score with a model folder that lacks preprocessor_config.json, using ImageNet defaults (warned)")
     predict.set_defaults(func=_predict)
 
     from .data import synthetic

@@ -35,16 +35,30 @@ logger = logging.getLogger("ladmim_hf.evaluation")
 ANOMALY_TYPE_NAMES = ["good", "logical", "structural"]
 
 
-def load_detector(model: str) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor]:
+def load_detector(model: str, allow_default_processor: bool = False) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor]:
     """A trained detector and its image processor from a folder or Hub id (errors name the problem:
-    missing config, truncated weights, unknown fields)."""
-    from .hub import load_model
+    missing config, truncated weights, unknown fields, a missing or unreadable preprocessor config).
 
-    detector = load_model(model, check_code=False)
+    The processor's normalisation decides the scores, so a folder without `preprocessor_config.json`
+    is refused unless `allow_default_processor` (then ImageNet defaults at the model's input size are
+    used, with a warning); an unreadable one is always refused."""
+    from .hub import PROCESSOR_NAME, ModelFolderError, load_model, resolve_model_folder
+
+    folder = resolve_model_folder(model)
+    detector = load_model(folder, check_code=False)
+    processor_file = folder / PROCESSOR_NAME
+    if not processor_file.is_file():
+        if not allow_default_processor:
+            raise ModelFolderError(f"{model} has no {PROCESSOR_NAME}: its resize and normalisation decide the scores. "
+                                   "Copy it from the training output (OUTPUT_DIR/model), or pass "
+                                   "--allow_default_processor to use ImageNet defaults")
+        logger.warning("%s has no %s: using ImageNet normalisation at %d px (--allow_default_processor)", model,
+                       PROCESSOR_NAME, detector.config.tokenizer_config.image_size)
+        return detector, LadmimImageProcessor(size=detector.config.tokenizer_config.image_size)
     try:
-        processor = LadmimImageProcessor.from_pretrained(model)
-    except (OSError, ValueError):
-        processor = LadmimImageProcessor(size=detector.config.tokenizer_config.image_size)
+        processor = LadmimImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:  # not JSON, wrong types, ...
+        raise ModelFolderError(f"cannot read {processor_file}: {error}; fix or replace the file") from error
     return detector, processor
 
 
@@ -106,7 +120,8 @@ def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
 
 def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: str = "outputs/eval", num_masks: int | None = None,
              seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "loco",
-             feature_cache: str | None = None, report_images: int = 3, predictor_dtype: str | None = None) -> dict:
+             feature_cache: str | None = None, report_images: int = 3, predictor_dtype: str | None = None,
+             allow_default_processor: bool = False) -> dict:
     """Score the test split of every category and write the results to `output_dir`.
 
     `predictor_dtype` ("bf16"/"fp16") runs the predictor under autocast (see
@@ -119,7 +134,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     started = time.time()
     out_dir = Path(output_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    detector, processor = load_detector(model)
+    detector, processor = load_detector(model, allow_default_processor)
     trained = detector.categories
     wanted = resolve_categories(data_root, categories)
     missing = [c for c in wanted if c not in trained]
@@ -353,6 +368,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")
     parser.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
                         help="run the predictor under autocast (bf16: 1.6x faster on AVX512-BF16 CPUs; float32 if unset)")
+    parser.add_argument("--allow_default_processor", action="store_true",
+                        help="score a model folder without preprocessor_config.json with ImageNet defaults (warned)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

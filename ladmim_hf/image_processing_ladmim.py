@@ -17,6 +17,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Guard against decompression bombs: PIL warns at 89 MP by default and errors at twice that.
 DEFAULT_MAX_PIXELS = 100_000_000
+# The model sees a few hundred pixels a side: larger images are reduced while decoding (JPEG) or right
+# after (an integer box filter), so memory follows this side, not the file's resolution.
+MAX_DECODED_SIDE = 4096
+# A 1 x 99,000,000 strip passes the pixel guard but is no picture to squash into a square.
+MAX_ASPECT_RATIO = 100
 
 
 class ImageDecodeError(ValueError):
@@ -69,6 +74,9 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         image: a path, a PIL image, a `(H, W)`/`(H, W, C)` numpy array (uint8, uint16 or float in
             0..1) or a `(C, H, W)` torch tensor.
         max_pixels: images larger than this are refused (decompression-bomb guard).
+
+    Images longer than `MAX_DECODED_SIDE` pixels on a side are returned reduced by an integer factor
+    (JPEGs decode at the reduced scale), and aspect ratios over `MAX_ASPECT_RATIO` are refused.
     """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
@@ -79,8 +87,11 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 _check_size(opened.size, path, max_pixels)
+                factor = _reduction(opened.size)
+                if factor > 1 and opened.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly
+                    opened.draft(opened.mode, (-(-opened.size[0] // factor), -(-opened.size[1] // factor)))
                 opened.load()
-                return to_rgb(opened, path)
+                return to_rgb(_shrink(opened), path)
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -94,7 +105,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             image.load()
         except Exception as error:
             raise ImageDecodeError(f"cannot decode image {name}: {type(error).__name__}: {error}") from error
-        return to_rgb(image, name)
+        return to_rgb(_shrink(image), name)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4):
@@ -105,10 +116,29 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     raise ImageDecodeError(f"unsupported image input of type {type(image).__name__}; pass a path, PIL image or array")
 
 
+def _reduction(size: tuple[int, int]) -> int:
+    """The integer factor that brings the longer side to at most `MAX_DECODED_SIDE`."""
+    return -(-max(size) // MAX_DECODED_SIDE)
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    """`image` with its longer side at most `MAX_DECODED_SIDE` (box filter by an integer factor)."""
+    factor = _reduction(image.size)
+    if factor <= 1:
+        return image
+    try:
+        return image.reduce(factor)
+    except ValueError:  # a mode `reduce` does not handle (e.g. P, CMYK): reduce its RGB version
+        return to_rgb(image).reduce(factor)
+
+
 def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
     width, height = size
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image {name} has no pixels ({width}x{height})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageDecodeError(f"image {name} is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
+                               "crop it to the product first")
     if max_pixels and width * height > max_pixels:
         raise ImageDecodeError(
             f"image {name} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "

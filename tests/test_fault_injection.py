@@ -235,3 +235,72 @@ def test_checked_loader_refuses_code_outside_the_shipped_files(tmp_path, where):
     with pytest.raises(ModelFolderError, match="evil"):
         load_model(folder, check_code=True)
     assert not marker.exists(), "the foreign module ran"
+
+
+def test_fifos_and_looping_links_in_an_input_folder_are_named_and_counted(tmp_path, capsys, model_folder):
+    import os
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.open(_image(tmp_path)).save(folder / "a.png")
+    os.mkfifo(folder / "pipe")
+    os.symlink(folder / "loop", folder / "loop")  # a link to itself
+    (folder / "sub").mkdir()  # not recursive: a sub-folder is no input and no error
+    code, out, err = _run(["predict", str(folder), "--model", str(model_folder), "--category", CATEGORY,
+                           "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 1 and "a.png" in out
+    assert f"{folder / 'pipe'}: not a regular file" in err and f"{folder / 'loop'}: not a regular file" in err
+    assert "2 input(s) could not be scored" in err and "sub" not in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "trailing_comma"])
+def test_a_missing_or_invalid_preprocessor_config_is_refused_not_silently_replaced(tmp_path, capsys, damage):
+    folder = _folder(tmp_path)
+    processor_file = folder / "preprocessor_config.json"
+    if damage == "missing":
+        processor_file.unlink()
+    else:
+        processor_file.write_text(processor_file.read_text().rstrip().rstrip("}") + ",}")
+    argv = ["predict", str(_image(tmp_path)), "--model", str(folder), "--category", CATEGORY,
+            "--output_dir", str(tmp_path / "out")]
+    code, out, err = _run(argv, capsys)
+    assert code != 0 and "preprocessor_config.json" in err and not out
+    if damage == "missing":  # an explicit, warned fallback
+        code, out, err = _run(argv + ["--allow_default_processor"], capsys)
+        assert code == 0 and "image.png" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding bounded by the model's needs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_images_longer_than_the_decode_side_are_reduced_on_decode(tmp_path, suffix):
+    from ladmim_hf.image_processing_ladmim import MAX_DECODED_SIDE, load_image
+
+    path = tmp_path / f"wide{suffix}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, MAX_DECODED_SIDE + 104, 3), dtype=np.uint8)).save(path)
+    image = load_image(path)
+    assert image.size == ((MAX_DECODED_SIDE + 104) // 2, 150) and image.mode == "RGB"
+
+
+def test_a_strip_image_is_refused_from_its_header(tmp_path):
+    import struct
+    import time
+    import warnings
+    import zlib
+
+    from ladmim_hf.image_processing_ladmim import ImageDecodeError, load_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = tmp_path / "strip.png"  # 1 x 99,000,000 pixels, under the pixel guard, in 60-odd bytes
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 99_000_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    started = time.perf_counter()
+    with warnings.catch_warnings(), pytest.raises(ImageDecodeError, match="aspect ratio over 100:1"):
+        warnings.simplefilter("ignore")  # PIL's own decompression-bomb warning at 89 MP
+        load_image(path)
+    assert time.perf_counter() - started < 1.0
