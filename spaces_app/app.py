@@ -45,11 +45,17 @@ logger = logging.getLogger("ladmim_space")
 EXAMPLES_DIR = HERE / "examples"
 EXAMPLE_TYPES = ("good", "logical", "structural")
 REPO_DEFAULT_MODEL = HERE.parent / "outputs" / "synthloco" / "model"
-DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard when the processor does not define one
+# Per-request limits (documented in README.md), so that one request cannot take minutes or gigabytes.
+# 40 MP covers camera images; a 40 MP upload costs about 0.5 GB and 0.5 s to read (16-bit ones ~1 GB, 5 s).
+MAX_IMAGE_PIXELS = 40_000_000
+# The model squashes every image to a square, so a long strip is unrecognisable anyway; and PNG decoding
+# costs per row: a 1 x 99,000,000 PNG of 384 KB took over 3 GB and 8 s. Both checked before decoding.
+MAX_ASPECT_RATIO = 20
+MAX_SEED = 2**32 - 1  # exact as a float (Gradio's Number) and as a JSON/JavaScript number
 WORK_MAX_SIDE = 1024  # uploads are downsized to this before scoring (the model sees ~224 px anyway)
 DISPLAY_MAX_SIDE = 512  # overlays and mask views
 TOP_MASKS = 3
-MAX_MASKS = 50
+MAX_MASKS = 50  # scoring time and memory grow linearly with the number of masks
 Z_RED = 4.0  # heat-map colour scale: z = 0 (typical of normal images) is blue, z >= Z_RED is red
 # Every branch a detector may compute (its output's `{branch}_score` fields), in output order, with its title.
 BRANCH_TITLES = {"logical": "Logical branch", "structural": "Structural branch", "memory_bank": "Memory bank",
@@ -159,7 +165,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
-def read_upload(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def read_upload(value: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an upload to an RGB image at most ``WORK_MAX_SIDE`` px, or raise :class:`InputError`
     with a message meant for the user."""
     if isinstance(value, Image.Image):
@@ -174,7 +180,7 @@ def read_upload(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         if os.path.getsize(path) == 0:
             raise InputError(f"{name} is empty (0 bytes); please upload an image file.")
     try:
-        image = value if path is None else Image.open(path)
+        image = value if path is None else Image.open(path)  # lazy: reads the header, not the pixels
         width, height = image.size
         if width < 1 or height < 1:
             raise InputError(f"{name} has no pixels ({width}x{height}).")
@@ -183,6 +189,11 @@ def read_upload(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                 f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels, more than the "
                 f"{max_pixels / 1e6:.0f} megapixels this demo accepts (guard against decompression bombs). "
                 "Please upload a smaller image."
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InputError(
+                f"{name} is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its short side, "
+                "the most this demo accepts (the model squashes every image to a square). Please crop it."
             )
         if hasattr(image, "draft"):
             image.draft("RGB", (WORK_MAX_SIDE, WORK_MAX_SIDE))  # JPEG: decode at reduced size, cheaply
@@ -238,8 +249,8 @@ def parse_controls(categories: list[str], category: Any, num_masks: Any, thresho
     if not 1 <= masks <= MAX_MASKS:
         raise InputError(f"Number of masks must be between 1 and {MAX_MASKS}, got {masks}.")
     seed_value = _parse_number(seed, "Seed")
-    if seed_value is not None and (seed_value < 0 or seed_value != int(seed_value)):
-        raise InputError(f"Seed must be a whole number >= 0, got {seed!r}.")
+    if seed_value is not None and not (0 <= seed_value <= MAX_SEED and seed_value == int(seed_value)):
+        raise InputError(f"Seed must be a whole number between 0 and {MAX_SEED}, got {seed!r}.")
     return category, masks, _parse_number(threshold, "Threshold"), 0 if seed_value is None else int(seed_value)
 
 
@@ -514,7 +525,8 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
     # (and their /predict API) stay as they were.
     has_memory_bank = "memory_bank" in branches
     default_masks = int(min(max(int(getattr(model.config, "num_masks", 10) or 10), 1), MAX_MASKS))
-    max_pixels = int(getattr(processor, "max_pixels", 0) or Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS)
+    # A processor may set a stricter limit than the app's (it only ever sees the downsized image).
+    max_pixels = min(MAX_IMAGE_PIXELS, int(getattr(processor, "max_pixels", 0) or MAX_IMAGE_PIXELS))
     blank = [None] * (2 + has_memory_bank + 2 * TOP_MASKS)
 
     def failure(message: str):
@@ -566,8 +578,8 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
                         threshold = gr.Textbox(value="", label="Threshold override", min_width=120, max_lines=1,
                                                placeholder="calibrated", info="A number; empty: calibrated",
                                                elem_id="threshold")
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", min_width=120,
-                                         info="Same seed, same masks")
+                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed",
+                                         min_width=120, info="Same seed, same masks")
                 rows = example_rows(categories)
                 if rows:
                     gr.Examples(examples=rows, inputs=[image], examples_per_page=15,

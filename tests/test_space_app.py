@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -24,7 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from conftest import tiny_config
 
@@ -228,6 +229,44 @@ def test_bad_inputs_give_readable_messages_and_the_app_keeps_serving(space, tmp_
     assert_error(predict(space, GOOD, seed=-3), "seed")
 
     assert_ok(predict(space, GOOD))  # still serving
+
+
+def test_request_limits_are_enforced_with_readable_messages(space, tmp_path, monkeypatch):
+    """Seed, number of masks and image size are bounded per request (spaces_app/README.md lists them);
+    the limits themselves are accepted."""
+    app = space["app"]
+    # 10**30 once broke the JSON output instead of being refused
+    assert_error(predict(space, GOOD, seed=10**30), "seed", f"between 0 and {app.MAX_SEED}")
+    assert_error(predict(space, GOOD, seed=app.MAX_SEED + 1), "seed", str(app.MAX_SEED))
+    assert_error(predict(space, GOOD, seed=2.5), "whole number")
+    assert assert_ok(predict(space, GOOD, seed=app.MAX_SEED))["seed"] == app.MAX_SEED
+    assert_error(predict(space, GOOD, num_masks=app.MAX_MASKS + 1), "number of masks", f"between 1 and {app.MAX_MASKS}")
+    assert assert_ok(predict(space, GOOD, num_masks=app.MAX_MASKS))["num_masks"] == app.MAX_MASKS
+
+    # Header-only PNGs: the size is refused from the header, before any pixel is decoded (a real
+    # 1 x 99,000,000 PNG of 384 KB used to cost the Space over 3 GB and 8 s).
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or load(self))
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(_png_with_size(1, 99_000_000))
+    started = time.perf_counter()
+    assert_error(predict(space, strip), "strip.png", "1x99000000",
+                 f"more than the {app.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
+    assert time.perf_counter() - started < 5.0
+    thin = tmp_path / "thin.png"  # under the pixel limit, but a strip
+    thin.write_bytes(_png_with_size(30_000_000, 1))
+    assert_error(predict(space, thin), "thin.png", f"more than {app.MAX_ASPECT_RATIO} times its short side")
+    over = tmp_path / "over.png"
+    side = int(app.MAX_IMAGE_PIXELS**0.5) + 1
+    over.write_bytes(_png_with_size(side, side))
+    assert_error(predict(space, over), "over.png", "megapixels")
+    assert decoded == []
+
+    monkeypatch.undo()
+    wide = tmp_path / "wide.png"  # the limits themselves are fine
+    Image.new("RGB", (app.MAX_ASPECT_RATIO * 10, 10), "gray").save(wide)
+    assert_ok(predict(space, wide))
 
 
 def test_unusual_image_modes_are_handled(space, tmp_path):
