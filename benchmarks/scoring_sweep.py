@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     C.apply_threads(args)
     variants = [parse_variant(v) for v in args.variants]
 
-    from ladmim_hf import LadmimForAnomalyDetection
+    from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
     from ladmim_hf.evaluation import evaluate
 
     categories = "all" if args.categories == ["all"] else args.categories
@@ -109,6 +109,7 @@ def main(argv=None) -> None:
             apply_variant(model, overrides, args.data_root, args.dataset_format)
             model_dir = root / f"variant_{index}"
             model.save_pretrained(model_dir)
+            LadmimImageProcessor.from_pretrained(args.model).save_pretrained(model_dir)  # the model's own preprocessing
             metrics = evaluate(str(model_dir), args.data_root, categories, str(root / f"eval_{index}"), seed=args.seed,
                                knn_baseline=False, dataset_format=args.dataset_format, report_images=0)
             per_category = {name: round(entry["branches"]["logical"]["auroc_logical"], 4)

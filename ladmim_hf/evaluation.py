@@ -133,13 +133,14 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
 
     started = time.time()
     out_dir = Path(output_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     detector, processor = load_detector(model, allow_default_processor)
     trained = detector.categories
     wanted = resolve_categories(data_root, categories)
     missing = [c for c in wanted if c not in trained]
     if missing:
-        raise ValueError(f"the model was not trained on {missing}; it knows {trained}")
+        from .hub import ModelFolderError
+
+        raise ModelFolderError(f"the model {model} was not trained on {missing}; it knows {trained}")
     num_masks = num_masks or detector.config.num_masks
     cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
 
@@ -233,6 +234,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         for branch in detector.config.enabled_branches
     }
     metrics["seconds"] = round(time.time() - started, 1)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
     _write_outputs(out_dir, metrics, score_rows, roc_curves, heatmap_items, model)
     return metrics
 
@@ -373,9 +375,28 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    """Evaluate from parsed arguments; a missing or empty data folder is one `error:` line and exit 2."""
+    from .data import DataLayoutError, load_loco, load_mvtec_ad, resolve_categories
+
     categories = "all" if args.categories == ["all"] else args.categories
-    metrics = evaluate(args.model, args.data_root, categories, args.output_dir, args.num_masks, args.seed, args.batch_size,
-                       not args.no_knn, args.dataset_format, args.feature_cache, predictor_dtype=args.predictor_dtype)
+    try:
+        # Check every category's test split before the model is loaded (a Hub download can take
+        # minutes) or anything is written; evaluate() then reads the cached walk.
+        loader = load_loco if args.dataset_format == "loco" else load_mvtec_ad
+        for category in resolve_categories(args.data_root, categories):
+            loader(args.data_root, category, "test")
+    except DataLayoutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from .hub import ModelFolderError
+
+    try:
+        metrics = evaluate(args.model, args.data_root, categories, args.output_dir, args.num_masks, args.seed,
+                           args.batch_size, not args.no_knn, args.dataset_format, args.feature_cache,
+                           predictor_dtype=args.predictor_dtype, allow_default_processor=args.allow_default_processor)
+    except ModelFolderError as error:  # a missing, corrupt or foreign model, or one trained on other categories
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(results_table(metrics))
     print(f"metrics: {Path(args.output_dir) / 'metrics.json'}  report: {Path(args.output_dir) / 'report.md'}")
     return 0

@@ -4,7 +4,9 @@ Run as `python scripts/train.py --config configs/synthloco-cpu.yaml` or
 `accelerate launch scripts/train.py --config ...`. Every stage checkpoints with
 `Accelerator.save_state` into `OUTPUT_DIR/checkpoints/<stage>/step_XXXXXXX` (written to a temporary
 folder and renamed, so a killed run never leaves a half-written checkpoint) and `--resume` continues
-from the latest complete one with the same data order and masks, hence the same loss curve.
+from the latest complete one with the same data order and masks, hence the same loss curve; it refuses
+a run folder whose `train_settings.json` holds other settings (`RESUME_MAY_DIFFER` lists what may change).
+Unusable settings or data folders end in one `error:` line and exit code 2 (`run_from_args`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .branches_ladmim import fuse
 from .configuration_ladmim import LadmimConfig
+from .data.loaders import DataLayoutError
 from .hub import add_pipeline_to_folder
 from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor
 from .io_utils import atomic_save_directory, atomic_write_json, recover_interrupted_saves
@@ -52,9 +56,55 @@ class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM: the run stopped after saving a checkpoint."""
 
 
+class SettingsError(ValueError):
+    """A setting (config file, `--set`, or `--resume` against the run folder) is unusable; the message
+    is one line naming the file or field and the fix. `ladmim train` prints it and exits 2."""
+
+
+class _ConfigNotFoundError(SettingsError, FileNotFoundError):
+    """The `--config` file does not exist."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats: PyYAML follows YAML 1.1, where a float needs a dot
+    and a signed exponent, so `1e-4` or `1.5e3` were strings (and reached AdamW as one)."""
+
+
+# Appended after the YAML 1.1 resolvers, so it only sees scalars that are not already ints, floats or dates.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise SettingsError(f"{where} is not valid YAML{at}: {getattr(error, 'problem', None) or error}") from None
+
+
+def _check_number(name: str, value, whole: bool = False, minimum: float | None = None, optional: bool = False,
+                  above: bool = False):
+    """`value`, checked to be a finite number (an int if `whole`; `1e3` counts as whole) of at least
+    `minimum` (above it if `above`); else a `SettingsError` naming the field."""
+    if value is None and optional:
+        return None
+    if whole and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = (isinstance(value, int if whole else (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (minimum is None or value > minimum or (value == minimum and not above)))
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if above else '>='} {minimum:g}"
+        raise SettingsError(f"{name} must be {'a whole number' if whole else 'a number'}{bound}"
+                            f"{' or null' if optional else ''}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -81,15 +131,32 @@ class StageSettings:
     micro_batch_size: int | None = None
 
     def __post_init__(self):
-        if self.micro_batch_size is not None and int(self.micro_batch_size) < 1:
-            raise ValueError(f"micro_batch_size must be a positive number of rows or null, got {self.micro_batch_size!r}")
+        # Messages start with the field name; TrainSettings.from_dict prefixes the stage.
+        check = _check_number
+        self.epochs = check("epochs", self.epochs, minimum=0, above=True, optional=True)
+        self.max_steps = check("max_steps", self.max_steps, whole=True, minimum=1, optional=True)
+        self.batch_size = check("batch_size", self.batch_size, whole=True, minimum=1)
+        for name in ("learning_rate", "min_learning_rate", "warmup_fraction", "step_fraction", "step_gamma",
+                     "weight_decay"):
+            check(name, getattr(self, name), minimum=0)
+        check("max_grad_norm", self.max_grad_norm, minimum=0, optional=True)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise SettingsError(f"betas must be two numbers, e.g. [0.9, 0.999], got {self.betas!r}")
+        self.betas = tuple(check("betas", beta, minimum=0) for beta in self.betas)
+        self.checkpoint_every = check("checkpoint_every", self.checkpoint_every, whole=True, minimum=1)
+        if self.schedule not in ("cosine", "step"):
+            raise SettingsError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        micro = check("micro_batch_size", self.micro_batch_size, whole=True, optional=True)
+        if micro is not None and micro < 1:
+            raise SettingsError(f"micro_batch_size must be a positive number of rows or null, got {micro!r}")
+        self.micro_batch_size = micro
 
     def total_steps(self, num_samples: int, num_processes: int = 1) -> int:
         per_epoch = max(1, num_samples // (self.batch_size * num_processes))
         if self.max_steps is not None:
             return int(self.max_steps)
         if self.epochs is None:
-            raise ValueError("set epochs or max_steps for every stage")
+            raise SettingsError("set epochs or max_steps for every stage")
         return max(1, int(math.ceil(self.epochs * per_epoch)))
 
 
@@ -116,8 +183,20 @@ class TrainSettings:
     log_with: str | None = "tensorboard"
 
     def __post_init__(self):
+        self.seed = _check_number("seed", self.seed, whole=True, minimum=0)
+        for name in ("gradient_accumulation_steps", "feature_batch_size"):
+            setattr(self, name, _check_number(name, getattr(self, name), whole=True, minimum=1))
+        self.calibration_num_masks = _check_number("calibration_num_masks", self.calibration_num_masks, whole=True,
+                                                   minimum=1, optional=True)
+        fpr = _check_number("calibration_fpr", self.calibration_fpr, minimum=0, above=True)
+        if fpr >= 1:
+            raise SettingsError(f"calibration_fpr must be below 1 (a false-positive rate), got {fpr!r}")
+        for name, choices in (("dataset_format", ("loco", "mvtec_ad", "folder")),
+                              ("mixed_precision", ("no", "fp16", "bf16"))):
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
         if self.tokenizer.micro_batch_size is not None:
-            raise ValueError("tokenizer.micro_batch_size is not supported: the tokenizer's EMA codebook updates and "
+            raise SettingsError("tokenizer.micro_batch_size is not supported: the tokenizer's EMA codebook updates and "
                              "dead-code restarts must see whole batches; set predictor.micro_batch_size instead")
 
     @classmethod
@@ -126,17 +205,22 @@ class TrainSettings:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+            raise SettingsError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         for stage in ("tokenizer", "predictor"):
             if stage in raw:
+                if not isinstance(raw[stage] or {}, dict):
+                    raise SettingsError(f"{stage} must be a mapping of settings, got {raw[stage]!r}")
                 stage_raw = dict(raw[stage] or {})
                 bad = sorted(set(stage_raw) - set(StageSettings.__dataclass_fields__))
                 if bad:
-                    raise ValueError(f"unknown {stage} setting(s) {bad}; known: {sorted(StageSettings.__dataclass_fields__)}")
-                if "betas" in stage_raw:
-                    stage_raw["betas"] = tuple(stage_raw["betas"])
+                    raise SettingsError(f"unknown {stage} setting(s) {bad}; known: {sorted(StageSettings.__dataclass_fields__)}")
                 base = cls().tokenizer if stage == "tokenizer" else StageSettings()
-                raw[stage] = StageSettings(**{**base.__dict__, **stage_raw})
+                try:
+                    raw[stage] = StageSettings(**{**base.__dict__, **stage_raw})
+                except SettingsError as error:
+                    raise SettingsError(f"{stage}.{error}") from None
+        if not isinstance(raw.get("model", {}), dict):
+            raise SettingsError(f"model must be a mapping of LadmimConfig settings, got {raw['model']!r}")
         return cls(**raw)
 
     def to_dict(self) -> dict:
@@ -152,17 +236,19 @@ def load_settings(config_path: str | None, overrides: dict[str, Any]) -> TrainSe
     if config_path:
         path = Path(config_path)
         if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+            raise _ConfigNotFoundError(f"training config not found: {path}; check the --config path")
+        raw = _yaml_load(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+            raise SettingsError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
     for key, value in overrides.items():
         if value is None:
             continue
         target = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise SettingsError(f"cannot set {key}: {'.'.join(parts[:depth + 1])} is not a mapping")
         target[parts[-1]] = value
     return TrainSettings.from_dict(raw)
 
@@ -426,12 +512,19 @@ def run_stage(accelerator: Accelerator, settings: TrainSettings, stage_name: str
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(settings: TrainSettings, categories: list[str]) -> LadmimForAnomalyDetection:
+def model_config(settings: TrainSettings, categories: list[str]) -> LadmimConfig:
+    """The `LadmimConfig` of `settings.model`; a bad value is a `SettingsError` naming `model.`."""
     model_kwargs = json.loads(json.dumps(settings.model))  # deep copy
     tokenizer_kwargs = dict(model_kwargs.pop("tokenizer_config", {}) or {})
     tokenizer_kwargs["categories"] = categories
-    config = LadmimConfig(tokenizer_config=tokenizer_kwargs, **model_kwargs)
-    model = LadmimForAnomalyDetection(config)
+    try:
+        return LadmimConfig(tokenizer_config=tokenizer_kwargs, **model_kwargs)
+    except (TypeError, ValueError) as error:  # the config's own checks name the field
+        raise SettingsError(f"model settings: {error}") from None
+
+
+def build_model(settings: TrainSettings, categories: list[str]) -> LadmimForAnomalyDetection:
+    model = LadmimForAnomalyDetection(model_config(settings, categories))
     if settings.load_imagenet_weights:
         model.tokenizer.backbone.load_imagenet_weights(settings.backbone_weights)
     return model
@@ -445,10 +538,84 @@ def _masks_for_step(generator_factory, num_rows: int, step: int, seed: int, proc
     return generator_factory(num_rows, seed=seeds)
 
 
+# Settings that may change on --resume: where the run folder is named from, how the run reports,
+# checkpoints and batches frozen-feature extraction or predictor micro-batches (same gradients),
+# whether unreadable files are skipped (a run that started had none, or skipped them), and each
+# stage's length (a resumed stage then runs to the new total). Everything else shapes the model or
+# its optimisation, so resuming with another value would mix two runs (or fail on tensor sizes).
+RESUME_MAY_DIFFER = frozenset({
+    "output_dir", "log_with", "feature_batch_size", "skip_bad_files",
+    *(f"{stage}.{name}" for stage in ("tokenizer", "predictor")
+      for name in ("max_steps", "epochs", "checkpoint_every", "micro_batch_size")),
+})
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """`"field: saved -> current"` for every setting of `current` (a `train_settings.json` dict) that
+    differs from the run's `saved` one, except `RESUME_MAY_DIFFER`. A field missing from an older
+    file counts as its default; one no longer known is ignored."""
+    missing = object()
+    old = {**_flatten(TrainSettings().to_dict()), **_flatten(saved)}
+    new = _flatten(json.loads(json.dumps(current)))  # tuples as JSON lists, like the saved file
+    old = json.loads(json.dumps(old))
+    for values in (old, new):
+        if isinstance(values.get("data_root"), str):
+            values["data_root"] = os.path.realpath(values["data_root"])
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_MAY_DIFFER or key.split(".")[0] not in TrainSettings.__dataclass_fields__:
+            continue
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before != after:
+            out.append(f"{key}: {'unset' if before is missing else repr(before)} -> "
+                       f"{'unset' if after is missing else repr(after)}")
+    return out
+
+
+def _check_resume(output_dir: Path, current: dict, data_root: str) -> None:
+    """Refuse `--resume` when `current` differs from the settings the run was started with."""
+    path = output_dir / "train_settings.json"
+    if not path.is_file():
+        return  # nothing started here: --resume starts fresh
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as error:
+        raise SettingsError(f"{path} is not valid JSON ({error}); cannot check --resume against it") from None
+    if isinstance(saved.get("categories"), str):  # files written before categories were stored resolved
+        from .data import resolve_categories as resolve
+
+        with contextlib.suppress(DataLayoutError):
+            saved["categories"] = resolve(data_root, saved["categories"])
+    differences = resume_differences(saved, current)
+    if differences:
+        raise SettingsError(
+            f"--resume: {output_dir} was trained with other settings ({'; '.join(differences)}); resume with the "
+            f"run's own settings (--config {path} --resume) or train into a new --output_dir")
+
+
 def train(settings: TrainSettings, resume: bool = False) -> Path:
-    """Run all stages and save the detector to `OUTPUT_DIR/model`. Returns that folder."""
+    """Run all stages and save the detector to `OUTPUT_DIR/model`. Returns that folder.
+
+    Settings, data folders and (with `resume`) the run folder's `train_settings.json` are checked
+    before anything is loaded or written; see `RESUME_MAY_DIFFER` for what may change on resume.
+    """
     output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "predictor"):
+        stage = getattr(settings, name)
+        if stage.epochs is None and stage.max_steps is None:
+            raise SettingsError(f"set {name}.epochs or {name}.max_steps (in the config file, or --epochs/--max_steps)")
+    categories = resolve_categories(settings)  # a wrong data_root or category fails before the run folder is made
+    model_config(settings, categories)  # bad model settings fail now, not after feature extraction
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -471,33 +638,35 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             for action in recover_interrupted_saves(folder):
                 logger.info(action)
     accelerator.wait_for_everyone()
+    # Categories are stored resolved, so a resume after a category folder was added to the data root
+    # is refused rather than building a model with another number of classes.
+    saved_settings = {**settings.to_dict(), "categories": categories}
+    if resume:
+        _check_resume(output_dir, saved_settings, settings.data_root)
+
+    # Stage 0: frozen backbone features, once per image (no augmentation, so they never change).
+    # Every split is listed (and its images checked) before the model is built or anything written.
+    cache_path = output_dir / "cache" / "features.pt"
+    cache: dict[str, torch.Tensor] = {}
+    if cache_path.exists():
+        cache = torch.load(cache_path, weights_only=True)
+    to_extract = {f"{split}/{category}": [row["path"] for row in list_images(settings, category, split)]
+                  for category in categories for split in ("train", "validation") if f"{split}/{category}" not in cache}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / "train_settings.json", settings.to_dict())
+        atomic_write_json(output_dir / "train_settings.json", saved_settings)
     if settings.log_with:
         flat = {k: v for k, v in settings.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ladmim", config=flat)
-
-    categories = resolve_categories(settings)
     accelerator.print(f"categories: {', '.join(categories)}")
     torch.manual_seed(settings.seed)
     model = build_model(settings, categories)
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
     tokenizer = model.tokenizer.to(accelerator.device)
-
-    # Stage 0: frozen backbone features, once per image (no augmentation, so they never change).
-    cache_path = output_dir / "cache" / "features.pt"
-    cache: dict[str, torch.Tensor] = {}
-    if cache_path.exists():
-        cache = torch.load(cache_path, weights_only=True)
-    for category in categories:
-        for split in ("train", "validation"):
-            key = f"{split}/{category}"
-            if key not in cache:
-                paths = [row["path"] for row in list_images(settings, category, split)]
-                if not paths:
-                    raise FileNotFoundError(f"no {split} images for category {category!r} under {settings.data_root}")
-                cache[key] = extract_features(tokenizer, processor, paths, settings.feature_batch_size,
-                                              f"features {key}", disable_bars)
+    for key, paths in to_extract.items():
+        cache[key] = extract_features(tokenizer, processor, paths, settings.feature_batch_size, f"features {key}",
+                                      disable_bars)
     if accelerator.is_main_process:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
@@ -666,7 +835,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="steps per stage (both stages)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per stage (both stages)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint (same settings; stage lengths may grow)")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--skip_bad_files", action="store_true", default=None, help="skip unreadable images (listed in the log)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -688,9 +858,9 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
             overrides[f"{stage}.max_steps"] = None
     for item in args.set or []:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise SettingsError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = _yaml_load(value, f"--set {item}")
     settings = load_settings(args.config, {k: v for k, v in overrides.items() if not k.endswith(".max_steps") or v is not None})
     if args.epochs is not None and args.max_steps is None:
         settings.tokenizer.max_steps = settings.predictor.max_steps = None
@@ -711,9 +881,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    """Train from parsed arguments; returns the exit code: 2 for unusable settings, data folders or
+    run folder (one `error:` line on stderr naming the field or path and the fix), 3 for a diverged
+    loss, 4 for unreadable images, 130 when interrupted."""
     try:
-        train(settings, resume=args.resume)
+        train(settings_from_args(args), resume=args.resume)
+    except (SettingsError, DataLayoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as error:
         logger.warning("%s", error)
         return 130

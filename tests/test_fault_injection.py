@@ -304,3 +304,14 @@ def test_a_strip_image_is_refused_from_its_header(tmp_path):
         warnings.simplefilter("ignore")  # PIL's own decompression-bomb warning at 89 MP
         load_image(path)
     assert time.perf_counter() - started < 1.0
+
+
+def test_evaluate_with_a_missing_model_or_other_categories_gets_one_line(tmp_path, capsys, model_folder):
+    from data_fixtures import make_loco_folder
+
+    make_loco_folder(tmp_path / "data", "widget")
+    argv = ["evaluate", "--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "eval")]
+    code, _, err = _run(argv + ["--model", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = _run(argv + ["--model", str(model_folder)], capsys)
+    assert code == 2 and "not trained on ['widget']" in err

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ladmim_hf.data import (
     BadFilesError,
+    DataLayoutError,
     DataWarning,
     collate_anomaly_batch,
     dataset_features,
@@ -151,8 +152,11 @@ def test_missing_root_category_and_split(loco, tmp_path, cache):
     with pytest.raises(ValueError, match="split must be"):
         load_loco(loco, "widget", "testing", cache_dir=cache)
     shutil.rmtree(loco / "widget" / "validation")
-    with pytest.raises(FileNotFoundError, match="validation"):
+    with pytest.raises(FileNotFoundError, match="validation") as error:
         load_loco(loco, "widget", "validation", cache_dir=cache)
+    # One class for the CLIs to print as one line; the message says what to do.
+    assert isinstance(error.value, DataLayoutError) and "\n" not in str(error.value)
+    assert f"put normal images in {loco / 'widget' / 'validation' / 'good'}" in str(error.value)
 
 
 def test_empty_split_folder(loco, cache):

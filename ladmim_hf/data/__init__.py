@@ -21,6 +21,7 @@ _EXPORTS = {
     "make_batch_transform": "loaders",
     "collate_anomaly_batch": "loaders",
     "BadFilesError": "loaders",
+    "DataLayoutError": "loaders",
     "DataWarning": "loaders",
     "IMAGE_EXTENSIONS": "loaders",
     "LOCO_CATEGORIES": "loaders",

@@ -43,6 +43,7 @@ __all__ = [
     "LOCO_CATEGORIES",
     "ANOMALY_TYPES",
     "BadFilesError",
+    "DataLayoutError",
     "DataWarning",
     "collate_anomaly_batch",
     "dataset_features",
@@ -66,6 +67,19 @@ _WALK_VERSION = 1  # bump when the records' content changes
 
 class DataWarning(UserWarning):
     """A file was skipped, converted, or looks suspicious; the message names the path."""
+
+
+class DataLayoutError(ValueError):
+    """A dataset folder is missing, empty or laid out wrongly, or asked for categories it lacks; the
+    message is one line naming the path and what to do (`ladmim train`/`evaluate` print it as is)."""
+
+
+class DataFolderNotFoundError(DataLayoutError, FileNotFoundError):
+    """A dataset root, category or split folder does not exist."""
+
+
+class DataNotAFolderError(DataLayoutError, NotADirectoryError):
+    """A path that should be a dataset folder is a file."""
 
 
 class BadFilesError(ImageDecodeError):
@@ -242,8 +256,9 @@ def _build(
                 f"{len(bad)} unusable file(s) in {what}:\n{listing}\n"
                 "Fix or remove them, or pass skip_bad_files=True to skip them.", bad)
         warnings.warn(f"skipped {len(bad)} unusable file(s) in {what}:\n{listing}", DataWarning, stacklevel=3)
-    if not records:
-        raise ValueError(f"no usable images in {what}")
+    if not records:  # every file was skipped as unusable
+        raise DataLayoutError(f"no usable images in {what}: all {len(bad)} file(s) are unusable (listed above); "
+                              "fix or replace them")
     payload = json.dumps(records)
     features = dataset_features()
     was_disabled = datasets.utils.are_progress_bars_disabled()
@@ -297,11 +312,25 @@ def _validate_records(candidates: list[dict], validate: bool, bad: list, notes: 
     return good
 
 
-def _require_dir(path: Path, what: str) -> None:
+def _require_dir(path: Path, what: str, fix: str = "") -> None:
+    fix = f"; {fix}" if fix else ""
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise DataFolderNotFoundError(f"{what} not found: {path}{fix}")
     if not path.is_dir():
-        raise NotADirectoryError(f"{what} is not a folder: {path}")
+        raise DataNotAFolderError(f"{what} is not a folder: {path}{fix}")
+
+
+ROOT_FIX = "point data_root (--data_root) at the folder that holds one folder per category"
+
+
+def _split_fix(split_dir: Path, split: str) -> str:
+    """What to do about a missing or empty split folder."""
+    if split == "validation":
+        return (f"put normal images in {split_dir / 'good'} (they calibrate the scores; e.g. move about 10% of "
+                "train/good there)")
+    if split == "train":
+        return f"put the category's normal images in {split_dir / 'good'}, or leave the category out (categories)"
+    return f"put test images in {split_dir}/good and {split_dir}/<anomaly type>/"
 
 
 def _check_only_good(split_dir: Path, bad: list) -> None:
@@ -312,10 +341,10 @@ def _check_only_good(split_dir: Path, bad: list) -> None:
                                     "(only good/ is read; normal-only splits cannot hold anomalies)"))
 
 
-def _images_in(folder: Path, bad: list) -> list[Path]:
+def _images_in(folder: Path, bad: list, fix: str) -> list[Path]:
     files = _list_folder(folder, bad)
     if not files:
-        raise ValueError(f"no images in {folder} (the folder is empty or holds only hidden files)")
+        raise DataLayoutError(f"no images in {folder} (the folder is empty or holds only hidden files); {fix}")
     return files
 
 
@@ -326,10 +355,10 @@ def _images_in(folder: Path, bad: list) -> list[Path]:
 def discover_categories(root: str | os.PathLike) -> list[str]:
     """Names of the category folders under a dataset root (folders that contain ``train/``)."""
     root = Path(root)
-    _require_dir(root, "dataset root")
+    _require_dir(root, "dataset root", ROOT_FIX)
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_ignored(p.name) and (p / "train").is_dir())
     if not found:
-        raise FileNotFoundError(f"no category folders (folders with a train/ sub-folder) under {root}")
+        raise DataFolderNotFoundError(f"no category folders (folders with a train/ sub-folder) under {root}; {ROOT_FIX}")
     return found
 
 
@@ -342,10 +371,11 @@ def resolve_categories(root: str | os.PathLike, categories: str | Sequence[str] 
     if not categories or categories == ["all"]:
         return available
     if "all" in categories:
-        raise ValueError("'all' cannot be combined with category names")
+        raise DataLayoutError(f"'all' cannot be combined with category names (got {categories}); "
+                              "pass either 'all' or the names")
     missing = [c for c in categories if c not in available]
     if missing:
-        raise ValueError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not found under "
+        raise DataLayoutError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not found under "
                          f"{root}; available: {', '.join(available)}")
     return list(dict.fromkeys(categories))
 
@@ -358,18 +388,18 @@ def load_defects_config(category_root: str | os.PathLike) -> dict[int, dict]:
     try:
         entries = json.loads(path.read_text())
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise DataLayoutError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(entries, list):
-        raise ValueError(f"{path} must hold a JSON list of defect types, got {type(entries).__name__}")
+        raise DataLayoutError(f"{path} must hold a JSON list of defect types, got {type(entries).__name__}")
     out: dict[int, dict] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "defect_name" not in entry or "pixel_value" not in entry:
-            raise ValueError(f"{path}: entry {i} needs 'defect_name' and 'pixel_value', got {entry!r}")
+            raise DataLayoutError(f"{path}: entry {i} needs 'defect_name' and 'pixel_value', got {entry!r}")
         value = int(entry["pixel_value"])
         if not 0 < value < 256:
-            raise ValueError(f"{path}: entry {i} has pixel_value {value} outside 1..255")
+            raise DataLayoutError(f"{path}: entry {i} has pixel_value {value} outside 1..255")
         if value in out:
-            raise ValueError(f"{path}: pixel_value {value} is used by both {out[value]['defect_name']!r} and {entry['defect_name']!r}")
+            raise DataLayoutError(f"{path}: pixel_value {value} is used by both {out[value]['defect_name']!r} and {entry['defect_name']!r}")
         out[value] = {
             "defect_name": str(entry["defect_name"]),
             "pixel_value": value,
@@ -384,14 +414,15 @@ def load_defects_config(category_root: str | os.PathLike) -> dict[int, dict]:
 # --------------------------------------------------------------------------------------------
 
 def _category_dir(root: Path, category: str) -> Path:
-    _require_dir(root, "dataset root")
+    _require_dir(root, "dataset root", ROOT_FIX)
     cat_dir = root / category
     if not cat_dir.is_dir():
         try:
             available = ", ".join(discover_categories(root))
         except FileNotFoundError:
             available = "none"
-        raise FileNotFoundError(f"category {category!r} not found under {root} (no folder {cat_dir}); available: {available}")
+        raise DataFolderNotFoundError(f"category {category!r} not found under {root} (no folder {cat_dir}); "
+                                      f"available: {available}")
     return cat_dir
 
 
@@ -440,7 +471,8 @@ def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str
     root = Path(root)
     cat_dir = _category_dir(root, category)
     split_dir = cat_dir / split
-    _require_dir(split_dir, f"{split} folder of category {category!r}")
+    fix = _split_fix(split_dir, split)
+    _require_dir(split_dir, f"{split} folder of category {category!r}", fix)
     config_path = cat_dir / "defects_config.json"
     watched = [split_dir, config_path] + ([cat_dir / "ground_truth"] if split == "test" else [])
     fingerprint = _fingerprint("loco", root, watched, {"category": category, "split": split, "validate": validate})
@@ -457,7 +489,7 @@ def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str
                 if not entry.is_dir():
                     bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
                 elif entry.name not in LOCO_TEST_FOLDERS:
-                    raise ValueError(f"unknown test folder {entry} in a MVTec LOCO AD layout; expected "
+                    raise DataLayoutError(f"unknown test folder {entry} in a MVTec LOCO AD layout; expected "
                                      f"{', '.join(LOCO_TEST_FOLDERS)} (use load_folder for other layouts)")
                 else:
                     subs.append(entry.name)
@@ -465,14 +497,14 @@ def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str
                 if sub not in subs:
                     notes.append(f"{split_dir / sub}: folder missing, category {category!r} has no {sub} test images")
             if not subs:
-                raise ValueError(f"no test sub-folders in {split_dir}; expected {', '.join(LOCO_TEST_FOLDERS)}")
+                raise DataLayoutError(f"no test sub-folders in {split_dir}; expected {', '.join(LOCO_TEST_FOLDERS)}")
         else:
             subs = ["good"]
-            _require_dir(split_dir / "good", f"{split}/good folder of category {category!r}")
+            _require_dir(split_dir / "good", f"{split}/good folder of category {category!r}", fix)
             _check_only_good(split_dir, bad)
         for sub in subs:
             kind = LOCO_TEST_FOLDERS[sub]
-            for image in _images_in(split_dir / sub, bad):
+            for image in _images_in(split_dir / sub, bad, fix):
                 masks = _loco_masks(cat_dir, sub, image) if kind != "good" else []
                 if kind != "good" and not masks:
                     notes.append(f"{image}: anomalous image without ground-truth masks "
@@ -526,7 +558,7 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
     """Load one category of a MVTec AD-style folder (``train/good``, ``test/<defect>``,
     ``ground_truth/<defect>/<stem>_mask.png``); every defect folder is a structural anomaly."""
     if split == "validation":
-        raise ValueError("the MVTec AD layout has no validation split; hold out part of train/good instead "
+        raise DataLayoutError("the MVTec AD layout has no validation split; hold out part of train/good instead "
                          "(e.g. dataset.train_test_split(test_size=0.1, seed=0))")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for MVTec AD, got {split!r}")
@@ -535,7 +567,8 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
     root = Path(root)
     cat_dir = _category_dir(root, category)
     split_dir = cat_dir / split
-    _require_dir(split_dir, f"{split} folder of category {category!r}")
+    fix = _split_fix(split_dir, split)
+    _require_dir(split_dir, f"{split} folder of category {category!r}", fix)
     watched = [split_dir] + ([cat_dir / "ground_truth"] if split == "test" else [])
     fingerprint = _fingerprint("mvtec_ad", root, watched, {"category": category, "split": split, "validate": validate})
 
@@ -544,7 +577,7 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
         notes: list[str] = []
         candidates = []
         if split == "train":
-            _require_dir(split_dir / "good", f"train/good folder of category {category!r}")
+            _require_dir(split_dir / "good", f"train/good folder of category {category!r}", fix)
             _check_only_good(split_dir, bad)
             subs = ["good"]
         else:
@@ -557,10 +590,10 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
                 else:
                     bad.append((str(entry), "unexpected file in the test folder (images belong in test/<defect>/)"))
             if not subs:
-                raise ValueError(f"no test sub-folders in {split_dir}")
+                raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
         for sub in subs:
             kind = "good" if sub == "good" else "structural"
-            for image in _images_in(split_dir / sub, bad):
+            for image in _images_in(split_dir / sub, bad, fix):
                 masks = []
                 if kind != "good":
                     mask = cat_dir / "ground_truth" / sub / f"{image.stem}_mask.png"
@@ -614,17 +647,18 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     root = Path(root)
-    _require_dir(root, "dataset folder")
+    _require_dir(root, "dataset folder", "check the path")
     category = category or root.resolve().name
     anomaly_types = dict(anomaly_types or {})
     for folder, kind in anomaly_types.items():
         if kind not in ("logical", "structural"):
             raise ValueError(f"anomaly_types[{folder!r}] must be 'logical' or 'structural', got {kind!r}")
     split_dir = root / split
+    fix = _split_fix(split_dir, split)
     if split != "test":
-        _require_dir(split_dir / "good", f"{split}/good folder")
+        _require_dir(split_dir / "good", f"{split}/good folder", fix)
     else:
-        _require_dir(split_dir, "test folder")
+        _require_dir(split_dir, "test folder", fix)
     watched = [split_dir] + ([root / "ground_truth"] if split == "test" else [])
     fingerprint = _fingerprint("folder", root, watched, {"category": category, "split": split, "validate": validate,
                                                           "anomaly_types": anomaly_types})
@@ -645,10 +679,10 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
                 else:
                     bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
             if not subs:
-                raise ValueError(f"no test sub-folders in {split_dir} (expected test/good and test/<anomaly type>)")
+                raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
             unknown = set(anomaly_types) - set(subs)
             if unknown:
-                raise ValueError(f"anomaly_types names folders that do not exist in {split_dir}: {sorted(unknown)}")
+                raise DataLayoutError(f"anomaly_types names folders that do not exist in {split_dir}: {sorted(unknown)}")
         candidates = []
         for sub in subs:
             if sub == "good":
@@ -657,7 +691,7 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
                 kind = anomaly_types[sub]
             else:
                 kind = "logical" if sub in ("logical_anomalies", "logical") else "structural"
-            for image in _images_in(split_dir / sub, bad):
+            for image in _images_in(split_dir / sub, bad, fix):
                 masks = _folder_masks(root, sub, image) if kind != "good" else []
                 candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
         usable = _validate_records(candidates, validate, bad, notes)
