@@ -86,7 +86,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise ImageDecodeError(f"image file is empty (0 bytes): {path}")
         try:
             with Image.open(path) as opened:
-                _check_size(opened.size, path, max_pixels)
+                _check_size(opened.size, path, max_pixels, opened.mode)
                 factor = _reduction(opened.size)
                 if factor > 1 and opened.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly
                     opened.draft(opened.mode, (-(-opened.size[0] // factor), -(-opened.size[1] // factor)))
@@ -100,7 +100,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise ImageDecodeError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
     if isinstance(image, Image.Image):
         name = _describe(image)
-        _check_size(image.size, name, max_pixels)
+        _check_size(image.size, name, max_pixels, image.mode)
         try:
             image.load()
         except Exception as error:
@@ -132,17 +132,26 @@ def _shrink(image: Image.Image) -> Image.Image:
         return to_rgb(image).reduce(factor)
 
 
-def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+# Bytes per pixel while decoding, relative to 8-bit RGB's 3: 16-bit and 32-bit modes are converted
+# through float64 (8 bytes a pixel), so the pixel budget shrinks with them.
+_DECODE_BYTES = {"1": 1, "L": 1, "P": 4, "LA": 4, "PA": 4, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3,
+                 "I;16": 8, "I;16B": 8, "I;16L": 8, "I;16N": 8, "I": 8, "F": 8}
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int, mode: str = "RGB") -> None:
+    """Refuse empty images, extreme aspect ratios, and images whose decoding would cost more memory than
+    `max_pixels` of 8-bit RGB (a 16-bit image may have 3/8 as many pixels)."""
     width, height = size
+    budget = max_pixels * 3 // _DECODE_BYTES.get(mode, 4) if max_pixels else 0
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image {name} has no pixels ({width}x{height})")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageDecodeError(f"image {name} is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
                                "crop it to the product first")
-    if max_pixels and width * height > max_pixels:
+    if budget and width * height > budget:
         raise ImageDecodeError(
-            f"image {name} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(decompression-bomb guard); resize it first or raise max_pixels"
+            f"image {name} is {width}x{height} = {width * height} pixels, over the limit of {budget} for mode {mode} "
+            f"({max_pixels} of 8-bit RGB; decompression-bomb guard); resize it first or raise max_pixels"
         )
 
 

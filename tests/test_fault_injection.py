@@ -315,3 +315,29 @@ def test_evaluate_with_a_missing_model_or_other_categories_gets_one_line(tmp_pat
     assert code == 2 and "does not exist" in err
     code, _, err = _run(argv + ["--model", str(model_folder)], capsys)
     assert code == 2 and "not trained on ['widget']" in err
+
+
+def test_the_pixel_budget_follows_the_decoding_cost_of_the_mode(tmp_path):
+    import struct
+    import warnings
+    import zlib
+
+    from ladmim_hf.image_processing_ladmim import ImageDecodeError, load_image
+
+    def header_only(path: Path, width: int, height: int, depth: int, colour: int) -> Path:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+        return path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # 16-bit grey goes through float64: 8 bytes a pixel, so 50 MP is over a 100 MP-of-RGB budget
+        with pytest.raises(ImageDecodeError, match=r"over the limit of 37500000 for mode I;16"):
+            load_image(header_only(tmp_path / "deep.png", 10_000, 5_000, 16, 0))
+        # the same size in 8-bit RGB is within the budget: it gets as far as decoding (and fails there)
+        with pytest.raises(ImageDecodeError) as error:
+            load_image(header_only(tmp_path / "rgb.png", 10_000, 5_000, 8, 2))
+        assert "over the limit" not in str(error.value)
