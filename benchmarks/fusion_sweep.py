@@ -36,13 +36,12 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(text: str) -> tuple[list[str], str]:
-    from ladmim_hf.configuration_ladmim import FUSION_RULES
+    from ladmim_hf.configuration_ladmim import BRANCHES, FUSION_RULES
 
     branches, sep, rule = text.partition(":")
     names = [b for b in branches.split("+") if b]
-    known = ("logical", "structural", "memory_bank", "global")
-    if not sep or rule not in FUSION_RULES or not names or any(b not in known for b in names):
-        raise SystemExit(f"bad variant {text!r}: use branch+branch:rule with branches from {known} and a rule from {FUSION_RULES}")
+    if not sep or rule not in FUSION_RULES or not names or any(b not in BRANCHES for b in names):
+        raise SystemExit(f"bad variant {text!r}: use branch+branch:rule with branches from {BRANCHES} and a rule from {FUSION_RULES}")
     return names, rule
 
 
@@ -61,7 +60,7 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
         config["memory_bank_neighbourhood"] = memory_bank_neighbourhood or config.get("memory_bank_neighbourhood", 1)
     config["global_branch"] = True
     config["fused_branches"] = None
-    config["calibration"] = {}  # the sweep standardises on validation itself; raw scores are what it needs
+    config["calibration"] = {}  # the sweep calibrates on validation itself, as training stage 3 does
     full = LadmimForAnomalyDetection(LadmimConfig.from_dict(config))
     weights = {k: v for k, v in model.state_dict().items() if not (refit_bank and k.startswith("memory_bank."))}
     missing, unexpected = full.load_state_dict(weights, strict=False)
@@ -114,7 +113,9 @@ def main(argv=None) -> None:
     C.apply_threads(args)
     variants = [parse_variant(v) for v in args.variants]
 
+    from ladmim_hf.branches_ladmim import fuse
     from ladmim_hf.data import resolve_categories
+    from ladmim_hf.training import calibration_statistics
     from ladmim_hf.evaluation import _defects_config, _features, _resize_map, _test_rows, _train_paths, load_detector
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
@@ -141,19 +142,19 @@ def main(argv=None) -> None:
     for category in categories:
         C.log(f"{category}: scoring")
         val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed * 1_000_003)
-        stats = {b: (float(v.mean()), float(v.std(unbiased=False).clamp(min=1e-6))) for b, v in val_scores.items()}
+        # Training's own calibration statistics (the threshold is not used here), then the model's own
+        # standardisation of scores and maps.
+        model.config.calibration[category] = calibration_statistics(val_scores, list(val_scores), "sum", 0.01)
         rows = _test_rows(args.data_root, category, "loco")
         types = [r["anomaly_type"] for r in rows]
         test_features = _features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
         test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed * 1_000_003, batch_size=8)
-        z = {b: (v - stats[b][0]) / stats[b][1] for b, v in test_scores.items()}
-        z_maps = {b: (v - stats[b][0]) / stats[b][1] for b, v in test_maps.items()}
+        z = model.standardized_scores(test_scores, [category] * len(types))
+        z_maps = model.standardized_scores(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}
         alone[category] = {b: loco_image_aurocs(v.numpy().astype(np.float64), types) for b, v in test_scores.items()}
         defects = _defects_config(args.data_root, category)
         for (branches, rule), name in zip(variants, results):
-            from ladmim_hf.branches_ladmim import fuse
-
             fused = fuse(torch.stack([z[b] for b in branches], -1), rule).numpy().astype(np.float64)
             entry = loco_image_aurocs(fused, types)
             with_maps = [b for b in branches if b in z_maps]

@@ -41,6 +41,9 @@ def check_calibration(category: str, stats) -> None:
             raise ValueError(f"calibration[{category!r}][{key!r}] must be positive, got {value!r}")
 
 
+# Every branch a detector can compute, in output order (`LadmimConfig.enabled_branches` picks from these).
+BRANCHES = ("logical", "structural", "memory_bank", "global")
+
 # The rules `branches_ladmim.fuse` combines standardised branch scores with.
 FUSION_RULES = ("sum", "max")
 
@@ -455,8 +458,8 @@ class LadmimConfig(PretrainedConfig):
     @property
     def enabled_branches(self) -> list[str]:
         """The branches this detector computes, in output order."""
-        return (["logical", "structural"] + (["memory_bank"] if self.memory_bank_size > 0 else [])
-                + (["global"] if self.global_branch else []))
+        switched_off = {"memory_bank": self.memory_bank_size == 0, "global": not self.global_branch}
+        return [branch for branch in BRANCHES if not switched_off.get(branch, False)]
 
     @property
     def categories(self) -> list[str]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .baselines import KNNPatchBaseline
 from .branches_ladmim import LadmimGlobalBranch
+from .configuration_ladmim import BRANCHES
 from .image_processing_ladmim import LadmimImageProcessor, load_image
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import image_auroc, loco_au_spro, loco_image_aurocs, roc_curve_points
@@ -266,8 +267,8 @@ def per_defect_aurocs(scores: dict[str, np.ndarray], types: list[str], defect_ty
     return result
 
 
-BRANCH_TITLES = {"logical": "logical branch", "structural": "structural branch", "memory_bank": "memory bank",
-                 "global": "global"}
+# Column titles, in the detector's branch order (`configuration_ladmim.BRANCHES`).
+BRANCH_TITLES = dict(zip(BRANCHES, ("logical branch", "structural branch", "memory bank", "global")))
 
 
 def _branch_names(metrics: dict) -> list[str]:

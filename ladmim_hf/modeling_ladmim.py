@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from .backbone_ladmim import LadmimBackbone
 from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
-from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig, check_calibration
+from .configuration_ladmim import BRANCHES, LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig, check_calibration
 from .masking import BlockMaskGenerator
 
 logger = logging.getLogger(__name__)
@@ -128,13 +128,12 @@ class LadmimAnomalyOutput(ModelOutput):
 
     def branch_scores(self) -> dict[str, torch.Tensor]:
         """`{branch: raw score (B,)}` for every branch the detector computed."""
-        names = ("logical", "structural", "memory_bank", "global")
-        return {name: getattr(self, f"{name}_score") for name in names if getattr(self, f"{name}_score") is not None}
+        return {name: getattr(self, f"{name}_score") for name in BRANCHES if getattr(self, f"{name}_score") is not None}
 
     def branch_maps(self) -> dict[str, torch.Tensor]:
         """`{branch: raw map (B, S, S)}` for every computed branch that has a map (the global one has none)."""
-        names = ("logical", "structural", "memory_bank")
-        return {name: getattr(self, f"{name}_map") for name in names if getattr(self, f"{name}_map") is not None}
+        return {name: getattr(self, f"{name}_map", None) for name in BRANCHES
+                if getattr(self, f"{name}_map", None) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1128,7 +1127,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     def standardized_scores(self, scores: dict[str, torch.Tensor], categories: Sequence[str]) -> dict[str, torch.Tensor]:
         """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with each
         image's category (`categories`, one name per image) calibration statistics."""
-        stats = [self.calibration_for(c) for c in categories]
+        by_category = {c: self.calibration_for(c) for c in dict.fromkeys(categories)}  # checked once per category
+        stats = [by_category[c] for c in categories]
         out = {}
         for branch, values in scores.items():
             shape = (-1,) + (1,) * (values.dim() - 1)
