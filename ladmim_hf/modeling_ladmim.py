@@ -1271,7 +1271,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                     raise ValueError(f"threshold must be a finite number, got {threshold}")
                 thresholds = torch.full_like(pred_score, threshold)
             else:
-                thresholds = torch.tensor([float(self.calibration_for(c)["threshold"]) for c in names], device=masks.device)
+                by_category = {c: float(self.calibration_for(c)["threshold"]) for c in dict.fromkeys(names)}
+                thresholds = torch.tensor([by_category[c] for c in names], device=masks.device)
             return LadmimAnomalyOutput(
                 pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=scores["logical"],
                 structural_score=scores["structural"], anomaly_map=anomaly_map, logical_map=logical_map,
