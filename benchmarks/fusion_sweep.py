@@ -78,13 +78,13 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
     return full.eval()
 
 
-def score(model, features: torch.Tensor, category: str, num_masks: int, seed_base: int, batch_size: int = 16):
-    """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}` with the given mask seeds."""
+def score(model, features: torch.Tensor, category: str, num_masks: int, seed: int, batch_size: int = 16):
+    """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}`, every image with the mask set of `seed`
+    (as training's calibration and `evaluate` score)."""
     scores, maps = {}, {}
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
-        seeds = [seed_base + start + i for i in range(len(chunk))]
-        out = model(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+        out = model(features=chunk, category=category, num_masks=num_masks, seed=seed)
         for name, value in out.branch_scores().items():
             scores.setdefault(name, []).append(value)
         for name, value in out.branch_maps().items():
@@ -141,14 +141,14 @@ def main(argv=None) -> None:
     alone, saved = {}, {}
     for category in categories:
         C.log(f"{category}: scoring")
-        val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed * 1_000_003)
+        val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed)
         # Training's own calibration statistics (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
         model.config.calibration[category] = calibration_statistics(val_scores, list(val_scores), "sum", 0.01)
         rows = _test_rows(args.data_root, category, "loco")
         types = [r["anomaly_type"] for r in rows]
         test_features = _features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
-        test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed * 1_000_003, batch_size=8)
+        test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8)
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_scores(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}

@@ -223,7 +223,7 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
         result["predictor_loss"] = train_predictor(model, category, standardised, train_codes, args.predictor_steps,
                                                    args.predictor_lr, args.predictor_batch_size or args.batch_size,
                                                    args.seed)
-    out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=list(range(len(types))),
+    out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=args.seed,
                 return_histograms=True)
     logical = out.logical_score.numpy()
     aurocs = loco_image_aurocs(logical, types)

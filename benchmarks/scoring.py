@@ -302,7 +302,7 @@ def run_memory_child(args) -> None:
         count = min(args.batch_size, args.num_images - done)
         images = C.random_images(count, size, args.seed * 100_003 + done)  # decoded per batch, like a loader
         out = model(images, category=C.CATEGORY, num_masks=args.num_masks,
-                    seed=[args.seed * 1_000_003 + done + i for i in range(count)])
+                    seed=args.seed)
         scores.extend(out.pred_score.tolist())
         if args.keep_maps:
             kept.append({k: getattr(out, k).clone() for k in ("anomaly_map", "logical_map", "structural_map")})

@@ -72,7 +72,7 @@ def _predict(args: argparse.Namespace) -> int:
     for index, path in enumerate(paths):
         try:
             image = load_image(path)
-            out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=[args.seed + index],
+            out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=args.seed,
                            threshold=args.threshold, predictor_dtype=args.predictor_dtype)
         except (ImageDecodeError, ValueError) as error:
             # unreadable images, and scores that are not finite (never a verdict from a NaN): named, then skipped
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model folder or Hub id")
     predict.add_argument("--category", default=None, help="category the images belong to")
     predict.add_argument("--num_masks", type=positive_int, default=None, help="masks per image (default: the model's)")
-    predict.add_argument("--seed", type=non_negative_int, default=0, help="mask seed of the first image (+1 per image)")
+    predict.add_argument("--seed", type=non_negative_int, default=0, help="seed of the mask set every image is scored with")
     predict.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
     predict.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
                          help="run the predictor under autocast (float32 if unset)")

@@ -163,8 +163,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
             chunk = features[start:start + batch_size]
-            seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
-            out = detector(features=chunk, category=category, num_masks=num_masks, seed=seeds, predictor_dtype=predictor_dtype)
+            out = detector(features=chunk, category=category, num_masks=num_masks, seed=seed, predictor_dtype=predictor_dtype)
             named = {"pred_score": out.pred_score, "anomaly_map": out.anomaly_map,
                      **{f"{b}_score": v for b, v in out.branch_scores().items()},
                      **{f"{b}_map": v for b, v in out.branch_maps().items()}}

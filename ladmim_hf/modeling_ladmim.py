@@ -1184,7 +1184,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor | None = None, category=None, num_masks: int | None = None,
-                seed=None, bool_masked_pos: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                seed=0, bool_masked_pos: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 threshold: float | None = None, return_histograms: bool = False,
                 max_sequences_per_chunk: int | None = None, predictor_dtype=None) -> LadmimAnomalyOutput:
         """Score images.
@@ -1193,8 +1193,10 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             pixel_values: `(B, 3, S, S)` from [`LadmimImageProcessor`] (or give `features`).
             category: a category name for the whole batch, or one name/id per image.
             num_masks: test-time masks per image (default `config.num_masks`).
-            seed: int or one int per image for reproducible masks (per-image seeds make an image's
-                score independent of batching); `None` draws fresh masks.
+            seed: an int (default 0) scores every image with the same mask set, drawn from that seed,
+                so an image's score does not depend on the batch, its position in it or the entry
+                point, and images of a category are scored alike; a list gives one seed per image;
+                `None` draws fresh masks.
             bool_masked_pos: explicit masks `(B, M, N)`; overrides `num_masks` and `seed`.
             features: precomputed raw backbone features `(B, C, g, g)` (`tokenizer.extract_features`).
             threshold: decision threshold on the fused score (default: the category's calibrated one).
@@ -1224,6 +1226,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             class_ids = self.tokenizer.category_ids(category, batch)
             tokens = self.tokenizer.tokenize(features=features, category=class_ids)
             if bool_masked_pos is None:
+                if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+                    seed = [int(seed)] * batch  # one mask set, shared by every image
                 masks = self.mask_generator()(batch, num_masks if num_masks is not None else self.config.num_masks, seed).to(tokens["codes"].device)
             else:
                 masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)

@@ -171,7 +171,7 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
             pixel_values=pixel_values,
             category=category,
             num_masks=num_masks,
-            seed=None if seed is None else [int(seed)] * pixel_values.shape[0],
+            seed=None if seed is None else int(seed),
             threshold=threshold,
         )
         outputs = {

@@ -779,8 +779,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
         branch_scores: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(features), 16):
             chunk = features[start:start + 16].to(accelerator.device)
-            seeds = [settings.seed * 1_000_003 + start + i for i in range(len(chunk))]
-            out = model(features=chunk, category=category, num_masks=num_masks, seed=seeds)
+            out = model(features=chunk, category=category, num_masks=num_masks, seed=settings.seed)
             for branch, values in out.branch_scores().items():
                 branch_scores.setdefault(branch, []).append(values.cpu())
         calibration[category] = calibration_statistics({b: torch.cat(v) for b, v in branch_scores.items()},

@@ -308,7 +308,7 @@ def score(model, processor, image: Image.Image, category: str, num_masks: int, t
     """One image through the model, with tensors of its own (the model is shared, read-only, eval)."""
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
-        out = model(pixel_values=pixel_values, category=category, num_masks=num_masks, seed=[seed],
+        out = model(pixel_values=pixel_values, category=category, num_masks=num_masks, seed=seed,
                     threshold=threshold, return_histograms=True)
     config = model.config
     calibration = getattr(config, "calibration", None) or {}
