@@ -114,23 +114,22 @@ def main(argv=None) -> None:
     variants = [parse_variant(v) for v in args.variants]
 
     from ladmim_hf.branches_ladmim import fuse
-    from ladmim_hf.data import resolve_categories
-    from ladmim_hf.training import calibration_statistics
-    from ladmim_hf.evaluation import _defects_config, _features, _resize_map, _test_rows, _train_paths, load_detector
+    from ladmim_hf.calibration import calibration_statistics
+    from ladmim_hf.data import evaluation_rows, find_layout, select_categories
+    from ladmim_hf.evaluation import _defects_config, _resize_map, load_detector
+    from ladmim_hf.scoring import extract_features
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
-    categories = resolve_categories(args.data_root, "all" if args.categories == ["all"] else args.categories)
+    layout = find_layout(args.data_root)
+    categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
     cache = torch.load(args.feature_cache, weights_only=True) if args.feature_cache else {}
 
     def cached(split: str, category: str) -> torch.Tensor:
         key = f"{split}/{category}"
         if key not in cache:
-            from ladmim_hf.data import load_loco
-
-            paths = (_train_paths(args.data_root, category, "loco") if split == "train"
-                     else list(load_loco(args.data_root, category, split)["path"]))
-            cache[key] = _features(model, processor, paths, 16, f"features {key}")
+            paths = layout.paths(category, split)
+            cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
         return cache[key]
 
     model = with_all_branches(model, {c: cached("train", c) for c in categories}, args.seed, args.memory_bank_size,
@@ -145,15 +144,15 @@ def main(argv=None) -> None:
         # Training's own calibration statistics (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
         model.config.calibration[category] = calibration_statistics(val_scores, list(val_scores), "sum", 0.01)
-        rows = _test_rows(args.data_root, category, "loco")
+        rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
-        test_features = _features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
+        test_features = extract_features(model.tokenizer, processor, [r["path"] for r in rows], 16, f"features {category}")
         test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8)
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_scores(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}
         alone[category] = {b: loco_image_aurocs(v.numpy().astype(np.float64), types) for b, v in test_scores.items()}
-        defects = _defects_config(args.data_root, category)
+        defects = _defects_config(layout.category_root(category))
         for (branches, rule), name in zip(variants, results):
             fused = fuse(torch.stack([z[b] for b in branches], -1), rule).numpy().astype(np.float64)
             entry = loco_image_aurocs(fused, types)

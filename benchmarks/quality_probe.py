@@ -57,10 +57,12 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ladmim_hf.evaluation import _test_rows, _train_paths, per_defect_aurocs  # noqa: E402
+from ladmim_hf.data import evaluation_rows, find_layout, select_categories  # noqa: E402
+from ladmim_hf.evaluation import per_defect_aurocs  # noqa: E402
 from ladmim_hf.metrics import loco_image_aurocs  # noqa: E402
 from ladmim_hf.modeling_ladmim import code_histograms, kernel_histogram_distance  # noqa: E402
-from ladmim_hf.training import build_model, extract_features, load_settings  # noqa: E402
+from ladmim_hf.scoring import extract_features  # noqa: E402
+from ladmim_hf.training import build_model, load_settings  # noqa: E402
 from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
 
 
@@ -93,9 +95,9 @@ def cached_features(model, settings, categories: list[str], cache_path: Path) ->
             if key in cache and not needs_cells:
                 continue
             if split == "train":
-                paths, types, defects = _train_paths(settings.data_root, category, "loco"), [], []
+                paths, types, defects = find_layout(settings.data_root).paths(category, "train"), [], []
             else:
-                rows = _test_rows(settings.data_root, category, "loco")
+                rows = evaluation_rows(find_layout(settings.data_root), category)
                 paths = [r["path"] for r in rows]
                 types, defects = [r["anomaly_type"] for r in rows], [r["defect_type"] for r in rows]
             if key in cache:  # a cache from before the defect cells: add them, keep the features
@@ -311,9 +313,7 @@ def _probe(args) -> dict:
                           "model.train_num_masked": 4, "model.train_min_block": 1,
                           "model.score_num_masked": 4, "model.score_min_block": 1})
     settings = load_settings(args.config, {"data_root": args.data_root, **overrides})
-    from ladmim_hf.data import resolve_categories
-
-    categories = resolve_categories(settings.data_root, args.categories or settings.categories)
+    categories = select_categories(find_layout(settings.data_root), args.categories or settings.categories)
     torch.manual_seed(args.seed)
     model = build_model(settings, categories).eval()
     cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"

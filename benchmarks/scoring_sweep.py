@@ -69,7 +69,8 @@ def apply_variant(model, overrides: dict, data_root: str | None = None, dataset_
     if not structural:
         return
     from ladmim_hf import LadmimTokenizerModel
-    from ladmim_hf.evaluation import _features, _train_paths
+    from ladmim_hf.data import find_layout
+    from ladmim_hf.scoring import extract_features
     from ladmim_hf.image_processing_ladmim import LadmimImageProcessor
 
     tokenizer = LadmimTokenizerModel(tokenizer_config).eval()
@@ -82,8 +83,9 @@ def apply_variant(model, overrides: dict, data_root: str | None = None, dataset_
             raise SystemExit(f"variant {overrides}: refitting residual statistics needs the data root")
         processor = LadmimImageProcessor(size=tokenizer_config.image_size)
         for category in model.categories:
-            paths = _train_paths(data_root, category, dataset_format)
-            tokenizer.fit_residual_statistics(_features(model, processor, paths, 16, f"residuals {category}"), category)
+            paths = find_layout(data_root, dataset_format).paths(category, "train")
+            tokenizer.fit_residual_statistics(extract_features(model.tokenizer, processor, paths, 16,
+                                                               f"residuals {category}"), category)
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""The `ladmim` command: `ladmim train|evaluate|predict|synth ...`.
+"""The `ladmim` command: `ladmim train|evaluate|predict|calibrate|synth|push|convert ...`.
 
 Each subcommand reuses the argument definitions and entry points of its module, so options are
 defined once (`scripts/train.py` and `ladmim train` accept exactly the same flags).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import math
 import os
 import sys
@@ -43,12 +42,22 @@ def finite_float(text: str) -> float:
 positive_int.__name__, non_negative_int.__name__, finite_float.__name__ = (
     "whole number >= 1", "whole number >= 0", "finite number")  # what argparse names in its message
 
+RESULT_FORMATS = (".jsonl", ".csv")
+
+
+def results_file(text: str) -> Path:
+    """argparse type of `predict --output`: a path whose extension picks the format (.jsonl or .csv).
+    Checked at parse time, so a typo fails before the model is loaded and images are scored."""
+    path = Path(text)
+    if path.suffix.lower() not in RESULT_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} must end in {' or '.join(RESULT_FORMATS)} (the format is "
+                                         "chosen by the extension)")
+    return path
+
 
 def _predict(args: argparse.Namespace) -> int:
     from .evaluation import load_detector
-    from .image_processing_ladmim import ImageDecodeError, load_image
-    from .io_utils import atomic_write_bytes
-    from .visualization import heatmap_overlay
+    from .visualization import FUSED_MAP_LABEL, heatmap_scale
 
     try:
         detector, processor = load_detector(args.model, args.allow_default_processor)
@@ -60,47 +69,119 @@ def _predict(args: argparse.Namespace) -> int:
     if category not in detector.categories:
         raise SystemExit(f"error: --category {category!r} is not one this model was trained on "
                          f"({', '.join(detector.categories)})")
+    calibrated = category in detector.config.calibration
+    calibrated_threshold = float(detector.calibration_for(category)["threshold"])
+    threshold = calibrated_threshold if args.threshold is None else args.threshold
+    source = ("--threshold" if args.threshold is not None
+              else "calibrated" if calibrated else "model default: not calibrated")
+    # The colour scale follows the calibrated threshold, not an override, so a category's heat maps
+    # stay comparable across runs; the threshold actually used is what the colour bar marks.
+    heatmap_style = dict(scale=heatmap_scale(calibrated_threshold), threshold=threshold,
+                         label=FUSED_MAP_LABEL if calibrated else "fused anomaly score (raw: model not calibrated)")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, input_problems = _expand_image_arguments(args.images)
-    heatmap_names = _heatmap_names(paths)
-    # One raw-score column per optional branch the model computes (logical and structural always print).
-    extra = [b for b in detector.config.enabled_branches if b not in ("logical", "structural")]
-    rows, failures = [], len(input_problems)
-    for problem in input_problems:
-        print(f"error: {problem}", file=sys.stderr)
-    for index, path in enumerate(paths):
-        try:
-            image = load_image(path)
-            out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=args.seed,
-                           threshold=args.threshold, predictor_dtype=args.predictor_dtype)
-        except (ImageDecodeError, ValueError) as error:
-            # unreadable images, and scores that are not finite (never a verdict from a NaN): named, then skipped
-            print(f"error: {path}: {error}" if not isinstance(error, ImageDecodeError) else f"error: {error}",
-                  file=sys.stderr)
-            failures += 1
-            continue
-        anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
-        heatmap = out_dir / heatmap_names[index]
-        buffer = io.BytesIO()
-        heatmap_overlay(image, anomaly_map).save(buffer, format="PNG")
-        atomic_write_bytes(heatmap, buffer.getvalue())  # a kill never leaves a truncated PNG under the final name
-        branch_scores = out.branch_scores()
-        rows.append((path, float(out.pred_score[0]), "anomalous" if bool(out.pred_label[0]) else "good",
-                     float(out.logical_score[0]), float(out.structural_score[0]),
-                     [float(branch_scores[b][0]) for b in extra], heatmap))
-    if rows:
-        width = max(len(str(r[0])) for r in rows)
-        widths = [max(len(b), 8) for b in extra]
-        print(f"{'image':<{width}}  {'score':>8}  {'verdict':<9}  {'logical':>8}  {'structural':>10}  "
-              + "".join(f"{b:>{w}}  " for b, w in zip(extra, widths)) + "heatmap")
-        for path, score, verdict, logical, structural, others, heatmap in rows:
-            print(f"{str(path):<{width}}  {score:8.3f}  {verdict:<9}  {logical:8.4f}  {structural:10.4f}  "
-                  + "".join(f"{v:{w}.4f}  " for v, w in zip(others, widths)) + str(heatmap))
+    entries = _expand_image_arguments(args.images)
+    files = [path for path, problem in entries if problem is None]
+    heatmap_names = iter(_heatmap_names(files))
+    branches = list(detector.config.enabled_branches)
+    for _, problem in entries:
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+    records = []
+    for path, problem in entries:
+        record = _empty_record(path, category, branches, threshold)
+        if problem is None:
+            heatmap = out_dir / next(heatmap_names)
+            problem = _score_file(detector, processor, path, category, args, heatmap, heatmap_style, record)
+        record["error"] = problem
+        records.append(record)
+    print(f"category {category}: threshold {threshold:.3f} ({source}); anomalous when fused_score > threshold")
+    _print_table([r for r in records if r["error"] is None], branches)
+    scored = sum(r["error"] is None for r in records)
+    vmin, vmax = heatmap_style["scale"]
+    print(f"heat maps: {scored} written to {out_dir} (fused score on a fixed colour scale {vmin:.2f} to {vmax:.2f}, "
+          "threshold marked on the colour bar)")
+    if args.output is not None:
+        _write_results(args.output, records, _record_fields(branches))
+        print(f"results: {len(records)} record(s) written to {args.output}")
+    failures = len(records) - scored
     if failures:
-        print(f"error: {failures} input(s) could not be scored (listed above); {len(rows)} of {len(paths)} image(s) "
+        print(f"error: {failures} input(s) could not be scored (listed above); {scored} of {len(files)} image(s) "
               "scored", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _record_fields(branches: list[str]) -> list[str]:
+    """Columns of a `predict --output` record, in order."""
+    return ["path", "category", *(f"{b}_score" for b in branches), "fused_score", "threshold", "verdict", "heatmap",
+            "error"]
+
+
+def _empty_record(path: str, category: str, branches: list[str], threshold: float) -> dict:
+    """A record with no scores yet (what an input that cannot be scored keeps, besides its `error`)."""
+    record = dict.fromkeys(_record_fields(branches))
+    record.update(path=str(path), category=category, threshold=threshold)
+    return record
+
+
+def _score_file(detector, processor, path: str, category: str, args: argparse.Namespace, heatmap: Path,
+                style: dict, record: dict) -> str | None:
+    """Score one file, write its heat map and fill `record`; returns the error message (also printed)
+    if the file cannot be scored, else None."""
+    from .image_processing_ladmim import ImageDecodeError, load_image
+    from .io_utils import atomic_write_bytes
+    from .visualization import heatmap_with_colorbar
+
+    try:
+        image = load_image(path)
+        out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=args.seed,
+                       threshold=args.threshold, predictor_dtype=args.predictor_dtype)
+    except (ImageDecodeError, ValueError) as error:
+        # unreadable images, and scores that are not finite (never a verdict from a NaN): named, then skipped
+        message = str(error) if isinstance(error, ImageDecodeError) else f"{path}: {error}"
+        print(f"error: {message}", file=sys.stderr)
+        return message
+    anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
+    buffer = io.BytesIO()
+    heatmap_with_colorbar(image, anomaly_map, *style["scale"], threshold=style["threshold"],
+                          label=style["label"]).save(buffer, format="PNG")
+    atomic_write_bytes(heatmap, buffer.getvalue())  # a kill never leaves a truncated PNG under the final name
+    record.update({f"{b}_score": float(v[0]) for b, v in out.branch_scores().items()})
+    record.update(fused_score=float(out.pred_score[0]), verdict="anomalous" if bool(out.pred_label[0]) else "good",
+                  heatmap=str(heatmap))
+    return None
+
+
+def _print_table(records: list[dict], branches: list[str]) -> None:
+    """The aligned table of scored records: fused score, verdict, each branch's raw score, heat map."""
+    if not records:
+        return
+    width = max(len(r["path"]) for r in records)
+    widths = [max(len(b), 8) for b in branches]
+    print(f"{'image':<{width}}  {'fused_score':>11}  {'verdict':<9}  "
+          + "".join(f"{b:>{w}}  " for b, w in zip(branches, widths)) + "heatmap")
+    for r in records:
+        print(f"{r['path']:<{width}}  {r['fused_score']:11.3f}  {r['verdict']:<9}  "
+              + "".join(f"{r[f'{b}_score']:{w}.4f}  " for b, w in zip(branches, widths)) + r["heatmap"])
+
+
+def _write_results(path: Path, records: list[dict], fields: list[str]) -> None:
+    """Write `records` as JSON lines or CSV (by `path`'s extension) in one atomic step, so a consumer
+    never reads a half-written file. Missing values are JSON null / an empty CSV cell."""
+    import csv
+    import json
+
+    from .io_utils import atomic_write_text
+
+    if path.suffix.lower() == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        text = buffer.getvalue()
+    else:
+        text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write_text(path, text)
 
 
 def _heatmap_names(paths: list[str]) -> list[str]:
@@ -121,33 +202,32 @@ def _heatmap_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _expand_image_arguments(items: list[str]) -> tuple[list[str], list[str]]:
-    """`(files, problems)`: files as given; a folder stands for its non-hidden regular files (sorted, not
-    recursive), so a file there that is not an image is reported like any other unreadable input.
-    `problems` names what cannot be scored: an empty or unreadable folder, and entries that are not
-    regular files (FIFOs, sockets, devices, broken or looping links), which would block or fail if opened."""
-    paths, problems = [], []
+def _expand_image_arguments(items: list[str]) -> list[tuple[str, str | None]]:
+    """`[(path, problem)]` in input order: files as given; a folder stands for its non-hidden regular
+    files (sorted, not recursive), so a file there that is not an image is reported like any other
+    unreadable input. `problem` (None for a file to score) names what cannot be scored: an empty or
+    unreadable folder (its path is the folder's), and entries that are not regular files (FIFOs,
+    sockets, devices, broken or looping links), which would block or fail if opened."""
+    out: list[tuple[str, str | None]] = []
     for item in items:
         folder = Path(item)
         if not folder.is_dir():
-            paths.append(item)
+            out.append((item, None))
             continue
         try:
             entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
         except OSError as error:
-            problems.append(f"cannot list folder {item}: {error.strerror or error}")
+            out.append((item, f"cannot list folder {item}: {error.strerror or error}"))
             continue
-        found, odd = [], []
+        listed = []
         for entry in entries:
             if entry.is_file():
-                found.append(str(entry))
+                listed.append((str(entry), None))
             elif not entry.is_dir():  # sub-folders are not inputs (not recursive); anything else is named
-                odd.append(f"{entry}: not a regular file (a FIFO, socket, device, or a broken or looping link); skipped")
-        if not found and not odd:
-            problems.append(f"no files in folder {item}")
-        problems.extend(odd)
-        paths.extend(found)
-    return paths, problems
+                listed.append((str(entry), f"{entry}: not a regular file (a FIFO, socket, device, or a broken or "
+                                           "looping link); skipped"))
+        out.extend(listed or [(item, f"no files in folder {item}")])
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,9 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
                          help="run the predictor under autocast (float32 if unset)")
     predict.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
+    predict.add_argument("--output", type=results_file, default=None,
+                         help="also write one record per input to this .jsonl or .csv file (format from the extension)")
     predict.add_argument("--allow_default_processor", action="store_true",
                          help="score with a model folder that lacks preprocessor_config.json, using ImageNet defaults (warned)")
     predict.set_defaults(func=_predict)
+
+    from . import calibration
+
+    calibrate = sub.add_parser("calibrate", help="re-fit thresholds and z statistics of a trained model (no retraining)")
+    calibration.add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=calibration.run_from_args)
 
     from .data import synthetic
 

@@ -24,12 +24,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .baselines import KNNPatchBaseline
+from .calibration import DEFAULT_HOLDOUT_FRACTION
 from .branches_ladmim import LadmimGlobalBranch
 from .configuration_ladmim import BRANCHES
 from .image_processing_ladmim import LadmimImageProcessor, load_image
 from .io_utils import atomic_write_json, atomic_write_text
-from .metrics import image_auroc, loco_au_spro, loco_image_aurocs, roc_curve_points
+from .metrics import f1_optimal_threshold, image_auroc, loco_au_spro, loco_image_aurocs, operating_point, roc_curve_points
 from .modeling_ladmim import LadmimForAnomalyDetection
+from .scoring import extract_features
 
 logger = logging.getLogger("ladmim_hf.evaluation")
 
@@ -63,55 +65,20 @@ def load_detector(model: str, allow_default_processor: bool = False) -> tuple[La
     return detector, processor
 
 
-def _test_rows(data_root: str, category: str, dataset_format: str) -> list[dict]:
-    from .data import load_loco, load_mvtec_ad
-
-    if dataset_format == "loco":
-        dataset = load_loco(data_root, category, "test")
-    elif dataset_format == "mvtec_ad":
-        dataset = load_mvtec_ad(data_root, category, "test")
-    else:
-        raise ValueError(f"dataset_format must be 'loco' or 'mvtec_ad', got {dataset_format!r}")
-    names = dataset.features["anomaly_type"].names
-    rows = []
-    for row in dataset:
-        regions = [np.asarray(mask) for mask in (row.get("masks") or [])]
-        rows.append({"path": row["path"], "anomaly_type": names[row["anomaly_type"]], "regions": regions,
-                     "defect_type": ",".join(row.get("defect_type") or [])})
-    return rows
-
-
-def _train_paths(data_root: str, category: str, dataset_format: str) -> list[str]:
-    from .data import load_loco, load_mvtec_ad
-
-    loader = load_loco if dataset_format == "loco" else load_mvtec_ad
-    return list(loader(data_root, category, "train").select_columns(["path"])["path"])
-
-
-@torch.no_grad()
-def _features(model: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str], batch_size: int,
-              description: str) -> torch.Tensor:
-    chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", leave=False):
-        pixel_values = processor(paths[start:start + batch_size])["pixel_values"]
-        chunks.append(model.tokenizer.extract_features(pixel_values))
-    return torch.cat(chunks)
-
-
 def _resize_map(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(anomaly_map[None, None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _defects_config(data_root: str, category: str):
-    path = Path(data_root) / category / "defects_config.json"
+def _defects_config(category_root: Path):
+    path = category_root / "defects_config.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _auroc_or_nan(scores, labels) -> float:
-    try:
-        return image_auroc(scores, labels)
-    except ValueError:
-        return float("nan")
+def _nanmean(values: list[float]) -> float:
+    """Mean of the defined values; NaN (without numpy's warning) when none is, e.g. a data set without
+    logical anomalies."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
@@ -120,28 +87,29 @@ def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
 
 
 def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: str = "outputs/eval", num_masks: int | None = None,
-             seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "loco",
+             seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "auto",
              feature_cache: str | None = None, report_images: int = 3, predictor_dtype: str | None = None,
              allow_default_processor: bool = False) -> dict:
     """Score the test split of every category and write the results to `output_dir`.
+
+    `data_root` is any layout `ladmim_hf.data.find_layout` reads: test images in
+    ``<category>/test/<type>/``, or, for one category, ``DIR/test/`` or ``DIR/good`` next to defect
+    folders (a one-category folder is scored as the model's category, see `pair_categories`).
 
     `predictor_dtype` ("bf16"/"fp16") runs the predictor under autocast (see
     `LadmimForAnomalyDetection.forward`); it is recorded in `metrics.json`.
 
     Returns the `metrics.json` content.
     """
-    from .data import resolve_categories
+    from .data import evaluation_rows, find_layout, normal_split
+    from .data.layout import pair_categories
 
     started = time.time()
     out_dir = Path(output_dir)
     detector, processor = load_detector(model, allow_default_processor)
-    trained = detector.categories
-    wanted = resolve_categories(data_root, categories)
-    missing = [c for c in wanted if c not in trained]
-    if missing:
-        from .hub import ModelFolderError
-
-        raise ModelFolderError(f"the model {model} was not trained on {missing}; it knows {trained}")
+    layout = find_layout(data_root, dataset_format)
+    pairs = pair_categories(layout, categories, detector.categories)  # {data category: model category}
+    wanted = list(pairs.values())
     num_masks = num_masks or detector.config.num_masks
     cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
 
@@ -153,13 +121,13 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     score_rows: list[dict] = []
     roc_curves: dict[str, dict] = {}
     heatmap_items: list[dict] = []
-    for category in wanted:
-        rows = _test_rows(data_root, category, dataset_format)
+    for data_category, category in pairs.items():
+        rows = evaluation_rows(layout, data_category)
         if not rows:
             raise FileNotFoundError(f"no test images for category {category!r} under {data_root}")
         paths = [r["path"] for r in rows]
         types = [r["anomaly_type"] for r in rows]
-        features = _features(detector, processor, paths, batch_size, f"features {category}")
+        features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {category}")
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
             chunk = features[start:start + batch_size]
@@ -179,7 +147,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             maps.append(_resize_map(result["anomaly_map"][i], shape))
             regions.append(row["regions"])
             spro_types.append(row["anomaly_type"])
-        defects = _defects_config(data_root, category)
+        defects = _defects_config(layout.category_root(data_category))
         entry["spro_0.05"] = float("nan")
         if defects is not None and any(regions):
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
@@ -187,11 +155,18 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         metrics["categories"][category] = entry
         metrics["per_defect"][category] = per_defect_aurocs(
             {"fused": fused, **{f"{b}_branch": v for b, v in branch_scores.items()}}, types, [r["defect_type"] for r in rows])
+        calibration = detector.config.calibration.get(category, {})
+        points = category_operating_points(fused, types, _applied_threshold(detector, category, result["pred_score"].dtype),
+                                           calibration.get("num_images"))
+        # how the threshold was set: a false-positive rate on normal images, or best F1 on labelled ones
+        points["calibrated"].update({f"calibration_{k}": calibration[k] for k in ("fpr", "num_anomalous") if k in calibration})
+        metrics.setdefault("operating_points", {})[category] = points
 
         if knn_baseline:
             train_features = cache.get(f"train/{category}")
             if train_features is None:
-                train_features = _features(detector, processor, _train_paths(data_root, category, dataset_format), batch_size, f"baselines {category}")
+                train_paths = normal_split(layout, data_category, DEFAULT_HOLDOUT_FRACTION, seed).train
+                train_features = extract_features(detector.tokenizer, processor, train_paths, batch_size, f"baselines {category}")
             knn_scores, _ = KNNPatchBaseline().fit(train_features).score(features)
             metrics["baselines"]["knn"][category] = _branch_aurocs(np.asarray(knn_scores, dtype=np.float64), types)
             global_baseline = LadmimGlobalBranch(1, train_features.shape[1])
@@ -224,13 +199,14 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     for key in keys:
         values = [v[key] for v in metrics["categories"].values() if not math.isnan(v[key])]
         metrics["mean"][key] = float(np.mean(values)) if values else float("nan")
+    metrics["operating_points_total"] = total_operating_points(score_rows, metrics["operating_points"])
     if knn_baseline:
         for per in metrics["baselines"].values():
-            per["mean"] = {k: float(np.nanmean([per[c][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+            per["mean"] = {k: _nanmean([per[c][k] for c in wanted]) for k in ("auroc_logical", "auroc_structural")}
     else:
         del metrics["baselines"]
     metrics["branches_mean"] = {
-        branch: {k: float(np.nanmean([metrics["categories"][c]["branches"][branch][k] for c in wanted])) for k in ("auroc_logical", "auroc_structural")}
+        branch: {k: _nanmean([metrics["categories"][c]["branches"][branch][k] for c in wanted]) for k in ("auroc_logical", "auroc_structural")}
         for branch in detector.config.enabled_branches
     }
     metrics["seconds"] = round(time.time() - started, 1)
@@ -264,6 +240,48 @@ def per_defect_aurocs(scores: dict[str, np.ndarray], types: list[str], defect_ty
         result[name] = {"anomaly_type": str(types_array[has][0]), "count": int(has.sum()),
                         **{key: float(image_auroc(np.asarray(values)[keep], labels)) for key, values in scores.items()}}
     return result
+
+
+def _applied_threshold(detector: LadmimForAnomalyDetection, category: str, dtype: torch.dtype) -> float:
+    """The category's calibrated threshold as `pred_label` applies it. The model compares `dtype`
+    (float32) scores with the threshold cast to that dtype; the cast value, compared with the float64
+    copies of the scores, gives exactly the model's labels (the stored float64 may not, by one ulp)."""
+    return float(torch.tensor(detector.calibration_for(category)["threshold"], dtype=dtype))
+
+
+def category_operating_points(scores: np.ndarray, types: list[str], threshold: float,
+                              num_validation_images: int | None = None) -> dict:
+    """One category's operating points of the fused score, good vs every anomaly.
+
+    Returns:
+        `{"calibrated": point, "best_f1": point}` (points as `metrics.operating_point`): `calibrated`
+        at the model's threshold, plus the number of normal validation images it was set on (None:
+        the category was never calibrated and the default threshold applies); `best_f1` at the
+        threshold maximising F1 on these test labels, None without both good and anomalous images.
+    """
+    labels = np.array([t != "good" for t in types])
+    calibrated = {**operating_point(scores, labels, threshold, types), "num_validation_images": num_validation_images}
+    best = None
+    if labels.any() and not labels.all():
+        best = operating_point(scores, labels, f1_optimal_threshold(scores, labels)[0], types)
+    return {"calibrated": calibrated, "best_f1": best}
+
+
+def total_operating_points(score_rows: list[dict], per_category: dict) -> dict:
+    """Both operating points over all categories: each image is judged at its own category's threshold,
+    so the confusion matrix is the sum of the categories' and the rates follow from the summed counts
+    (categories without a `best_f1` point are left out of that one; `num_categories` says how many count)."""
+    total: dict[str, dict | None] = {}
+    for name in ("calibrated", "best_f1"):
+        rows = [r for r in score_rows if (per_category.get(r["category"]) or {}).get(name)]
+        if not rows:
+            total[name] = None
+            continue
+        types = [r["anomaly_type"] for r in rows]
+        thresholds = [per_category[r["category"]][name]["threshold"] for r in rows]
+        point = operating_point([r["pred_score"] for r in rows], [t != "good" for t in types], thresholds, types)
+        total[name] = {**point, "num_categories": len({r["category"] for r in rows})}
+    return total
 
 
 # Column titles, in the detector's branch order (`configuration_ladmim.BRANCHES`).
@@ -319,6 +337,65 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+OPERATING_POINTS_INTRO = (
+    "An image is predicted anomalous when its fused score is above the threshold (the model's `pred_label`); "
+    "positives are all anomalous test images, logical and structural. **calibrated** is the threshold stored in "
+    "the model (`config.calibration[category][\"threshold\"]`), set on the category's normal validation images "
+    "(mean + z * std of their fused scores) at the false-positive rate configured for training "
+    "(`calibration_fpr`); no anomalous image is used, so its recall is what a deployment can expect. "
+    "**best F1** is the threshold that maximises F1 on these test labels: an optimistic upper bound, not a "
+    "threshold one could deploy. FPR is the share of good test images flagged; n/a means undefined (e.g. no "
+    "images of that kind, or nothing flagged for precision).")
+OPERATING_POINTS_TOTAL = (
+    "All categories together, every image judged at its own category's threshold: the confusion matrix is the "
+    "sum of the categories' matrices and the rates are computed from those sums (so larger categories weigh more).")
+_POINT_NAMES = {"calibrated": "calibrated", "best_f1": "best F1 (test labels)"}
+
+
+def _point_row(name: str, point: dict | None) -> str:
+    if point is None:
+        return f"| {name} |" + " n/a |" * 9
+    recall = " / ".join(_fmt(point.get(key)) for key in ("recall", "recall_logical", "recall_structural"))
+    counts = " | ".join(str(point[key]) for key in ("tp", "fp", "tn", "fn"))
+    return (f"| {name} | {_fmt(point['threshold'])} | {_fmt(point['precision'])} | {recall} | {_fmt(point['f1'])} "
+            f"| {_fmt(point['fpr'])} | {counts} |")
+
+
+def operating_points_section(metrics: dict) -> list[str]:
+    """Report lines: per category, and in total, the fused score's precision, recall, F1, FPR and
+    confusion matrix at the calibrated and at the F1-best threshold (empty without operating points)."""
+    per_category = metrics.get("operating_points") or {}
+    if not per_category:
+        return []
+    header = ["| threshold | value | precision | recall (all / logical / structural) | F1 | FPR | TP | FP | TN | FN |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Operating points", "", OPERATING_POINTS_INTRO, ""]
+    tables = list(per_category.items())
+    if metrics.get("operating_points_total"):
+        tables.append(("total", metrics["operating_points_total"]))
+    for i, (category, points) in enumerate(tables):
+        if i == len(per_category):
+            note = OPERATING_POINTS_TOTAL
+        elif points["calibrated"].get("calibration_num_anomalous") is not None:
+            note = (f"Calibrated with `ladmim calibrate --labelled` (best F1) on {points['calibrated']['num_validation_images']} "
+                    f"good and {points['calibrated']['calibration_num_anomalous']} anomalous images.")
+        elif points["calibrated"].get("num_validation_images") is not None:
+            note = f"Calibrated on {points['calibrated']['num_validation_images']} normal validation images"
+            fpr = points["calibrated"].get("calibration_fpr")
+            note += f" at a false-positive rate of {fpr:g}." if fpr is not None else "."
+        else:
+            note = "The model has no calibration for this category: its default threshold applies."
+        lines += [f"### {category}", "", note, "", *header,
+                  *(_point_row(title, points.get(key)) for key, title in _POINT_NAMES.items()), ""]
+    return lines
+
+
+def _histogram_thresholds(metrics: dict, category: str) -> dict[str, float]:
+    """The category's operating-point thresholds, labelled for the score histogram."""
+    points = (metrics.get("operating_points") or {}).get(category) or {}
+    return {title: points[key]["threshold"] for key, title in _POINT_NAMES.items() if points.get(key)}
+
+
 def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_curves: dict, heatmap_items: list[dict], model: str) -> None:
     from .visualization import heatmap_grid, plot_roc_curves, plot_score_histograms
 
@@ -335,12 +412,13 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
             figures.append((f"ROC curves: {category}", f"figures/roc_{category}.png"))
         rows = [r for r in score_rows if r["category"] == category]
         plot_score_histograms([r["pred_score"] for r in rows], [r["anomaly_type"] for r in rows],
-                              out_dir / "figures" / f"scores_{category}.png", title=f"Fused scores: {category}")
-        figures.append((f"Score histogram: {category}", f"figures/scores_{category}.png"))
+                              out_dir / "figures" / f"scores_{category}.png", title=f"Fused scores: {category}",
+                              thresholds=_histogram_thresholds(metrics, category))
+        figures.append((f"Score histogram: {category} (calibrated and best-F1 thresholds)", f"figures/scores_{category}.png"))
     if heatmap_items:
         heatmap_grid(heatmap_items, out_dir / "figures" / "heatmaps.png")
         figures.append(("Most and least anomalous test images (each branch's map)", "figures/heatmaps.png"))
-    report = [f"# LADMIM evaluation report", "", f"Model: `{model}`; {metrics['num_masks']} masks per image, seed {metrics['seed']}.", "",
+    report = ["# LADMIM evaluation report", "", f"Model: `{model}`; {metrics['num_masks']} masks per image, seed {metrics['seed']}.", "",
               results_table(metrics), "",
               f"Fused: {' + '.join(metrics['fused_branches'])}, each standardised on validation/good, combined by "
               f"{metrics['fusion_rule']!r}. AUROCs are image-level (good vs logical, good vs structural). Branch columns "
@@ -350,6 +428,7 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
     if any(metrics.get("per_defect", {}).values()):
         report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",
                    per_defect_table(metrics), ""]
+    report += operating_points_section(metrics)
     for title, path in figures:
         report += [f"## {title}", "", f"![{title}]({path})", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(report))
@@ -357,7 +436,9 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (OUTPUT_DIR/model) or Hub id")
-    parser.add_argument("--data_root", required=True, help="dataset root with one folder per category")
+    parser.add_argument("--data_root", required=True,
+                        help="a root with one folder per category, or one category's folder (DIR/test/<type>/ or "
+                             "DIR/good next to DIR/<defect>/)")
     parser.add_argument("--categories", nargs="+", default=["all"], help="category names or 'all'")
     parser.add_argument("--output_dir", required=True, help="where metrics.json, scores.csv and report.md go")
     from .cli import non_negative_int, positive_int
@@ -365,7 +446,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_masks", type=positive_int, default=None, help="test-time masks per image (default: the model's)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
+    parser.add_argument("--dataset_format", choices=["auto", "loco", "mvtec_ad", "folder"], default="auto",
+                        help="auto: LOCO-style category folders as MVTec LOCO AD, anything else as plain folders")
     parser.add_argument("--no_knn", action="store_true", help="skip the kNN baseline")
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")
     parser.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
@@ -376,16 +458,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Evaluate from parsed arguments; a missing or empty data folder is one `error:` line and exit 2."""
-    from .data import DataLayoutError, load_loco, load_mvtec_ad, resolve_categories
+    from .data import DataLayoutError, find_layout, select_categories
+    from .image_processing_ladmim import ImageDecodeError
 
     categories = "all" if args.categories == ["all"] else args.categories
     try:
         # Check every category's test split before the model is loaded (a Hub download can take
         # minutes) or anything is written; evaluate() then reads the cached walk.
-        loader = load_loco if args.dataset_format == "loco" else load_mvtec_ad
-        for category in resolve_categories(args.data_root, categories):
-            loader(args.data_root, category, "test")
-    except DataLayoutError as error:
+        layout = find_layout(args.data_root, args.dataset_format)
+        for category in layout.categories if layout.single_category else select_categories(layout, categories):
+            layout.load(category, "test")
+    except (DataLayoutError, ImageDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from .hub import ModelFolderError
@@ -394,7 +477,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         metrics = evaluate(args.model, args.data_root, categories, args.output_dir, args.num_masks, args.seed,
                            args.batch_size, not args.no_knn, args.dataset_format, args.feature_cache,
                            predictor_dtype=args.predictor_dtype, allow_default_processor=args.allow_default_processor)
-    except ModelFolderError as error:  # a missing, corrupt or foreign model, or one trained on other categories
+    except (ModelFolderError, DataLayoutError) as error:  # a missing, corrupt or foreign model, or other categories
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(results_table(metrics))

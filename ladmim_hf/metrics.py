@@ -2,8 +2,9 @@
 
 Image level
     :func:`image_auroc`, :func:`roc_curve_points`, :func:`loco_image_aurocs` (good vs logical,
-    good vs structural, and their mean, as reported for MVTec LOCO AD), plus two threshold helpers,
-    :func:`threshold_at_fpr` and :func:`f1_optimal_threshold`.
+    good vs structural, and their mean, as reported for MVTec LOCO AD), two threshold helpers,
+    :func:`threshold_at_fpr` and :func:`f1_optimal_threshold`, and :func:`operating_point` (confusion
+    matrix, precision, recall, F1 and FPR at one threshold).
 
 Pixel level
     AU-sPRO of the MVTec LOCO AD paper (Bergmann et al., IJCV 2022): :func:`spro_curve`,
@@ -58,6 +59,7 @@ __all__ = [
     "load_metric",
     "loco_au_spro",
     "loco_image_aurocs",
+    "operating_point",
     "parse_defects_config",
     "roc_curve_points",
     "spro_at_thresholds",
@@ -239,8 +241,10 @@ def f1_optimal_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     """Threshold maximising the F1 score of "anomalous" (label 1) predictions.
 
     Returns:
-        ``(threshold, f1)``. The threshold lies midway between the chosen score and the next lower
-        distinct score, so ``score > threshold`` and ``score >= threshold`` agree on ``scores``.
+        ``(threshold, f1)``; :func:`operating_point` at that threshold (rule ``score > threshold``)
+        gives that F1. The threshold lies midway between the chosen score and the next lower distinct
+        score, so ``>`` and ``>=`` agree on ``scores``; where no float lies strictly between the two
+        (adjacent floats), it is the lower score itself and only ``>`` holds.
     """
     s = _as_scores(scores)
     y = _as_binary_labels(labels, s.shape[0])
@@ -256,9 +260,61 @@ def f1_optimal_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
     best = int(np.argmax(f1))
     cut = s_sorted[last[best]]
-    lower = s_sorted[last[best] + 1] if last[best] + 1 < s_sorted.size else None
-    threshold = (cut + lower) / 2.0 if lower is not None else np.nextafter(cut, -np.inf)
+    if last[best] + 1 == s_sorted.size:  # every sample predicted anomalous
+        return float(np.nextafter(cut, -np.inf)), float(f1[best])
+    lower = s_sorted[last[best] + 1]
+    with np.errstate(over="ignore"):
+        threshold = lower + (cut - lower) / 2.0  # not (cut + lower) / 2, which overflows near the float max
+    if not lower <= threshold < cut:  # adjacent floats round the midpoint onto `cut`; overflow gives inf
+        threshold = lower
     return float(threshold), float(f1[best])
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def operating_point(scores: Any, labels: Any, threshold: Any, anomaly_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """Confusion matrix and rates of the rule "anomalous iff ``score > threshold``" (the model's ``pred_label``).
+
+    Args:
+        scores: ``(N,)`` finite scores; labels: ``(N,)`` 0 = normal, 1 = anomalous.
+        threshold: one number, or ``(N,)`` thresholds, one per sample (e.g. each image's category
+            threshold: pooled categories then give the sum of their confusion matrices).
+        anomaly_types: optional ``N`` strings in ``{"good", "logical", "structural"}`` matching
+            ``labels``; adds ``recall_logical`` and ``recall_structural``.
+
+    Returns:
+        ``{"threshold", "tp", "fp", "tn", "fn", "precision", "recall", "f1", "fpr"}`` (+ per-type
+        recalls); counts are ints. Undefined values are NaN: precision when nothing is predicted
+        anomalous, recall and F1 without anomalies, FPR without normal samples, a type's recall
+        without samples of it, ``threshold`` when per-sample thresholds are given. F1 is
+        ``2 tp / (2 tp + fp + fn)`` (0 when anomalies exist but none is found).
+    """
+    s = _as_scores(scores)
+    y = _as_binary_labels(labels, s.shape[0]).astype(bool)
+    t = np.asarray(_to_numpy(threshold), dtype=np.float64)
+    if t.ndim and t.shape != s.shape:
+        raise ValueError(f"threshold must be one number or one per score ({s.shape[0]}), got shape {t.shape}")
+    if np.isnan(t).any():
+        raise ValueError("threshold is NaN")
+    pred = s > t
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int(y.sum()) - tp, int((~y).sum()) - fp
+    point: dict[str, Any] = {
+        "threshold": float(t) if t.ndim == 0 else float("nan"),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn else float("nan"),
+        "fpr": _ratio(fp, fp + tn),
+    }
+    if anomaly_types is not None:
+        types = _as_anomaly_types(anomaly_types, s.shape[0])
+        if not np.array_equal(types != "good", y):
+            raise ValueError("anomaly_types disagree with labels (label 1 iff the type is not 'good')")
+        for kind in ("logical", "structural"):
+            point[f"recall_{kind}"] = _ratio(int(pred[types == kind].sum()), int((types == kind).sum()))
+    return point
 
 
 # --------------------------------------------------------------------------------------------

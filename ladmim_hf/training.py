@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,13 +34,15 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .branches_ladmim import fuse
 from .configuration_ladmim import LadmimConfig
+from .calibration import calibrate_category, calibration_size_warning
+from .data.layout import DATASET_FORMATS, DataLayout, find_layout, normal_split, select_categories
 from .data.loaders import DataLayoutError
 from .hub import add_pipeline_to_folder
 from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor
 from .io_utils import atomic_save_directory, atomic_write_json, recover_interrupted_saves
 from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
+from .scoring import extract_features
 
 logger = logging.getLogger("ladmim_hf.training")
 
@@ -168,7 +169,10 @@ class TrainSettings:
     categories: Any = "all"
     output_dir: str = "outputs/run"
     seed: int = 0
-    dataset_format: str = "loco"  # "loco", "mvtec_ad" or "folder"
+    dataset_format: str = "auto"  # "auto", "loco", "mvtec_ad" or "folder" (ladmim_hf.data.layout.find_layout)
+    # Without a validation/good folder, this fraction of each category's training images (chosen by a
+    # hash of seed and file name) is held out to calibrate; 0 requires validation/good.
+    holdout_fraction: float = 0.1
     model: dict = field(default_factory=dict)  # LadmimConfig kwargs (tokenizer_config, predictor_config, ...)
     tokenizer: StageSettings = field(default_factory=lambda: StageSettings(schedule="step", max_grad_norm=0.1))
     predictor: StageSettings = field(default_factory=StageSettings)
@@ -191,7 +195,10 @@ class TrainSettings:
         fpr = _check_number("calibration_fpr", self.calibration_fpr, minimum=0, above=True)
         if fpr >= 1:
             raise SettingsError(f"calibration_fpr must be below 1 (a false-positive rate), got {fpr!r}")
-        for name, choices in (("dataset_format", ("loco", "mvtec_ad", "folder")),
+        fraction = _check_number("holdout_fraction", self.holdout_fraction, minimum=0)
+        if fraction >= 1:
+            raise SettingsError(f"holdout_fraction must be below 1 (a fraction of the training images), got {fraction!r}")
+        for name, choices in (("dataset_format", DATASET_FORMATS),
                               ("mixed_precision", ("no", "fp16", "bf16"))):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
@@ -230,13 +237,28 @@ class TrainSettings:
         return out
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"  # shipped in the package (the repository's configs/ links here)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML file path, or the name of a built-in config (`synthloco-cpu`, `loco-paper`, with or without
+    `.yaml`), which works from any directory once the package is installed."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (BUILTIN_CONFIGS / name, BUILTIN_CONFIGS / f"{name}.yaml"):
+        if path.name == name and candidate.is_file():
+            return candidate
+    builtin = ", ".join(sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml")))
+    raise _ConfigNotFoundError(f"training config not found: {name}; pass a YAML file or a built-in config "
+                               f"name ({builtin}) to --config")
+
+
 def load_settings(config_path: str | None, overrides: dict[str, Any]) -> TrainSettings:
     """Read a YAML config and apply overrides; dotted keys (`predictor.max_steps`) reach nested fields."""
     raw: dict = {}
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise _ConfigNotFoundError(f"training config not found: {path}; check the --config path")
+        path = resolve_config_path(config_path)
         raw = _yaml_load(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise SettingsError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
@@ -258,37 +280,10 @@ def load_settings(config_path: str | None, overrides: dict[str, Any]) -> TrainSe
 # --------------------------------------------------------------------------------------------------
 
 
-def list_images(settings: TrainSettings, category: str, split: str) -> list[dict]:
-    """Rows (`path`, `anomaly_type`, `masks`, ...) of one split, through the datasets loaders."""
-    from .data import load_folder, load_loco, load_mvtec_ad
-
-    if settings.dataset_format == "loco":
-        dataset = load_loco(settings.data_root, category, split, skip_bad_files=settings.skip_bad_files)
-    elif settings.dataset_format == "mvtec_ad":  # skip_bad_files was ignored for these two layouts
-        dataset = load_mvtec_ad(settings.data_root, category, split, skip_bad_files=settings.skip_bad_files)
-    elif settings.dataset_format == "folder":
-        dataset = load_folder(Path(settings.data_root) / category, split, skip_bad_files=settings.skip_bad_files)
-    else:
-        raise ValueError(f"dataset_format must be 'loco', 'mvtec_ad' or 'folder', got {settings.dataset_format!r}")
-    return [dict(path=row["path"]) for row in dataset.select_columns(["path"])]
-
-
-def resolve_categories(settings: TrainSettings) -> list[str]:
-    from .data import resolve_categories as resolve
-
-    return resolve(settings.data_root, settings.categories)
-
-
-@torch.no_grad()
-def extract_features(tokenizer: LadmimTokenizerModel, processor: LadmimImageProcessor, paths: list[str],
-                     batch_size: int, description: str, disable: bool = False) -> torch.Tensor:
-    """Frozen backbone features `(num_images, C, g, g)` for image files, with a progress bar."""
-    chunks = []
-    device = tokenizer.device
-    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", disable=disable, leave=False):
-        pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(device)
-        chunks.append(tokenizer.extract_features(pixel_values).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+def data_layout(settings: TrainSettings) -> tuple[DataLayout, list[str]]:
+    """The data root's layout and the categories to train (one `DataLayoutError` line if either is wrong)."""
+    layout = find_layout(settings.data_root, settings.dataset_format)
+    return layout, select_categories(layout, settings.categories)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,10 +587,9 @@ def _check_resume(output_dir: Path, current: dict, data_root: str) -> None:
     except ValueError as error:
         raise SettingsError(f"{path} is not valid JSON ({error}); cannot check --resume against it") from None
     if isinstance(saved.get("categories"), str):  # files written before categories were stored resolved
-        from .data import resolve_categories as resolve
-
         with contextlib.suppress(DataLayoutError):
-            saved["categories"] = resolve(data_root, saved["categories"])
+            saved["categories"] = select_categories(find_layout(data_root, saved.get("dataset_format", "auto")),
+                                                    saved["categories"])
     differences = resume_differences(saved, current)
     if differences:
         raise SettingsError(
@@ -614,7 +608,7 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
         stage = getattr(settings, name)
         if stage.epochs is None and stage.max_steps is None:
             raise SettingsError(f"set {name}.epochs or {name}.max_steps (in the config file, or --epochs/--max_steps)")
-    categories = resolve_categories(settings)  # a wrong data_root or category fails before the run folder is made
+    layout, categories = data_layout(settings)  # a wrong data_root or category fails before the run folder is made
     model_config(settings, categories)  # bad model settings fail now, not after feature extraction
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
@@ -650,7 +644,9 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     cache: dict[str, torch.Tensor] = {}
     if cache_path.exists():
         cache = torch.load(cache_path, weights_only=True)
-    to_extract = {f"{split}/{category}": [row["path"] for row in list_images(settings, category, split)]
+    splits = {c: normal_split(layout, c, settings.holdout_fraction, settings.seed, settings.skip_bad_files)
+              for c in categories}
+    to_extract = {f"{split}/{category}": getattr(splits[category], split)
                   for category in categories for split in ("train", "validation") if f"{split}/{category}" not in cache}
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -659,7 +655,9 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     if settings.log_with:
         flat = {k: v for k, v in settings.to_dict().items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ladmim", config=flat)
-    accelerator.print(f"categories: {', '.join(categories)}")
+    accelerator.print(f"categories: {', '.join(categories)} ({layout.dataset_format} layout)")
+    for category, split in splits.items():
+        accelerator.print(f"{category}: {len(split.train)} training images; calibration on {split.source}")
     torch.manual_seed(settings.seed)
     model = build_model(settings, categories)
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
@@ -776,15 +774,11 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
     num_masks = settings.calibration_num_masks or model.config.num_masks
     for category in tqdm(categories, desc="calibration", disable=disable_bars):
         features = cache[f"validation/{category}"]
-        branch_scores: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(features), 16):
-            chunk = features[start:start + 16].to(accelerator.device)
-            out = model(features=chunk, category=category, num_masks=num_masks, seed=settings.seed)
-            for branch, values in out.branch_scores().items():
-                branch_scores.setdefault(branch, []).append(values.cpu())
-        calibration[category] = calibration_statistics({b: torch.cat(v) for b, v in branch_scores.items()},
-                                                       model.config.fused_branches, model.config.fusion_rule,
-                                                       settings.calibration_fpr)
+        warning = calibration_size_warning(len(features), settings.calibration_fpr)
+        if warning:
+            logger.warning("%s: %s", category, warning)
+        calibration[category] = calibrate_category(model, features.to(accelerator.device), category, num_masks,
+                                                   settings.seed, settings.calibration_fpr)
     model.config.calibration = calibration
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
@@ -792,32 +786,16 @@ def train(settings: TrainSettings, resume: bool = False) -> Path:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             add_pipeline_to_folder(tmp)  # pipeline("image-anomaly-detection", model=DIR, trust_remote_code=True)
-            (tmp / "training_summary.json").write_text(json.dumps({"stages": summary, "calibration": calibration}, indent=2))
+            (tmp / "training_summary.json").write_text(json.dumps({
+                "stages": summary, "calibration": calibration,
+                "validation": {c: split.source for c, split in splits.items()},
+                "holdout": {"fraction": settings.holdout_fraction, "seed": settings.seed}}, indent=2))
         atomic_save_directory(model_dir, write, True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"done: model saved to {model_dir} ({len(categories)} categories, "
                       f"{sum(v.get('steps', 0) for v in summary.values())} steps this run)")
     return model_dir
-
-
-def calibration_statistics(scores: dict[str, torch.Tensor], fused_branches: list[str], fusion_rule: str,
-                           fpr: float) -> dict[str, float]:
-    """Per-branch mean/std of raw scores `{branch: (num_images,)}` on normal images and the threshold
-    on the fused score (`fused_branches` combined by `fusion_rule`) at the target false-positive rate.
-
-    The threshold is mean + z * std of the fused validation scores (normal approximation, since
-    validation sets are small), with z the standard-normal quantile of `1 - fpr`.
-    """
-    stats: dict[str, float] = {}
-    for branch, values in scores.items():
-        stats[f"{branch}_mean"] = float(values.mean())
-        stats[f"{branch}_std"] = float(values.std(unbiased=False).clamp(min=1e-6))
-    fused = fuse(torch.stack([(scores[b] - stats[f"{b}_mean"]) / stats[f"{b}_std"] for b in fused_branches], -1), fusion_rule)
-    z = statistics.NormalDist().inv_cdf(1.0 - fpr)
-    stats["threshold"] = float(fused.mean() + z * fused.std(unbiased=False))
-    stats["num_images"] = int(next(iter(scores.values())).numel())
-    return stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -827,8 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML file under configs/ (e.g. configs/synthloco-cpu.yaml)")
-    parser.add_argument("--data_root", default=None, help="dataset root holding one folder per category")
+    parser.add_argument("--config", default=None,
+                        help="YAML file, or a built-in config name: synthloco-cpu (CPU default), loco-paper (the paper)")
+    parser.add_argument("--data_root", default=None,
+                        help="one category's folder of normal images (DIR/good, DIR/train/good, or images directly in "
+                             "DIR) or a root holding one folder per category (DIR/<category>/train/good)")
     parser.add_argument("--categories", nargs="+", default=None, help="category names or 'all'")
     parser.add_argument("--output_dir", default=None, help="run folder (checkpoints, logs, model)")
     parser.add_argument("--max_steps", type=int, default=None, help="steps per stage (both stages)")

@@ -19,6 +19,8 @@ from PIL import Image
 __all__ = [
     "heatmap_grid",
     "heatmap_overlay",
+    "heatmap_scale",
+    "heatmap_with_colorbar",
     "plot_histogram_comparison",
     "plot_roc_curves",
     "plot_score_histograms",
@@ -133,6 +135,93 @@ def heatmap_overlay(
     return Image.blend(base, heat, alpha)
 
 
+FUSED_MAP_LABEL = "fused anomaly score (calibrated z units)"
+
+
+def heatmap_scale(threshold: float) -> tuple[float, float]:
+    """Fixed colour range ``(vmin, vmax)`` of a category's fused heat maps, from its calibrated threshold.
+
+    The fused map is in calibrated z units (0 = the average normal image's score), so one scale per
+    category makes a normal image look blue and a defective one red, instead of every map stretched
+    to its own min-max. The range is centred on the threshold, so the verdict boundary sits at
+    mid-colour, with half-width ``max(threshold, 1)``: for a threshold >= 1 that is
+    ``[0, 2 * threshold]`` (blue = typical of normal images). A threshold below 1, zero or negative
+    (a permissive or uncalibrated model) still spans 2 z units (one normal-image std either side)
+    rather than a collapsed or inverted range that would paint noise as defects.
+    """
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    half = max(threshold, 1.0)
+    return threshold - half, threshold + half
+
+
+def _colorbar_panel(height: int, vmin: float, vmax: float, threshold: float | None, label: str,
+                    cmap: str) -> Image.Image:
+    """A ``height``-pixel-tall RGB strip: a vertical colour bar over ``[vmin, vmax]`` (triangles =
+    values clipped beyond either end), its ``label``, and ``threshold`` as a black line and tick."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    # 4 inches tall at whatever dpi fills `height`: the text keeps its proportions for any image size.
+    fig = _new_figure(1.9, 4.0, dpi=height / 4.0)
+    cax = fig.add_axes((0.1, 0.05, 0.14, 0.9))
+    bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap=cmap), cax=cax, extend="both")
+    ticks, labels = [vmin, vmax], [f"{vmin:.2f}", f"{vmax:.2f}"]
+    if threshold is not None and vmin <= threshold <= vmax:
+        cax.axhline(threshold, color="black", linewidth=2.5)
+        ticks.insert(1, threshold)
+        labels.insert(1, f"threshold\n{threshold:.2f}")
+    elif threshold is not None:
+        label = f"{label}\nthreshold {threshold:.2f} (off scale)"
+    bar.set_ticks(ticks, labels=labels)
+    cax.tick_params(labelsize=7)
+    bar.set_label(label, fontsize=8)
+    panel = _to_pil(fig)
+    if panel.height != height:  # a fractional dpi can round the canvas one pixel off
+        panel = panel.resize((panel.width, height), Image.BILINEAR)
+    return panel
+
+
+def heatmap_with_colorbar(
+    image: Image.Image | np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    threshold: float | None = None,
+    label: str = FUSED_MAP_LABEL,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    min_height: int = 320,
+) -> Image.Image:
+    """The overlay of ``heatmap_overlay`` on a fixed scale, with a colour bar on its right.
+
+    Args:
+        image, anomaly_map, alpha, cmap: as in ``heatmap_overlay`` (map ``(h, w)``).
+        vmin, vmax: the colour range (e.g. ``heatmap_scale(threshold)``); values outside it clip.
+        threshold: marked on the colour bar (or named as off scale); None marks nothing.
+        label: the colour bar's title, stating the units.
+        min_height: small images are enlarged by a whole factor (nearest) to about this height, so
+            the colour bar's text stays legible; image pixels stay whole blocks.
+
+    Returns:
+        RGB ``PIL.Image``: the overlay, ``k`` times the image size, at the top left; the bar fills
+        the right; height ``max(k * H, min_height)``.
+    """
+    if not (np.isfinite(vmin) and np.isfinite(vmax) and vmax > vmin):
+        raise ValueError(f"need finite vmin < vmax, got {vmin}, {vmax}")
+    overlay = heatmap_overlay(image, anomaly_map, alpha=alpha, vmin=vmin, vmax=vmax, cmap=cmap)
+    # Enlarge, but never past 4096 px wide (a 1-pixel-tall panorama would otherwise explode).
+    factor = max(1, min(-(-min_height // overlay.height), 4096 // overlay.width))
+    if factor > 1:
+        overlay = overlay.resize((overlay.width * factor, overlay.height * factor), Image.NEAREST)
+    panel = _colorbar_panel(max(overlay.height, min_height), vmin, vmax, threshold, label, cmap)
+    canvas = Image.new("RGB", (overlay.width + panel.width, panel.height), "white")
+    canvas.paste(overlay, (0, 0))
+    canvas.paste(panel, (overlay.width, 0))
+    return canvas
+
+
 def plot_roc_curves(
     curves: Mapping[str, tuple[Any, Any, float]],
     path: str | os.PathLike,
@@ -170,6 +259,7 @@ def plot_score_histograms(
     path: str | os.PathLike,
     title: str = "Anomaly scores",
     bins: int = 30,
+    thresholds: Mapping[str, float] | None = None,
 ) -> Path:
     """Overlaid histograms of image scores for good / logical / structural test images.
 
@@ -180,6 +270,8 @@ def plot_score_histograms(
         path: output PNG path.
         title: figure title.
         bins: number of bins, shared by all groups.
+        thresholds: optional ``{label: value}`` drawn as labelled vertical lines (e.g. the
+            calibrated and the F1-best decision thresholds); non-finite values are skipped.
 
     Returns:
         The path written.
@@ -196,10 +288,15 @@ def plot_score_histograms(
     for kind in order:
         vals = s[(types == kind) & finite]
         ax.hist(vals, bins=edges, alpha=0.45, color=TYPE_COLORS.get(kind), label=f"{kind} (n={vals.size})")
+    styles = (("k", "--"), ("tab:blue", ":"), ("tab:purple", "-."), ("0.4", "-"))
+    for i, (label, value) in enumerate((k, float(v)) for k, v in (thresholds or {}).items()):
+        color, linestyle = styles[i % len(styles)]
+        if np.isfinite(value):  # axvline widens the x range to show a threshold outside the scores
+            ax.axvline(value, color=color, linestyle=linestyle, linewidth=1.4, label=f"{label} ({value:.2f})")
     ax.set_xlabel("score")
     ax.set_ylabel("images")
     ax.set_title(title)
-    if order:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     fig.tight_layout()
     return _save(fig, path)

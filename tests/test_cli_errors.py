@@ -188,14 +188,16 @@ def test_train_with_an_empty_train_folder(tmp_path, data, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_train_without_a_validation_split(tmp_path, data, capsys):
+def test_train_without_a_validation_split_and_no_holdout(tmp_path, data, capsys):
+    """Without validation/good a hold-out calibrates (tests/test_own_data.py); with holdout_fraction 0 the
+    missing folder is named."""
     make_loco_folder(data, "gadget")
     shutil.rmtree(data / "gadget" / "validation")
-    config = _config(tmp_path, data, categories="all")
+    config = _config(tmp_path, data, categories="all", holdout_fraction=0)
     code, output = _run(training.main, ["--config", str(config)], capsys)
     validation = data / "gadget" / "validation"
-    _assert_one_line_error(code, output, f"validation folder of category 'gadget' not found: {validation}",
-                           f"put normal images in {validation / 'good'}")
+    _assert_one_line_error(code, output, "'gadget' has no validation/good folder and holdout_fraction is 0",
+                           f"add {validation / 'good'}")
     assert not (tmp_path / "run").exists(), "the data is checked before the run folder is made"
 
 

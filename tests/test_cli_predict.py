@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ladmim_hf import LadmimImageProcessor
+from ladmim_hf import visualization as V
 from ladmim_hf.cli import main
 from ladmim_hf.image_processing_ladmim import load_image
 
@@ -90,9 +91,11 @@ def _run_predict(capsys, inputs: list[str], model_dir: Path, out_dir: Path, seed
 
 def _table(stdout: str) -> dict[str, dict]:
     lines = [line for line in stdout.splitlines() if line.strip()]
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["image", "score", "verdict"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["image", "fused_score", "verdict"])
     rows = {}
     for line in lines[header + 1:]:
+        if line.startswith(("heat maps: ", "results: ")):  # the footer after the table
+            break
         path, score, verdict, logical, structural, heatmap = line.split()
         rows[path] = dict(score=float(score), verdict=verdict, logical=float(logical), structural=float(structural),
                           heatmap=Path(heatmap))
@@ -105,6 +108,28 @@ def _expected_scores(tiny_model, path: str, index: int, seed: int) -> tuple[floa
     with torch.no_grad():
         out = tiny_model(**processor(load_image(path)), category=CATEGORY, num_masks=NUM_MASKS, seed=seed)
     return float(out.pred_score[0]), float(out.logical_score[0]), float(out.structural_score[0])
+
+
+def _library_map(model, path: str, seed: int, threshold: float | None = None):
+    """`(image, output, fused map at image size)` the library gives for this file."""
+    processor = LadmimImageProcessor(size=64)
+    image = load_image(path)
+    with torch.no_grad():
+        out = model(**processor(image), category=CATEGORY, num_masks=NUM_MASKS, seed=seed, threshold=threshold)
+    return image, out, processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
+
+
+def _check_heatmap_png(png: Path, image: Image.Image, anomaly_map: np.ndarray, size: tuple[int, int],
+                       scale: tuple[float, float]) -> None:
+    """The PNG's top left is the overlay of `anomaly_map` on the fixed colour `scale`, enlarged by the
+    whole factor that brings the `size` (W, H) image to >= 320 px tall; a colour bar fills the rest."""
+    factor = -(-320 // size[1])
+    expected = V.heatmap_overlay(image, anomaly_map, vmin=scale[0], vmax=scale[1])
+    expected = expected.resize((size[0] * factor, size[1] * factor), Image.NEAREST)
+    with Image.open(png) as saved:
+        assert saved.height == max(size[1] * factor, 320) and saved.width > size[0] * factor + 100, saved.size
+        overlay = np.asarray(saved.convert("RGB").crop((0, 0, *expected.size))).astype(int)
+    assert np.abs(overlay - np.asarray(expected).astype(int)).max() <= 1, png
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # big.png is refused by our guard
@@ -134,8 +159,12 @@ def test_predict_folder_with_bad_and_odd_files(tmp_path, capsys, model_dir, tiny
         assert row["logical"] == pytest.approx(logical, abs=1e-4), name
         assert row["structural"] == pytest.approx(structural, abs=1e-4), name
         assert row["heatmap"] == out_dir / f"{Path(name).stem}_heatmap.png"
-        with Image.open(row["heatmap"]) as heatmap:
-            assert heatmap.size == good[name], f"{name}: heat map {heatmap.size}, expected {good[name]} (EXIF applied)"
+        # The uncalibrated tiny model's threshold is the default 3.0, so the fixed scale is [0, 6];
+        # the size is hand-given, so a heat map of the un-rotated EXIF image fails.
+        image, _, anomaly_map = _library_map(tiny_model, path, seed=5)
+        _check_heatmap_png(row["heatmap"], image, anomaly_map, good[name], (0.0, 6.0))
+    assert "threshold 3.000 (model default: not calibrated)" in stdout
+    assert f"heat maps: {len(good)} written to {out_dir} (" in stdout
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{Path(n).stem}_heatmap.png" for n in good)
 
 
@@ -218,14 +247,114 @@ def test_predict_prints_a_column_per_enabled_branch(tmp_path, capsys):
     code, stdout, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "out", seed=1)
     assert code == 0, stderr
     lines = [line.split() for line in stdout.splitlines() if line.strip()]
-    header = next(line for line in lines if line[:3] == ["image", "score", "verdict"])
-    assert header == ["image", "score", "verdict", "logical", "structural", "memory_bank", "global", "heatmap"]
-    rows = {line[0]: dict(zip(header, line)) for line in lines[lines.index(header) + 1:]}
+    header = next(line for line in lines if line[:3] == ["image", "fused_score", "verdict"])
+    assert header == ["image", "fused_score", "verdict", "logical", "structural", "memory_bank", "global", "heatmap"]
+    rows = {line[0]: dict(zip(header, line)) for line in lines[lines.index(header) + 1:] if line[0] != "heat"}
     assert list(rows) == inputs
     processor = LadmimImageProcessor(size=64)
     for index, path in enumerate(inputs):
         with torch.no_grad():
             out = model(**processor(load_image(path)), category=CATEGORY, num_masks=NUM_MASKS, seed=1)
-        assert float(rows[path]["score"]) == pytest.approx(float(out.pred_score[0]), abs=1e-3), path
+        assert float(rows[path]["fused_score"]) == pytest.approx(float(out.pred_score[0]), abs=1e-3), path
         for branch, value in out.branch_scores().items():
             assert float(rows[path][branch]) == pytest.approx(float(value[0]), abs=1e-4), (path, branch)
+
+
+def _branch_model_dir(tmp_path: Path, threshold: float | None = None):
+    """The all-branch model (calibrated with BRANCH_STATS: threshold 1.0, or `threshold`) saved with its processor."""
+    from conftest import fitted_branch_model
+
+    model = fitted_branch_model()
+    if threshold is not None:
+        model.config.calibration[CATEGORY]["threshold"] = threshold
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    LadmimImageProcessor(size=64).save_pretrained(folder)
+    return model, folder
+
+
+FIELDS = ["path", "category", "logical_score", "structural_score", "memory_bank_score", "global_score", "fused_score",
+          "threshold", "verdict", "heatmap", "error"]
+
+
+def _read_results(path: Path) -> list[dict]:
+    """Records of a --output file, CSV cells turned back into numbers / None."""
+    import csv
+    import json
+
+    text = path.read_text()
+    assert text.endswith("\n"), "the file is complete: its last record ends its line"
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines()]
+    reader = csv.DictReader(text.splitlines())
+    assert reader.fieldnames == FIELDS
+    numeric = {f for f in FIELDS if f.endswith("_score")} | {"threshold"}
+    return [{k: (None if v == "" else float(v) if k in numeric else v) for k, v in row.items()} for row in reader]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_predict_output_file_has_a_record_per_input(tmp_path, capsys, suffix):
+    model, model_dir = _branch_model_dir(tmp_path)
+    _make_inputs(tmp_path / "images")
+    images = tmp_path / "images"
+    (tmp_path / "empty").mkdir()
+    good = [str(images / "plain.png"), str(images / "cmyk.jpg")]
+    inputs = [good[0], str(images / "notes.png"), str(tmp_path / "empty"), good[1]]
+    fused = [float(_library_map(model, p, seed=3)[1].pred_score[0]) for p in good]
+    assert fused[0] != fused[1]
+    threshold = sum(fused) / 2  # between the two: one verdict of each kind
+    results = tmp_path / "out" / f"results{suffix}"
+    code, stdout, stderr = _run_predict(capsys, inputs, model_dir, tmp_path / "heatmaps", seed=3,
+                                        extra=("--output", str(results), "--threshold", repr(threshold)))
+    assert code == 1, "the unreadable file and the empty folder still fail the run"
+    assert sorted(p.name for p in results.parent.iterdir()) == [results.name], "no temporary file is left"
+    records = _read_results(results)
+    assert [r["path"] for r in records] == inputs, "one record per input, in input order"
+    assert all(list(r) == FIELDS for r in records)
+    for path, record in zip(good, records[::3]):
+        _, out, _ = _library_map(model, path, seed=3, threshold=threshold)
+        assert record["error"] is None and record["category"] == CATEGORY
+        for branch, value in out.branch_scores().items():
+            assert record[f"{branch}_score"] == pytest.approx(float(value[0]), rel=1e-6), (path, branch)
+        assert record["fused_score"] == pytest.approx(float(out.pred_score[0]), rel=1e-6)
+        assert record["threshold"] == pytest.approx(threshold, rel=1e-12)
+        assert record["verdict"] == ("anomalous" if record["fused_score"] > threshold else "good")
+        assert Path(record["heatmap"]).is_file()
+    assert sorted(r["verdict"] for r in records[::3]) == ["anomalous", "good"]
+    for record, reason in zip(records[1:3], ["cannot identify image file", "no files in folder"]):
+        assert reason in record["error"] and record["path"] in record["error"]
+        assert all(record[f] is None for f in FIELDS if f.endswith("_score") or f in ("verdict", "heatmap"))
+    assert f"threshold {threshold:.3f} (--threshold)" in stdout
+    assert f"results: 4 record(s) written to {results}" in stdout
+
+
+def test_predict_output_default_threshold_is_the_calibrated_one(tmp_path, capsys):
+    # Threshold 100: this model's fused maps (about 137 to 149 here) fall inside the fixed scale
+    # [0, 200] rather than all clipping, so a heat map on any other scale shows other colours.
+    model, model_dir = _branch_model_dir(tmp_path, threshold=100.0)
+    _make_inputs(tmp_path / "images")
+    path = str(tmp_path / "images" / "plain.png")
+    results = tmp_path / "r.jsonl"
+    code, stdout, stderr = _run_predict(capsys, [path], model_dir, tmp_path / "heatmaps",
+                                        extra=("--output", str(results)))
+    assert code == 0, stderr
+    [record] = _read_results(results)
+    assert record["threshold"] == 100.0
+    assert record["verdict"] == ("anomalous" if record["fused_score"] > 100.0 else "good")
+    assert "threshold 100.000 (calibrated)" in stdout
+    image, _, anomaly_map = _library_map(model, path, seed=0)
+    assert 0.0 < anomaly_map.min() and anomaly_map.max() < 200.0, "the map is inside the scale, not clipped"
+    _check_heatmap_png(Path(record["heatmap"]), image, anomaly_map, SIZE, (0.0, 200.0))
+    with pytest.raises(AssertionError):  # per-image min-max (the old rendering) is not what was written
+        _check_heatmap_png(Path(record["heatmap"]), image, anomaly_map, SIZE, (anomaly_map.min(), anomaly_map.max()))
+
+
+@pytest.mark.parametrize("name", ["results.txt", "results", "results.json"])
+def test_predict_output_with_another_extension_is_refused_before_loading(tmp_path, capsys, name):
+    with pytest.raises(SystemExit) as exit_info:
+        # the model folder does not exist: the error must come from the flag, before any loading
+        main(["predict", "x.png", "--model", str(tmp_path / "no_model"), "--output", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --output" in err and ".jsonl or .csv" in err and "cannot load" not in err
+    assert not (tmp_path / name).exists()

@@ -314,7 +314,7 @@ def test_evaluate_with_a_missing_model_or_other_categories_gets_one_line(tmp_pat
     code, _, err = _run(argv + ["--model", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "does not exist" in err
     code, _, err = _run(argv + ["--model", str(model_folder)], capsys)
-    assert code == 2 and "not trained on ['widget']" in err
+    assert code == 2 and "not trained on widget (it knows breakfast_box, pushpins)" in err
 
 
 def test_the_pixel_budget_follows_the_decoding_cost_of_the_mode(tmp_path):

@@ -284,8 +284,11 @@ def test_folder_layout(tmp_path, cache):
         load_folder(root, "validation", cache_dir=cache)
     with pytest.raises(ValueError, match="anomaly_types names folders that do not exist"):
         load_folder(root, "test", cache_dir=cache, anomaly_types={"nothing": "logical"})
-    with pytest.raises(FileNotFoundError, match="train/good folder not found"):
+    with pytest.raises(FileNotFoundError, match="no normal images in .*empty_project; put them in DIR/good"):
         load_folder(tmp_path / "empty_project", "train", cache_dir=cache) if (tmp_path / "empty_project").mkdir() is None else None
+    (tmp_path / "half_project" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="train/good folder not found"):
+        load_folder(tmp_path / "half_project", "train", cache_dir=cache)
 
 
 def test_no_warnings_on_clean_data(synthloco_small, cache):

@@ -159,6 +159,33 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     report = (eval_dir / "report.md").read_text()
     assert "| pushpins |" in report and "figures/heatmaps.png" in report
     assert "memory bank (log/str)" in report and "global baseline (log/str)" in report
+    # Operating points at the calibrated and the F1-best threshold; the calibrated confusion matrix is
+    # the pred_label column of scores.csv, the F1-best one follows from its pred_score column.
+    import csv
+
+    with open(eval_dir / "scores.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    totals = dict.fromkeys(("tp", "fp", "tn", "fn"), 0)
+    for category in CATEGORIES:
+        points = metrics["operating_points"][category]
+        mine = [r for r in table if r["category"] == category]
+        anomalous = [r["anomaly_type"] != "good" for r in mine]
+        for name, flagged in (("calibrated", [r["pred_label"] == "True" for r in mine]),
+                              ("best_f1", [float(r["pred_score"]) > points["best_f1"]["threshold"] for r in mine])):
+            point = points[name]
+            for key in ("precision", "recall", "recall_logical", "recall_structural", "f1", "fpr"):
+                assert math.isnan(point[key]) or 0.0 <= point[key] <= 1.0, (category, name, key)
+            assert not math.isnan(point["recall"]) and not math.isnan(point["f1"]), (category, name)
+            counts = {"tp": sum(f and a for f, a in zip(flagged, anomalous)), "fp": sum(f and not a for f, a in zip(flagged, anomalous)),
+                      "tn": sum(not f and not a for f, a in zip(flagged, anomalous)), "fn": sum(not f and a for f, a in zip(flagged, anomalous))}
+            assert {k: point[k] for k in counts} == counts, (category, name)
+        assert points["best_f1"]["f1"] >= points["calibrated"]["f1"]
+        assert points["calibrated"]["threshold"] == pytest.approx(calibration[category]["threshold"], rel=1e-6)
+        assert points["calibrated"]["num_validation_images"] == calibration[category]["num_images"] > 0
+        totals = {k: totals[k] + points["calibrated"][k] for k in totals}
+    assert {k: metrics["operating_points_total"]["calibrated"][k] for k in totals} == totals
+    assert "## Operating points" in report and "### total" in report and "optimistic upper bound" in report
+    assert "| calibrated |" in report and "| best F1 (test labels) |" in report
 
     # The fusion sweep on the same trained model: its variant equal to the trained fusion reproduces
     # the evaluation's fused AUROCs (same calibration and test mask seeds)

@@ -254,10 +254,10 @@ def test_corrupt_training_image_fails_then_skip_bad_files_trains(tmp_path, synth
 
 
 @pytest.mark.parametrize("dataset_format", ["loco", "mvtec_ad", "folder"])
-def test_list_images_honours_skip_bad_files_in_every_layout(tmp_path, dataset_format):
+def test_normal_split_honours_skip_bad_files_in_every_layout(tmp_path, dataset_format):
     """`skip_bad_files` reaches the loader of every dataset layout training supports."""
-    from ladmim_hf.data import BadFilesError, DataWarning
-    from ladmim_hf.training import TrainSettings, list_images
+    from ladmim_hf.data import BadFilesError, DataWarning, normal_split
+    from ladmim_hf.training import TrainSettings, data_layout
 
     try:
         from tests.data_fixtures import write_image
@@ -270,9 +270,11 @@ def test_list_images_honours_skip_bad_files_in_every_layout(tmp_path, dataset_fo
         write_image(train / f"{i:03d}.png", seed=i)
     (train / "003.png").write_bytes(b"")
     settings = TrainSettings(data_root=str(root), dataset_format=dataset_format, categories=["widget"])
+    layout, categories = data_layout(settings)
+    assert categories == ["widget"] and layout.dataset_format == dataset_format
     with pytest.raises(BadFilesError, match=str(train / "003.png")):
-        list_images(settings, "widget", "train")
-    settings.skip_bad_files = True
+        normal_split(layout, "widget", 0.5, 0)
     with pytest.warns(DataWarning, match=f"(?s)skipped 1 unusable file.*{train / '003.png'}"):
-        rows = list_images(settings, "widget", "train")
-    assert sorted(Path(row["path"]).name for row in rows) == ["000.png", "001.png", "002.png"]
+        split = normal_split(layout, "widget", 0.5, 0, skip_bad_files=True)
+    assert sorted(Path(p).name for p in split.train + split.validation) == ["000.png", "001.png", "002.png"]
+    assert len(split.validation) == 2 and "hold-out" in split.source

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from ladmim_hf.calibration import calibration_statistics
 from ladmim_hf.io_utils import atomic_save_directory, atomic_write_json
 from ladmim_hf.training import (
     StageSettings,
     TrainingDivergedError,
     TrainSettings,
     _StopFlag,
-    calibration_statistics,
     latest_checkpoint,
     load_settings,
     lr_lambda_for,

@@ -56,6 +56,69 @@ def test_heatmap_overlay_array_inputs_and_fixed_range():
         V.heatmap_overlay(gray, np.zeros((8, 8)), alpha=1.5)
 
 
+def test_heatmap_scale_is_centred_on_the_threshold():
+    assert V.heatmap_scale(3.0) == (0.0, 6.0)  # threshold >= 1: [0, 2 * threshold]
+    assert V.heatmap_scale(1.0) == (0.0, 2.0)
+    assert V.heatmap_scale(0.25) == (-0.75, 1.25)  # below 1: still 2 z units wide
+    assert V.heatmap_scale(0.0) == (-1.0, 1.0)
+    assert V.heatmap_scale(-2.0) == (-3.0, -1.0)  # never collapsed or inverted
+    with pytest.raises(ValueError, match="finite"):
+        V.heatmap_scale(float("nan"))
+
+
+def test_fixed_scale_gives_one_value_one_colour_and_clips():
+    """On a fixed [0, 2] scale, 0.5 is the same colour in a map spanning [0, 1] and in one spanning
+    [0, 10] (jet at 0.25: no red, half green, full blue); 2, 5 and 10 all clip to jet's top (dark red)."""
+    image = Image.new("RGB", (4, 1))
+    small, large = np.array([[0.0, 0.5, 1.0, 1.0]]), np.array([[0.5, 2.0, 5.0, 10.0]])
+    fixed = [np.asarray(V.heatmap_overlay(image, m, alpha=1.0, vmin=0.0, vmax=2.0)).astype(int)[0]
+             for m in (small, large)]
+    np.testing.assert_array_equal(fixed[0][1], fixed[1][0])
+    assert np.abs(fixed[0][1] - [0, 128, 255]).max() <= 2
+    for pixel in fixed[1][1:]:
+        assert np.abs(pixel - [128, 0, 0]).max() <= 2  # jet(1.0) = (0.5, 0, 0)
+    # Per-image min-max (no vmin/vmax) colours the two 0.5 cells differently: the fixed scale is what matters.
+    own = [np.asarray(V.heatmap_overlay(image, m, alpha=1.0)).astype(int)[0] for m in (small, large)]
+    assert np.abs(own[0][1] - own[1][0]).max() > 50
+
+
+def _bar_column(panel: np.ndarray) -> int:
+    """The panel column through the colour bar: the one with the most saturated pixels."""
+    saturation = panel.max(axis=2).astype(int) - panel.min(axis=2)
+    return int(np.argmax((saturation > 150).sum(axis=0)))
+
+
+def test_heatmap_with_colorbar_layout_and_bar():
+    image = Image.new("RGB", (40, 30), (128, 128, 128))
+    amap = np.linspace(-1.0, 5.0, 12, dtype=np.float32).reshape(3, 4)
+    out = V.heatmap_with_colorbar(image, amap, 0.0, 2.0, threshold=1.0)
+    assert isinstance(out, Image.Image) and out.mode == "RGB"
+    # 30 px tall: enlarged 11 times (to >= 320 px), the colour bar to the right of the 440 x 330 overlay
+    assert out.height == 330 and out.width > 440 + 100
+    arr = np.asarray(out)
+    expected = V.heatmap_overlay(image, amap, vmin=0.0, vmax=2.0).resize((440, 330), Image.NEAREST)
+    np.testing.assert_array_equal(arr[:, :440], np.asarray(expected))
+    panel = arr[:, 440:].astype(int)
+    column = panel[:, _bar_column(panel)]
+    coloured = np.flatnonzero(column.max(axis=1) - column.min(axis=1) > 150)
+    top, bottom = column[coloured[0] + 3], column[coloured[-1] - 3]
+    assert top[0] > 100 and top[2] < 50 and bottom[2] > 100 and bottom[0] < 50  # red (high) above blue (low)
+    # The threshold, mid-scale, is a black line across the middle of the bar.
+    middle = column[out.height // 2 - 4: out.height // 2 + 5]
+    assert (middle.max(axis=1) < 60).any(), middle
+    unmarked = np.asarray(V.heatmap_with_colorbar(image, amap, 0.0, 2.0, threshold=None))[:, 440:].astype(int)
+    assert (unmarked[out.height // 2 - 4: out.height // 2 + 5, _bar_column(panel)].max(axis=1) > 60).all()
+
+
+def test_heatmap_with_colorbar_small_odd_and_bad_inputs():
+    dot = V.heatmap_with_colorbar(Image.new("RGB", (1, 1)), np.ones((1, 1)), -1.0, 1.0, threshold=5.0)  # off scale
+    assert dot.height == 320 and dot.width > 320
+    wide = V.heatmap_with_colorbar(Image.new("RGB", (2000, 1)), np.zeros((1, 8)), 0.0, 1.0)
+    assert wide.height == 320 and wide.width < 4096 + 1000, "enlargement capped at 4096 px wide"
+    with pytest.raises(ValueError, match="vmin < vmax"):
+        V.heatmap_with_colorbar(Image.new("RGB", (4, 4)), np.zeros((4, 4)), 1.0, 1.0)
+
+
 def test_plot_roc_curves(tmp_path):
     curves = {
         "logical": (np.array([0, 0.2, 1]), np.array([0, 0.7, 1]), 0.75),

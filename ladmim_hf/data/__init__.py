@@ -26,6 +26,14 @@ _EXPORTS = {
     "IMAGE_EXTENSIONS": "loaders",
     "LOCO_CATEGORIES": "loaders",
     "ANOMALY_TYPES": "loaders",
+    # layouts and splits
+    "DataLayout": "layout",
+    "NormalSplit": "layout",
+    "find_layout": "layout",
+    "select_categories": "layout",
+    "holdout_split": "layout",
+    "normal_split": "layout",
+    "evaluation_rows": "layout",
     # synthetic benchmark
     "generate_synthloco": "synthetic",
     "make_scene": "synthetic",

@@ -173,14 +173,16 @@ def _mask_values(path: str) -> list[int]:
 # Folder walking
 # --------------------------------------------------------------------------------------------
 
-def _list_folder(folder: Path, bad: list[tuple[str, str]]) -> list[Path]:
-    """Image candidates in a folder (sorted); hidden files are ignored, sub-folders reported."""
+def _list_folder(folder: Path, bad: list[tuple[str, str]], skip_folders: bool = False) -> list[Path]:
+    """Image candidates in a folder (sorted); hidden files are ignored, sub-folders reported (or, with
+    `skip_folders`, passed over: a user's folder of images may hold other folders)."""
     out = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if _is_ignored(entry.name):
             continue
         if entry.is_dir():
-            bad.append((str(entry), "unexpected sub-folder inside an image folder"))
+            if not skip_folders:
+                bad.append((str(entry), "unexpected sub-folder inside an image folder"))
             continue
         out.append(entry)
     return out
@@ -341,8 +343,8 @@ def _check_only_good(split_dir: Path, bad: list) -> None:
                                     "(only good/ is read; normal-only splits cannot hold anomalies)"))
 
 
-def _images_in(folder: Path, bad: list, fix: str) -> list[Path]:
-    files = _list_folder(folder, bad)
+def _images_in(folder: Path, bad: list, fix: str, skip_folders: bool = False) -> list[Path]:
+    files = _list_folder(folder, bad, skip_folders)
     if not files:
         raise DataLayoutError(f"no images in {folder} (the folder is empty or holds only hidden files); {fix}")
     return files
@@ -627,19 +629,64 @@ def _folder_masks(root: Path, sub: str, image: Path) -> list[str]:
     return []
 
 
+# Folders of a single-category root that are never test image folders.
+_NOT_TEST_FOLDERS = {"train", "validation", "test", "ground_truth"}
+
+
+def has_images(folder: Path) -> bool:
+    """True if `folder` directly holds at least one file with an image extension."""
+    return folder.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_ignored(p.name)
+                                   for p in folder.iterdir())
+
+
+FOLDER_LAYOUTS = ("DIR/good/*.png, DIR/train/good/*.png (+ optional DIR/validation/good), or the images directly "
+                  "in DIR")
+
+
+def _folder_split(root: Path, split: str) -> tuple[Path, list[str] | None]:
+    """`(folder, subs)` holding one split of a single-category folder; `subs` is `None` for a test split
+    whose sub-folders are still to be listed, `["."]` when the images lie directly in `folder`."""
+    if split == "train":
+        if (root / "train").is_dir():
+            _require_dir(root / "train" / "good", "train/good folder", _split_fix(root / "train", "train"))
+            return root / "train", ["good"]
+        if (root / "good").is_dir():
+            return root, ["good"]
+        if has_images(root):
+            return root, ["."]
+        raise DataFolderNotFoundError(f"no normal images in {root}; put them in {FOLDER_LAYOUTS}")
+    if split == "validation":
+        fix = _split_fix(root / "validation", "validation")
+        _require_dir(root / "validation" / "good", "validation/good folder", fix)
+        return root / "validation", ["good"]
+    if (root / "test").exists():
+        _require_dir(root / "test", "test folder", _split_fix(root / "test", "test"))
+        return root / "test", None
+    if (root / "good").is_dir():  # anomalib-Folder style: DIR/good next to DIR/<defect>/
+        return root, [p.name for p in sorted(root.iterdir(), key=lambda p: p.name)
+                      if p.is_dir() and not _is_ignored(p.name) and p.name not in _NOT_TEST_FOLDERS]
+    raise DataFolderNotFoundError(f"no test images in {root}: put them in {root / 'test'}/good and "
+                                  f"{root / 'test'}/<defect>/, or in {root}/good and {root}/<defect>/")
+
+
 def load_folder(root: str | os.PathLike, split: str = "train", transform=None, skip_bad_files: bool = False, *,
                 category: str | None = None, anomaly_types: dict[str, str] | None = None, validate: bool = True,
                 cache_dir: str | os.PathLike | None = None):
-    """Load a user's own normal-only data set without writing code.
+    """Load one category from a user's own folder without writing code.
 
-    Layout (only ``train/good`` is required)::
+    Accepted layouts (anomalib-`Folder`-like; only normal images are required)::
 
-        root/train/good/*.png
-        root/validation/good/*.png            (optional)
-        root/test/good/*.png                  (optional)
-        root/test/<anything>/*.png            (optional, anomalous)
-        root/ground_truth/<anything>/<stem>.png | <stem>_mask.png | <stem>/000.png   (optional masks)
+        root/*.png                                  normal images directly in the folder, or
+        root/good/*.png                             normal images, with optional
+        root/<defect>/*.png                         anomalous test images next to them, or
+        root/train/good/*.png                       normal training images
+        root/validation/good/*.png                  (optional) normal calibration images
+        root/test/good/*.png, root/test/<defect>/*.png   (optional) test images
+        root/ground_truth/<defect>/<stem>.png | <stem>_mask.png | <stem>/000.png   (optional masks)
 
+    The ``train`` split reads ``train/good``, else ``good/``, else the images in ``root``; ``test``
+    reads ``test/``, else ``good/`` plus every other sub-folder of ``root``; ``validation`` needs
+    ``validation/good`` (see :func:`ladmim_hf.data.layout.normal_split` for the hold-out used without it).
     Test folders named ``logical_anomalies`` / ``logical`` are logical, all others structural,
     unless ``anomaly_types`` maps folder names to ``"logical"`` or ``"structural"``.
     ``defect_type`` is the folder name. ``category`` defaults to the root folder's name.
@@ -653,31 +700,32 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
     for folder, kind in anomaly_types.items():
         if kind not in ("logical", "structural"):
             raise ValueError(f"anomaly_types[{folder!r}] must be 'logical' or 'structural', got {kind!r}")
-    split_dir = root / split
+    split_dir, listed = _folder_split(root, split)
     fix = _split_fix(split_dir, split)
-    if split != "test":
-        _require_dir(split_dir / "good", f"{split}/good folder", fix)
-    else:
-        _require_dir(split_dir, "test folder", fix)
-    watched = [split_dir] + ([root / "ground_truth"] if split == "test" else [])
+    watched = ([split_dir / s for s in listed] if listed is not None and split != "test" else [split_dir])
+    if split == "test":
+        watched.append(root / "ground_truth")
     fingerprint = _fingerprint("folder", root, watched, {"category": category, "split": split, "validate": validate,
-                                                          "anomaly_types": anomaly_types})
+                                                          "anomaly_types": anomaly_types, "subs": listed})
 
     def walk():
         bad: list[tuple[str, str]] = []
         notes: list[str] = []
         if split != "test":
-            subs = ["good"]
-            _check_only_good(split_dir, bad)
+            subs = list(listed)
+            if split_dir.name in ("train", "validation"):
+                _check_only_good(split_dir, bad)
         else:
-            subs = []
-            for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
-                if _is_ignored(entry.name):
-                    continue
-                if entry.is_dir():
-                    subs.append(entry.name)
-                else:
-                    bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
+            subs = listed
+            if subs is None:
+                subs = []
+                for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+                    if _is_ignored(entry.name):
+                        continue
+                    if entry.is_dir():
+                        subs.append(entry.name)
+                    else:
+                        bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
             if not subs:
                 raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
             unknown = set(anomaly_types) - set(subs)
@@ -685,13 +733,14 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
                 raise DataLayoutError(f"anomaly_types names folders that do not exist in {split_dir}: {sorted(unknown)}")
         candidates = []
         for sub in subs:
-            if sub == "good":
+            if sub in ("good", "."):
                 kind = "good"
             elif sub in anomaly_types:
                 kind = anomaly_types[sub]
             else:
                 kind = "logical" if sub in ("logical_anomalies", "logical") else "structural"
-            for image in _images_in(split_dir / sub, bad, fix):
+            folder = split_dir if sub == "." else split_dir / sub
+            for image in _images_in(folder, bad, fix, skip_folders=sub == "."):
                 masks = _folder_masks(root, sub, image) if kind != "good" else []
                 candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
         usable = _validate_records(candidates, validate, bad, notes)
