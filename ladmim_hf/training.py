@@ -811,6 +811,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one category's folder of normal images (DIR/good, DIR/train/good, or images directly in "
                              "DIR) or a root holding one folder per category (DIR/<category>/train/good)")
     parser.add_argument("--categories", nargs="+", default=None, help="category names or 'all'")
+    parser.add_argument("--dataset_format", choices=DATASET_FORMATS, default=None,
+                        help="auto (default): LOCO-style category folders as MVTec LOCO AD, anything else as plain folders")
+    parser.add_argument("--holdout_fraction", type=float, default=None,
+                        help="share of each category's training images held out to calibrate when it has no "
+                             "validation/good folder (default 0.1)")
     parser.add_argument("--output_dir", default=None, help="run folder (checkpoints, logs, model)")
     parser.add_argument("--max_steps", type=int, default=None, help="steps per stage (both stages)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per stage (both stages)")
@@ -827,6 +832,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     overrides: dict[str, Any] = {
         "data_root": args.data_root, "output_dir": args.output_dir, "seed": args.seed,
         "mixed_precision": args.mixed_precision, "skip_bad_files": args.skip_bad_files,
+        "dataset_format": args.dataset_format, "holdout_fraction": args.holdout_fraction,
     }
     if args.categories is not None:
         overrides["categories"] = "all" if args.categories == ["all"] else args.categories

@@ -283,3 +283,29 @@ def test_newcomer_mistakes_are_one_line_errors(own_run, tmp_path, capsys):
         _one_line_error(code, output, *parts)
     for folder in ("r1", "r2", "r3", "e"):
         assert not (tmp_path / folder).exists(), f"{folder}: nothing half-written"
+
+
+def test_newcomer_layouts_train_and_evaluate(own_run, tmp_path, capsys):
+    """The layouts a newcomer tried: `mine/widget/train/good` without validation (also with
+    `--set dataset_format=folder`), and evaluation of a `test/good` + `test/bad` folder."""
+    mine = tmp_path / "mine"
+    for i in range(4):
+        _scene(mine / "widget" / "train" / "good" / f"{i}.png", seed=300 + i)
+    for extra in ([], ["--set", "dataset_format=folder"]):
+        run = tmp_path / f"run{len(extra)}"
+        code, output = _run(["train", "--config", str(own_run["config"]), "--data_root", str(mine), "--output_dir",
+                             str(run), *extra], capsys)
+        assert code == 0, output
+        assert "widget: 3 training images; calibration on hold-out: 1 of 4 training images" in output
+    project = tmp_path / "project"
+    for i in range(2):
+        _scene(project / "test" / "good" / f"g{i}.png", seed=400 + i)
+        _scene(project / "test" / "bad" / f"b{i}.png", seed=500 + i, bright=True)
+    _scene(project / "train" / "good" / "t.png", seed=600)
+    out = tmp_path / "eval"
+    code, output = _run(["evaluate", "--model", str(own_run["model"]), "--data_root", str(project), "--output_dir",
+                         str(out), "--no_knn"], capsys)
+    assert code == 0 and "Traceback" not in output, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibrated = metrics["operating_points"]["widget"]["calibrated"]
+    assert calibrated["tp"] + calibrated["fn"] == 2 and calibrated["tn"] + calibrated["fp"] == 2
