@@ -115,8 +115,8 @@ def main(argv=None) -> None:
 
     from ladmim_hf.branches_ladmim import fuse
     from ladmim_hf.calibration import calibration_statistics
-    from ladmim_hf.data import evaluation_rows, find_layout, select_categories
-    from ladmim_hf.evaluation import _defects_config, _resize_map, load_detector
+    from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
+    from ladmim_hf.evaluation import _resize_map, load_detector
     from ladmim_hf.scoring import extract_features
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
         z_maps = model.standardized_scores(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}
         alone[category] = {b: loco_image_aurocs(v.numpy().astype(np.float64), types) for b, v in test_scores.items()}
-        defects = _defects_config(layout.category_root(category))
+        defects = list(load_defects_config(layout.category_root(category)).values()) or None
         for (branches, rule), name in zip(variants, results):
             fused = fuse(torch.stack([z[b] for b in branches], -1), rule).numpy().astype(np.float64)
             entry = loco_image_aurocs(fused, types)

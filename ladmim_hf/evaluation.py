@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import sys
@@ -34,8 +33,6 @@ from .modeling_ladmim import LadmimForAnomalyDetection
 from .scoring import extract_features
 
 logger = logging.getLogger("ladmim_hf.evaluation")
-
-ANOMALY_TYPE_NAMES = ["good", "logical", "structural"]
 
 
 def load_detector(model: str, allow_default_processor: bool = False) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor]:
@@ -69,11 +66,6 @@ def _resize_map(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray
     return F.interpolate(anomaly_map[None, None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _defects_config(category_root: Path):
-    path = category_root / "defects_config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _nanmean(values: list[float]) -> float:
     """Mean of the defined values; NaN (without numpy's warning) when none is, e.g. a data set without
     logical anomalies."""
@@ -101,7 +93,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
 
     Returns the `metrics.json` content.
     """
-    from .data import evaluation_rows, find_layout, normal_split
+    from .data import evaluation_rows, find_layout, load_defects_config, normal_split
     from .data.layout import pair_categories
 
     started = time.time()
@@ -147,7 +139,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             maps.append(_resize_map(result["anomaly_map"][i], shape))
             regions.append(row["regions"])
             spro_types.append(row["anomaly_type"])
-        defects = _defects_config(layout.category_root(data_category))
+        defects = list(load_defects_config(layout.category_root(data_category)).values()) or None
         entry["spro_0.05"] = float("nan")
         if defects is not None and any(regions):
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train a LADMIM detector: `python scripts/train.py --config configs/synthloco-cpu.yaml`
-(or `accelerate launch scripts/train.py ...`). See `ladmim_hf/training.py`."""
+(or `accelerate launch scripts/train.py ...`). See `ladmim_hf/training/`."""
 
 import sys
 

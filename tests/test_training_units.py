@@ -17,12 +17,12 @@ from ladmim_hf.training import (
     StageSettings,
     TrainingDivergedError,
     TrainSettings,
-    _StopFlag,
     latest_checkpoint,
     load_settings,
     lr_lambda_for,
     run_stage,
 )
+from ladmim_hf.training.loop import _StopFlag
 
 
 def test_settings_from_yaml_with_dotted_overrides(tmp_path):
@@ -157,7 +157,7 @@ def _tiny_predictor(loss_reduction: str):
 def _predictor_loss_fn(seed: int = 0):
     """The training loop's stage-2 loss: masks depend on (seed, step, row) through `_masks_for_step`."""
     from ladmim_hf.masking import BlockMaskGenerator
-    from ladmim_hf.training import _masks_for_step
+    from ladmim_hf.training.loop import _masks_for_step
 
     factory = BlockMaskGenerator(4, num_masked=5, min_block=2)
 

@@ -6,7 +6,7 @@ images" for training, evaluation and calibration, whatever the layout:
 - **several categories**: ``ROOT/<category>/train/good`` (MVTec LOCO AD, synthloco, MVTec AD, or
   ``folder`` categories);
 - **one category**, named after the folder: ``ROOT/good``, ``ROOT/train/good`` (+ optional
-  ``ROOT/validation/good``), or the images directly in ``ROOT`` (see :func:`.loaders.load_folder`).
+  ``ROOT/validation/good``), or the images directly in ``ROOT`` (see :func:`.folder.load_folder`).
 
 Without a ``validation/good`` folder a seeded, reported hold-out of the training images calibrates
 (:func:`holdout_split`); training and ``ladmim calibrate`` draw the same one.
@@ -27,11 +27,11 @@ from .loaders import (
     DataLayoutError,
     _is_ignored,
     _require_dir,
-    has_images,
-    load_folder,
     load_loco,
     load_mvtec_ad,
+    select_names,
 )
+from .folder import has_images, load_folder
 
 DATASET_FORMATS = ("auto", "loco", "mvtec_ad", "folder")
 # Below this many normal images a hold-out would leave too little to train on or to calibrate with.
@@ -121,23 +121,13 @@ def find_layout(root: str | os.PathLike, dataset_format: str = "auto") -> DataLa
 
 def select_categories(layout: DataLayout, categories: str | Sequence[str] = "all") -> list[str]:
     """``"all"`` -> every category of the layout; a name, ``"a,b"`` or a list -> those, checked."""
-    if isinstance(categories, str):
-        categories = [c.strip() for c in categories.split(",") if c.strip()]
-    categories = list(categories)
-    if not categories or categories == ["all"]:
-        return list(layout.categories)
-    if "all" in categories:
-        raise DataLayoutError(f"'all' cannot be combined with category names (got {categories}); "
-                              "pass either 'all' or the names")
-    missing = [c for c in categories if c not in layout.categories]
-    if missing:
-        if layout.single_category:
-            raise DataLayoutError(f"{layout.root} holds one category, named after its folder: "
-                                  f"{layout.categories[0]!r} (asked for {', '.join(map(repr, missing))}); "
-                                  "rename the folder or leave out --categories")
-        raise DataLayoutError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not "
-                              f"found under {layout.root}; available: {', '.join(layout.categories)}")
-    return list(dict.fromkeys(categories))
+    try:
+        return select_names(layout.categories, categories, f"under {layout.root}")
+    except DataLayoutError:
+        if not layout.single_category:
+            raise
+        raise DataLayoutError(f"{layout.root} holds one category, named after its folder: {layout.categories[0]!r}; "
+                              "rename the folder or leave out --categories") from None
 
 
 def pair_categories(layout: DataLayout, categories: str | Sequence[str], known: Sequence[str]) -> dict[str, str]:

@@ -31,12 +31,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image as PILImage
 
 from ..image_processing_ladmim import ImageDecodeError, load_image
+from .transforms import make_batch_transform
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -45,12 +46,10 @@ __all__ = [
     "BadFilesError",
     "DataLayoutError",
     "DataWarning",
-    "collate_anomaly_batch",
     "dataset_features",
     "discover_categories",
     "find_bad_images",
     "load_defects_config",
-    "load_folder",
     "load_loco",
     "load_mvtec_ad",
     "resolve_categories",
@@ -124,7 +123,7 @@ def _check_image(path: str, decode: bool = True) -> tuple[str | None, list[str],
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)", notes, None, None
         with PILImage.open(path) as image:
-            size, mode, fmt = image.size, image.mode, image.format
+            size, mode = image.size, image.mode
             image.verify()  # checksums and structure (PNG), without decoding
     except Exception as error:  # PIL raises many types for corrupt files
         return f"cannot read image: {type(error).__name__}: {error}", notes, None, None
@@ -343,6 +342,21 @@ def _check_only_good(split_dir: Path, bad: list) -> None:
                                     "(only good/ is read; normal-only splits cannot hold anomalies)"))
 
 
+def _test_subfolders(split_dir: Path, bad: list, fix: str) -> list[str]:
+    """Names of the image folders in a test folder (sorted); stray files there are reported as bad."""
+    subs = []
+    for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+        if _is_ignored(entry.name):
+            continue
+        if entry.is_dir():
+            subs.append(entry.name)
+        else:
+            bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
+    if not subs:
+        raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
+    return subs
+
+
 def _images_in(folder: Path, bad: list, fix: str, skip_folders: bool = False) -> list[Path]:
     files = _list_folder(folder, bad, skip_folders)
     if not files:
@@ -366,19 +380,24 @@ def discover_categories(root: str | os.PathLike) -> list[str]:
 
 def resolve_categories(root: str | os.PathLike, categories: str | Sequence[str] = "all") -> list[str]:
     """``"all"`` -> every category found under ``root``; a name, ``"a,b"`` or a list -> checked list."""
-    available = discover_categories(root)
+    return select_names(discover_categories(root), categories, f"under {root}")
+
+
+def select_names(available: Sequence[str], categories: str | Sequence[str], where: str) -> list[str]:
+    """The categories asked for (``"all"``, a name, ``"a,b"`` or a list), each checked against `available`
+    (the error names what is missing, `where` it was looked for, and what is there)."""
     if isinstance(categories, str):
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     categories = list(categories)
     if not categories or categories == ["all"]:
-        return available
+        return list(available)
     if "all" in categories:
         raise DataLayoutError(f"'all' cannot be combined with category names (got {categories}); "
                               "pass either 'all' or the names")
     missing = [c for c in categories if c not in available]
     if missing:
-        raise DataLayoutError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not found under "
-                         f"{root}; available: {', '.join(available)}")
+        raise DataLayoutError(f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} not "
+                              f"found {where}; available: {', '.join(available)}")
     return list(dict.fromkeys(categories))
 
 
@@ -428,6 +447,16 @@ def _category_dir(root: Path, category: str) -> Path:
     return cat_dir
 
 
+def _category_split(root: str | os.PathLike, category: str, split: str) -> tuple[Path, Path, Path, str]:
+    """`(root, category folder, split folder, what to do if it is wrong)`, the split folder checked."""
+    root = Path(root)
+    cat_dir = _category_dir(root, category)
+    split_dir = cat_dir / split
+    fix = _split_fix(split_dir, split)
+    _require_dir(split_dir, f"{split} folder of category {category!r}", fix)
+    return root, cat_dir, split_dir, fix
+
+
 def _loco_masks(cat_dir: Path, sub: str, image: Path) -> list[str]:
     folder = cat_dir / "ground_truth" / sub / image.stem
     if not folder.is_dir():
@@ -470,11 +499,7 @@ def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     if _is_several(category):
         return _several(load_loco, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
-    root = Path(root)
-    cat_dir = _category_dir(root, category)
-    split_dir = cat_dir / split
-    fix = _split_fix(split_dir, split)
-    _require_dir(split_dir, f"{split} folder of category {category!r}", fix)
+    root, cat_dir, split_dir, fix = _category_split(root, category, split)
     config_path = cat_dir / "defects_config.json"
     watched = [split_dir, config_path] + ([cat_dir / "ground_truth"] if split == "test" else [])
     fingerprint = _fingerprint("loco", root, watched, {"category": category, "split": split, "validate": validate})
@@ -566,11 +591,7 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
         raise ValueError(f"split must be 'train' or 'test' for MVTec AD, got {split!r}")
     if _is_several(category):
         return _several(load_mvtec_ad, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
-    root = Path(root)
-    cat_dir = _category_dir(root, category)
-    split_dir = cat_dir / split
-    fix = _split_fix(split_dir, split)
-    _require_dir(split_dir, f"{split} folder of category {category!r}", fix)
+    root, cat_dir, split_dir, fix = _category_split(root, category, split)
     watched = [split_dir] + ([cat_dir / "ground_truth"] if split == "test" else [])
     fingerprint = _fingerprint("mvtec_ad", root, watched, {"category": category, "split": split, "validate": validate})
 
@@ -583,16 +604,7 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
             _check_only_good(split_dir, bad)
             subs = ["good"]
         else:
-            subs = []
-            for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
-                if _is_ignored(entry.name):
-                    continue
-                if entry.is_dir():
-                    subs.append(entry.name)
-                else:
-                    bad.append((str(entry), "unexpected file in the test folder (images belong in test/<defect>/)"))
-            if not subs:
-                raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
+            subs = _test_subfolders(split_dir, bad, fix)
         for sub in subs:
             kind = "good" if sub == "good" else "structural"
             for image in _images_in(split_dir / sub, bad, fix):
@@ -610,225 +622,3 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
         return records, bad, notes
 
     return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{cat_dir / split} (MVTec AD layout)")
-
-
-# --------------------------------------------------------------------------------------------
-# A user's own folder
-# --------------------------------------------------------------------------------------------
-
-def _folder_masks(root: Path, sub: str, image: Path) -> list[str]:
-    gt = root / "ground_truth" / sub
-    if not gt.is_dir():
-        return []
-    folder = gt / image.stem
-    if folder.is_dir():
-        return [str(p.resolve()) for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.is_file() and not _is_ignored(p.name)]
-    for name in (f"{image.stem}_mask{image.suffix}", f"{image.stem}_mask.png", f"{image.stem}.png", image.name):
-        if (gt / name).is_file():
-            return [str((gt / name).resolve())]
-    return []
-
-
-# Folders of a single-category root that are never test image folders.
-_NOT_TEST_FOLDERS = {"train", "validation", "test", "ground_truth"}
-
-
-def has_images(folder: Path) -> bool:
-    """True if `folder` directly holds at least one file with an image extension."""
-    return folder.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_ignored(p.name)
-                                   for p in folder.iterdir())
-
-
-FOLDER_LAYOUTS = ("DIR/good/*.png, DIR/train/good/*.png (+ optional DIR/validation/good), or the images directly "
-                  "in DIR")
-
-
-def _folder_split(root: Path, split: str) -> tuple[Path, list[str] | None]:
-    """`(folder, subs)` holding one split of a single-category folder; `subs` is `None` for a test split
-    whose sub-folders are still to be listed, `["."]` when the images lie directly in `folder`."""
-    if split == "train":
-        if (root / "train").is_dir():
-            _require_dir(root / "train" / "good", "train/good folder", _split_fix(root / "train", "train"))
-            return root / "train", ["good"]
-        if (root / "good").is_dir():
-            return root, ["good"]
-        if has_images(root):
-            return root, ["."]
-        raise DataFolderNotFoundError(f"no normal images in {root}; put them in {FOLDER_LAYOUTS}")
-    if split == "validation":
-        fix = _split_fix(root / "validation", "validation")
-        _require_dir(root / "validation" / "good", "validation/good folder", fix)
-        return root / "validation", ["good"]
-    if (root / "test").exists():
-        _require_dir(root / "test", "test folder", _split_fix(root / "test", "test"))
-        return root / "test", None
-    if (root / "good").is_dir():  # anomalib-Folder style: DIR/good next to DIR/<defect>/
-        return root, [p.name for p in sorted(root.iterdir(), key=lambda p: p.name)
-                      if p.is_dir() and not _is_ignored(p.name) and p.name not in _NOT_TEST_FOLDERS]
-    raise DataFolderNotFoundError(f"no test images in {root}: put them in {root / 'test'}/good and "
-                                  f"{root / 'test'}/<defect>/, or in {root}/good and {root}/<defect>/")
-
-
-def load_folder(root: str | os.PathLike, split: str = "train", transform=None, skip_bad_files: bool = False, *,
-                category: str | None = None, anomaly_types: dict[str, str] | None = None, validate: bool = True,
-                cache_dir: str | os.PathLike | None = None):
-    """Load one category from a user's own folder without writing code.
-
-    Accepted layouts (anomalib-`Folder`-like; only normal images are required)::
-
-        root/*.png                                  normal images directly in the folder, or
-        root/good/*.png                             normal images, with optional
-        root/<defect>/*.png                         anomalous test images next to them, or
-        root/train/good/*.png                       normal training images
-        root/validation/good/*.png                  (optional) normal calibration images
-        root/test/good/*.png, root/test/<defect>/*.png   (optional) test images
-        root/ground_truth/<defect>/<stem>.png | <stem>_mask.png | <stem>/000.png   (optional masks)
-
-    The ``train`` split reads ``train/good``, else ``good/``, else the images in ``root``; ``test``
-    reads ``test/``, else ``good/`` plus every other sub-folder of ``root``; ``validation`` needs
-    ``validation/good`` (see :func:`ladmim_hf.data.layout.normal_split` for the hold-out used without it).
-    Test folders named ``logical_anomalies`` / ``logical`` are logical, all others structural,
-    unless ``anomaly_types`` maps folder names to ``"logical"`` or ``"structural"``.
-    ``defect_type`` is the folder name. ``category`` defaults to the root folder's name.
-    """
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
-    root = Path(root)
-    _require_dir(root, "dataset folder", "check the path")
-    category = category or root.resolve().name
-    anomaly_types = dict(anomaly_types or {})
-    for folder, kind in anomaly_types.items():
-        if kind not in ("logical", "structural"):
-            raise ValueError(f"anomaly_types[{folder!r}] must be 'logical' or 'structural', got {kind!r}")
-    split_dir, listed = _folder_split(root, split)
-    fix = _split_fix(split_dir, split)
-    watched = ([split_dir / s for s in listed] if listed is not None and split != "test" else [split_dir])
-    if split == "test":
-        watched.append(root / "ground_truth")
-    fingerprint = _fingerprint("folder", root, watched, {"category": category, "split": split, "validate": validate,
-                                                          "anomaly_types": anomaly_types, "subs": listed})
-
-    def walk():
-        bad: list[tuple[str, str]] = []
-        notes: list[str] = []
-        if split != "test":
-            subs = list(listed)
-            if split_dir.name in ("train", "validation"):
-                _check_only_good(split_dir, bad)
-        else:
-            subs = listed
-            if subs is None:
-                subs = []
-                for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
-                    if _is_ignored(entry.name):
-                        continue
-                    if entry.is_dir():
-                        subs.append(entry.name)
-                    else:
-                        bad.append((str(entry), "unexpected file in the test folder (images belong in test/<type>/)"))
-            if not subs:
-                raise DataLayoutError(f"no test sub-folders in {split_dir}; {fix}")
-            unknown = set(anomaly_types) - set(subs)
-            if unknown:
-                raise DataLayoutError(f"anomaly_types names folders that do not exist in {split_dir}: {sorted(unknown)}")
-        candidates = []
-        for sub in subs:
-            if sub in ("good", "."):
-                kind = "good"
-            elif sub in anomaly_types:
-                kind = anomaly_types[sub]
-            else:
-                kind = "logical" if sub in ("logical_anomalies", "logical") else "structural"
-            folder = split_dir if sub == "." else split_dir / sub
-            for image in _images_in(folder, bad, fix, skip_folders=sub == "."):
-                masks = _folder_masks(root, sub, image) if kind != "good" else []
-                candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
-        usable = _validate_records(candidates, validate, bad, notes)
-        records = [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
-                   for c in usable]
-        return records, bad, notes
-
-    return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{split_dir} (folder layout)")
-
-
-# --------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------
-
-def _to_pixel_values(transform, image):
-    import torch
-
-    if hasattr(transform, "preprocess_one"):
-        out = transform.preprocess_one(image)
-    else:
-        out = transform(image)
-        if isinstance(out, Mapping):  # dict or BatchFeature
-            out = out["pixel_values"]
-            if isinstance(out, (list, tuple)):
-                out = out[0]
-            elif getattr(out, "ndim", 0) == 4:
-                out = out[0]
-    if isinstance(out, np.ndarray):
-        out = torch.from_numpy(out)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"transform returned {type(out).__name__}; expected a tensor, an array or a dict with 'pixel_values'")
-    return out
-
-
-def _binarise(mask_images, height: int, width: int):
-    import torch
-
-    arrays = []
-    for mask in mask_images:
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), PILImage.NEAREST)
-        array = np.asarray(mask)
-        if array.ndim == 3:
-            array = array[..., 0]
-        arrays.append(array > 0)
-    if not arrays:
-        return torch.zeros((0, height, width), dtype=torch.bool)
-    return torch.from_numpy(np.stack(arrays))
-
-
-def make_batch_transform(transform):
-    """Wrap an image processor / callable as a ``Dataset.with_transform`` batch function."""
-
-    def apply(batch: dict) -> dict:
-        pixel_values = [_to_pixel_values(transform, image) for image in batch["image"]]
-        out = {"pixel_values": pixel_values}
-        for key in ("label", "anomaly_type", "category", "path", "defect_type"):
-            if key in batch:
-                out[key] = batch[key]
-        if "masks" in batch:
-            masks, unions = [], []
-            for pv, regions in zip(pixel_values, batch["masks"]):
-                h, w = pv.shape[-2:]
-                m = _binarise(regions or [], h, w)
-                masks.append(m)
-                unions.append(m.any(0) if len(m) else m.new_zeros((h, w)))
-            out["masks"] = masks
-            out["mask"] = unions
-        return out
-
-    return apply
-
-
-def collate_anomaly_batch(rows: list[dict]) -> dict:
-    """``torch.utils.data.DataLoader`` collate function for transformed rows.
-
-    Stacks ``pixel_values``, ``mask``, ``label`` and ``anomaly_type``; keeps ``masks``,
-    ``category``, ``path`` and ``defect_type`` as lists (their lengths vary).
-    """
-    import torch
-
-    out: dict = {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
-    for key in ("label", "anomaly_type"):
-        if key in rows[0]:
-            out[key] = torch.tensor([int(r[key]) for r in rows])
-    if "mask" in rows[0]:
-        out["mask"] = torch.stack([r["mask"] for r in rows])
-    for key in ("masks", "category", "path", "defect_type"):
-        if key in rows[0]:
-            out[key] = [r[key] for r in rows]
-    return out
