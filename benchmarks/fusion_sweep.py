@@ -36,7 +36,7 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(text: str) -> tuple[list[str], str]:
-    from ladmim_hf.configuration_ladmim import BRANCHES, FUSION_RULES
+    from ladmim_hf.models.configuration_ladmim import BRANCHES, FUSION_RULES
 
     branches, sep, rule = text.partition(":")
     names = [b for b in branches.split("+") if b]
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     C.apply_threads(args)
     variants = [parse_variant(v) for v in args.variants]
 
-    from ladmim_hf.branches_ladmim import fuse
+    from ladmim_hf.models.branches_ladmim import fuse
     from ladmim_hf.calibration import calibration_statistics
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import _resize_map, load_detector

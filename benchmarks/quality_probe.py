@@ -60,10 +60,10 @@ sys.path.insert(0, str(ROOT))
 from ladmim_hf.data import evaluation_rows, find_layout, select_categories  # noqa: E402
 from ladmim_hf.evaluation import per_defect_aurocs  # noqa: E402
 from ladmim_hf.metrics import loco_image_aurocs  # noqa: E402
-from ladmim_hf.modeling_ladmim import code_histograms, kernel_histogram_distance  # noqa: E402
+from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance  # noqa: E402
 from ladmim_hf.scoring import extract_features  # noqa: E402
 from ladmim_hf.training import build_model, load_settings  # noqa: E402
-from ladmim_hf.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
+from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
 
 
 def defect_cells(regions: list[np.ndarray], grid: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ def profile_breakdown(predictor, features, masks) -> dict:
 
 def variant_calls(predictor, features, masks, args) -> dict:
     """Alternative forwards timed against the current one (all return the hist logits)."""
-    from ladmim_hf.modeling_ladmim import LadmimPredictorAttention
+    from ladmim_hf.models.modeling_ladmim_predictor import LadmimPredictorAttention
 
     calls = {}
 
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     cfg = detector_config.predictor_config
     predictor = C.build_predictor(cfg, seed=args.seed).eval()
 
-    from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.models.masking import BlockMaskGenerator
 
     generator = torch.Generator().manual_seed(args.seed)
     features = torch.randn(args.images, cfg.input_channels, cfg.grid_size, cfg.grid_size, generator=generator)

@@ -71,7 +71,7 @@ def apply_variant(model, overrides: dict, data_root: str | None = None, dataset_
     from ladmim_hf import LadmimTokenizerModel
     from ladmim_hf.data import find_layout
     from ladmim_hf.scoring import extract_features
-    from ladmim_hf.image_processing_ladmim import LadmimImageProcessor
+    from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
 
     tokenizer = LadmimTokenizerModel(tokenizer_config).eval()
     # the residual buffers exist only under cell_channel; everything else is the trained tokenizer

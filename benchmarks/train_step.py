@@ -81,7 +81,7 @@ def main(argv=None) -> None:
 
     from accelerate import Accelerator
 
-    from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.models.masking import BlockMaskGenerator
     from ladmim_hf.training import forward_backward
 
     batch = args.batch_size

@@ -6,18 +6,13 @@ Importing the package registers the models with the transformers Auto classes, s
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from .configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
-from .image_processing_ladmim import ImageDecodeError, LadmimImageProcessor, load_image
-from .masking import BlockMaskGenerator
-from .modeling_ladmim import (
-    LadmimAnomalyOutput,
-    LadmimForAnomalyDetection,
-    LadmimPredictorModel,
-    LadmimPredictorOutput,
-    LadmimTokenizerModel,
-    LadmimTokenizerOutput,
-    code_histograms,
-)
+from .models.configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
+from .models.image_processing_ladmim import ImageDecodeError, LadmimImageProcessor, load_image
+from .models.masking import BlockMaskGenerator
+from .models.modeling_ladmim import LadmimAnomalyOutput, LadmimForAnomalyDetection
+from .models.modeling_ladmim_predictor import LadmimPredictorModel, LadmimPredictorOutput
+from .models.modeling_ladmim_tokenizer import LadmimTokenizerModel, LadmimTokenizerOutput
+from .models.modeling_ladmim_utils import code_histograms
 
 __version__ = "0.1.0"
 
@@ -39,7 +34,7 @@ def _register() -> None:
 
 _register()
 
-from . import pipeline_ladmim  # noqa: E402  registers the "image-anomaly-detection" pipeline task
+from .models import pipeline_ladmim  # noqa: E402  registers the "image-anomaly-detection" pipeline task
 
 __all__ = [
     "BlockMaskGenerator",

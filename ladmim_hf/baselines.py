@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .branches_ladmim import greedy_coreset, nearest_distances
+from .models.branches_ladmim import greedy_coreset, nearest_distances
 
 __all__ = ["KNNPatchBaseline", "greedy_coreset", "nearest_distances"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .branches_ladmim import fuse
-from .configuration_ladmim import check_calibration
+from .models.branches_ladmim import fuse
+from .models.configuration_ladmim import check_calibration
 from .metrics import f1_optimal_threshold
-from .modeling_ladmim import LadmimForAnomalyDetection
+from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .scoring import branch_scores, extract_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
@@ -198,7 +198,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """`ladmim calibrate`: one `error:` line and exit 2 for a wrong folder, category or setting."""
     from .data import DataLayoutError
     from .hub import ModelFolderError
-    from .image_processing_ladmim import ImageDecodeError
+    from .models.image_processing_ladmim import ImageDecodeError
 
     if not 0 < args.fpr < 1:
         print(f"error: --fpr must be between 0 and 1 (a false-positive rate), got {args.fpr}", file=sys.stderr)

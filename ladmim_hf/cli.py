@@ -128,7 +128,7 @@ def _score_file(detector, processor, path: str, category: str, args: argparse.Na
                 style: dict, record: dict) -> str | None:
     """Score one file, write its heat map and fill `record`; returns the error message (also printed)
     if the file cannot be scored, else None."""
-    from .image_processing_ladmim import ImageDecodeError, load_image
+    from .models.image_processing_ladmim import ImageDecodeError, load_image
     from .io_utils import atomic_write_bytes
     from .visualization import heatmap_with_colorbar
 

@@ -68,8 +68,10 @@ from typing import Any
 
 import torch
 
-from .configuration_ladmim import LOCO_CATEGORIES, LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
-from .modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
+from .models.configuration_ladmim import LOCO_CATEGORIES, LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
+from .models.modeling_ladmim import LadmimForAnomalyDetection
+from .models.modeling_ladmim_predictor import LadmimPredictorModel
+from .models.modeling_ladmim_tokenizer import LadmimTokenizerModel
 
 logger = logging.getLogger("ladmim_hf.convert")
 
@@ -612,7 +614,7 @@ def _parse_predictors(items: list[str], with_categories: bool) -> dict[str, str]
 
 def run_from_args(args: argparse.Namespace) -> int:
     from .hub import add_pipeline_to_folder
-    from .image_processing_ladmim import LadmimImageProcessor
+    from .models.image_processing_ladmim import LadmimImageProcessor
 
     output = Path(args.output)
     try:

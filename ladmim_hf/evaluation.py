@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from .baselines import KNNPatchBaseline
 from .calibration import DEFAULT_HOLDOUT_FRACTION
-from .branches_ladmim import LadmimGlobalBranch
-from .configuration_ladmim import BRANCHES
-from .image_processing_ladmim import LadmimImageProcessor, load_image
+from .models.branches_ladmim import LadmimGlobalBranch
+from .models.configuration_ladmim import BRANCHES
+from .models.image_processing_ladmim import LadmimImageProcessor, load_image
 from .io_utils import atomic_write_json, atomic_write_text
 from .metrics import f1_optimal_threshold, image_auroc, loco_au_spro, loco_image_aurocs, operating_point, roc_curve_points
-from .modeling_ladmim import LadmimForAnomalyDetection
+from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .scoring import extract_features
 
 logger = logging.getLogger("ladmim_hf.evaluation")
@@ -451,7 +451,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Evaluate from parsed arguments; a missing or empty data folder is one `error:` line and exit 2."""
     from .data import DataLayoutError, find_layout, select_categories
-    from .image_processing_ladmim import ImageDecodeError
+    from .models.image_processing_ladmim import ImageDecodeError
 
     categories = "all" if args.categories == ["all"] else args.categories
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .image_processing_ladmim import LadmimImageProcessor
-from .modeling_ladmim import LadmimForAnomalyDetection, LadmimTokenizerModel
+from .models.image_processing_ladmim import LadmimImageProcessor
+from .models.modeling_ladmim import LadmimForAnomalyDetection
+from .models.modeling_ladmim_tokenizer import LadmimTokenizerModel
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Tests of the frozen multi-scale EfficientNet backbone (ladmim_hf/backbone_ladmim.py)."""
+"""Tests of the frozen multi-scale EfficientNet backbone (ladmim_hf/models/backbone_ladmim.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ladmim_hf.backbone_ladmim import LadmimBackbone, backbone_block_layout
-from ladmim_hf.configuration_ladmim import BACKBONE_DEFAULTS
+from ladmim_hf.models.backbone_ladmim import LadmimBackbone, backbone_block_layout
+from ladmim_hf.models.configuration_ladmim import BACKBONE_DEFAULTS
 
 LITE0_TAPS = BACKBONE_DEFAULTS["efficientnet_lite0"]["taps"]
 B4_TAPS = BACKBONE_DEFAULTS["efficientnet_b4"]["taps"]
@@ -336,7 +336,7 @@ def test_bad_backbone_and_sizes():
 
 def test_module_imports_only_torch_and_stdlib_at_top_level():
     """Shipped with trust_remote_code: optional packages only inside functions and try blocks."""
-    path = Path(__file__).parents[1] / "ladmim_hf" / "backbone_ladmim.py"
+    path = Path(__file__).parents[1] / "ladmim_hf" / "models" / "backbone_ladmim.py"
     tree = ast.parse(path.read_text())
     allowed = {"torch", "numpy"} | set(sys.stdlib_module_names)
     for node in tree.body:

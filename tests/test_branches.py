@@ -9,7 +9,7 @@ from conftest import BRANCH_STATS, fitted_branch_model, tiny_config
 from scipy.ndimage import gaussian_filter
 from sklearn.covariance import LedoitWolf
 
-from ladmim_hf.branches_ladmim import (
+from ladmim_hf.models.branches_ladmim import (
     LadmimGlobalBranch,
     LadmimMemoryBank,
     fuse,

@@ -18,7 +18,7 @@ from PIL import Image
 from ladmim_hf import LadmimImageProcessor
 from ladmim_hf import visualization as V
 from ladmim_hf.cli import main
-from ladmim_hf.image_processing_ladmim import load_image
+from ladmim_hf.models.image_processing_ladmim import load_image
 
 CATEGORY = "pushpins"
 NUM_MASKS = 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ladmim_hf.backbone_ladmim import LadmimBackbone
+from ladmim_hf.models.backbone_ladmim import LadmimBackbone
 from ladmim_hf.convert import (
     ConversionError,
     build_detector,

@@ -277,7 +277,7 @@ def test_a_missing_or_invalid_preprocessor_config_is_refused_not_silently_replac
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 def test_images_longer_than_the_decode_side_are_reduced_on_decode(tmp_path, suffix):
-    from ladmim_hf.image_processing_ladmim import MAX_DECODED_SIDE, load_image
+    from ladmim_hf.models.image_processing_ladmim import MAX_DECODED_SIDE, load_image
 
     path = tmp_path / f"wide{suffix}"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, MAX_DECODED_SIDE + 104, 3), dtype=np.uint8)).save(path)
@@ -291,7 +291,7 @@ def test_a_strip_image_is_refused_from_its_header(tmp_path):
     import warnings
     import zlib
 
-    from ladmim_hf.image_processing_ladmim import ImageDecodeError, load_image
+    from ladmim_hf.models.image_processing_ladmim import ImageDecodeError, load_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -322,7 +322,7 @@ def test_the_pixel_budget_follows_the_decoding_cost_of_the_mode(tmp_path):
     import warnings
     import zlib
 
-    from ladmim_hf.image_processing_ladmim import ImageDecodeError, load_image
+    from ladmim_hf.models.image_processing_ladmim import ImageDecodeError, load_image
 
     def header_only(path: Path, width: int, height: int, depth: int, colour: int) -> Path:
         def chunk(kind: bytes, data: bytes) -> bytes:

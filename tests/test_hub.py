@@ -27,7 +27,8 @@ REPO_ID = "org/ladmim-loco"
 TRAINED_ID = "org/ladmim-trained"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "configuration_ladmim.py",
-                  "modeling_ladmim.py", "backbone_ladmim.py", "branches_ladmim.py", "masking.py",
+                  "modeling_ladmim.py", "modeling_ladmim_tokenizer.py", "modeling_ladmim_predictor.py",
+                  "modeling_ladmim_utils.py", "backbone_ladmim.py", "branches_ladmim.py", "masking.py",
                   "image_processing_ladmim.py", "pipeline_ladmim.py"}
 
 

@@ -25,7 +25,7 @@ from ladmim_hf.data import (
     load_mvtec_ad,
     resolve_categories,
 )
-from ladmim_hf.image_processing_ladmim import LadmimImageProcessor
+from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
 
 try:  # tests/ may or may not be a package
     from tests.data_fixtures import make_loco_folder, synthloco_small, write_image, write_mask  # noqa: F401

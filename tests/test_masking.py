@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ladmim_hf.masking import BlockMaskGenerator
+from ladmim_hf.models.masking import BlockMaskGenerator
 
 
 @pytest.mark.parametrize(

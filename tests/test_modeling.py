@@ -175,7 +175,7 @@ def test_ema_codebooks_unchanged_in_eval_and_updated_in_training(tester):
 
 
 def test_ema_update_matches_hand_computation():
-    from ladmim_hf.modeling_ladmim import LadmimVectorQuantizer
+    from ladmim_hf.models.modeling_ladmim_tokenizer import LadmimVectorQuantizer
 
     quantizer = LadmimVectorQuantizer(1, 2, 1, decay=0.5, epsilon=0.0, dead_code_threshold=0.0, restart_dead_codes=False)
     quantizer.embed.copy_(torch.tensor([[[0.0], [10.0]]]))
@@ -464,7 +464,7 @@ def test_predictor_dtype_autocasts_the_predictor_only(tiny_model):
 
 
 def test_code_kernel_and_kernel_distance_by_hand(tiny_model):
-    from ladmim_hf.modeling_ladmim import kernel_histogram_distance
+    from ladmim_hf.models.modeling_ladmim_utils import kernel_histogram_distance
 
     tokenizer = tiny_model.tokenizer
     category = tiny_model.categories[0]
@@ -498,7 +498,8 @@ def test_code_kernel_and_kernel_distance_by_hand(tiny_model):
 
 def test_codebook_mmd_loss_and_scoring_use_the_kernel_distance(tiny_model):
     from ladmim_hf import LadmimForAnomalyDetection
-    from ladmim_hf.modeling_ladmim import LadmimPredictorModel, code_histograms, kernel_histogram_distance
+    from ladmim_hf.models.modeling_ladmim_predictor import LadmimPredictorModel
+    from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance
 
     category = tiny_model.categories[0]
     config = tiny_model.config.predictor_config
@@ -602,7 +603,7 @@ def test_patch_tokens_never_see_a_masked_cell(loss_type):
 
 
 def test_patch_masks_cover_whole_patches_and_config_checks_sizes():
-    from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.models.masking import BlockMaskGenerator
 
     generator = BlockMaskGenerator(8, 24, min_block=8, patch_size=2)
     masks = generator(5, 4, seed=0)

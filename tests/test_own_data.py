@@ -210,7 +210,7 @@ def test_every_entry_point_and_batch_order_gives_the_same_score(own_run):
     another order or size: equal to 1e-5."""
     from transformers import pipeline
 
-    from ladmim_hf.image_processing_ladmim import load_image
+    from ladmim_hf.models.image_processing_ladmim import load_image
     from ladmim_hf.scoring import extract_features
 
     model_dir = own_run["model"]

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import pipeline
 
 from ladmim_hf import LadmimImageProcessor
-from ladmim_hf.hub import CUSTOM_PIPELINES, PACKAGE_DIR, ModelFolderError, add_pipeline_to_folder
+from ladmim_hf.hub import CUSTOM_PIPELINES, MODELS_DIR, ModelFolderError, add_pipeline_to_folder
 
 TASK = "image-anomaly-detection"
 
@@ -37,7 +37,7 @@ def test_add_pipeline_to_folder(saved, tmp_path, tiny_model):
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"] == CUSTOM_PIPELINES
     assert config["auto_map"]["AutoModel"] == "modeling_ladmim.LadmimForAnomalyDetection"
-    assert (folder / "pipeline_ladmim.py").read_text() == (PACKAGE_DIR / "pipeline_ladmim.py").read_text()
+    assert (folder / "pipeline_ladmim.py").read_text() == (MODELS_DIR / "pipeline_ladmim.py").read_text()
     add_pipeline_to_folder(folder)  # idempotent
     assert json.loads((folder / "config.json").read_text()) == config
     tokenizer_dir = tmp_path / "tokenizer"
@@ -102,7 +102,7 @@ def test_pipeline_bad_input(saved, tmp_path):
 
 
 def test_pipeline_from_model_instance(tiny_model):
-    import ladmim_hf.pipeline_ladmim  # noqa: F401  (registers the task in-process)
+    import ladmim_hf.models.pipeline_ladmim  # noqa: F401  (registers the task in-process)
 
     detector = pipeline(TASK, model=tiny_model)  # no processor in reach: the default one is built
     assert detector.image_processor.size == 64

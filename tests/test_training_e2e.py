@@ -105,7 +105,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     torch.testing.assert_close(model.tokenizer.residual_mean[pushpins], residual.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.tokenizer.residual_var[pushpins], residual.var(0), rtol=1e-3, atol=1e-5)
     # Memory bank and global branch: fitted on each category's training features, as a by-hand refit gives
-    from ladmim_hf.branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank
+    from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank
 
     bank = LadmimMemoryBank(1, 64, 24)
     bank.fit(cache["train/pushpins"], 0, seed=0)

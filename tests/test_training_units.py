@@ -144,8 +144,8 @@ def test_atomic_writes_leave_old_content_on_failure(tmp_path):
 
 
 def _tiny_predictor(loss_reduction: str):
-    from ladmim_hf.configuration_ladmim import LadmimPredictorConfig
-    from ladmim_hf.modeling_ladmim import LadmimPredictorModel
+    from ladmim_hf.models.configuration_ladmim import LadmimPredictorConfig
+    from ladmim_hf.models.modeling_ladmim_predictor import LadmimPredictorModel
 
     config = LadmimPredictorConfig(input_channels=8, grid_size=4, hidden_size=16, num_hidden_layers=2,
                                    num_attention_heads=2, num_levels=2, codebook_size=8,
@@ -156,7 +156,7 @@ def _tiny_predictor(loss_reduction: str):
 
 def _predictor_loss_fn(seed: int = 0):
     """The training loop's stage-2 loss: masks depend on (seed, step, row) through `_masks_for_step`."""
-    from ladmim_hf.masking import BlockMaskGenerator
+    from ladmim_hf.models.masking import BlockMaskGenerator
     from ladmim_hf.training.loop import _masks_for_step
 
     factory = BlockMaskGenerator(4, num_masked=5, min_block=2)

@@ -17,7 +17,7 @@ Rows (``features``)::
     masks         List(Image())                                 one per ground-truth region
     defect_type   List(string)                                  defect types present
 
-With ``transform`` (e.g. a :class:`~ladmim_hf.image_processing_ladmim.LadmimImageProcessor`)
+With ``transform`` (e.g. a :class:`~ladmim_hf.models.image_processing_ladmim.LadmimImageProcessor`)
 rows come out as ``pixel_values`` ``(3, S, S)`` tensors plus the labels, ``mask`` (the union of
 the regions, binarised with ``> 0`` and resized to ``S x S``, a bool tensor) and ``masks``
 (``(n_regions, S, S)`` bool tensor).
@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image as PILImage
 
-from ..image_processing_ladmim import ImageDecodeError, load_image
+from ..models.image_processing_ladmim import ImageDecodeError, load_image
 from .transforms import make_batch_transform
 
 __all__ = [

@@ -7,9 +7,8 @@
 * ``config.json`` with ``auto_map`` (AutoConfig/AutoModel) and ``custom_pipelines`` (the
   ``image-anomaly-detection`` pipeline),
 * ``model.safetensors`` (or its shards and index),
-* the flat code files (``configuration_ladmim.py``, ``modeling_ladmim.py``, ``backbone_ladmim.py``,
-  ``branches_ladmim.py``, ``masking.py``, ``image_processing_ladmim.py``, ``pipeline_ladmim.py``) taken from
-  this package, so they always belong together,
+* the flat code files: every module of ``ladmim_hf/models/`` (:data:`CODE_FILES`, read from that folder),
+  so they always belong together,
 * ``preprocessor_config.json`` (written with the model's input size when the folder has none),
 * ``README.md``: the generated model card (:func:`build_model_card`).
 
@@ -38,7 +37,7 @@ from .folder import (
     CUSTOM_PIPELINES,
     DEFAULT_PIPELINE_TAG,
     MODEL_CODE_FILES,
-    PACKAGE_DIR,
+    MODELS_DIR,
     PIPELINE_FILE,
     PIPELINE_TASK,
     PROCESSOR_AUTO_MAP,
@@ -68,7 +67,7 @@ __all__ = [
     "LADMIM_CITATION",
     "MODEL_CODE_FILES",
     "ModelFolderError",
-    "PACKAGE_DIR",
+    "MODELS_DIR",
     "PIPELINE_FILE",
     "PIPELINE_TASK",
     "PROCESSOR_AUTO_MAP",

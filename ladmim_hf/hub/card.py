@@ -55,7 +55,7 @@ def _optional_json(path: Path) -> dict | None:
 
 
 def _dataset_info(categories: list[str], settings: dict | None, override: str | None) -> dict:
-    from ..configuration_ladmim import LOCO_CATEGORIES
+    from ..models.configuration_ladmim import LOCO_CATEGORIES
 
     settings = settings or {}
     root = Path(str(settings.get("data_root") or "")).name.lower()

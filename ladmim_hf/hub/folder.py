@@ -19,7 +19,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the ladmim_hf package, where the shipped code files live
+# Every file in ladmim_hf/models/ is shipped with the weights (flat, importing each other only relatively), and
+# nothing else is: this folder is the trust_remote_code boundary, and the lists below are read from it.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -27,15 +29,8 @@ PROCESSOR_NAME = "preprocessor_config.json"
 README_NAME = "README.md"
 PIPELINE_FILE = "pipeline_ladmim.py"
 PIPELINE_TASK = "image-anomaly-detection"
-MODEL_CODE_FILES = (
-    "configuration_ladmim.py",
-    "modeling_ladmim.py",
-    "backbone_ladmim.py",
-    "branches_ladmim.py",
-    "masking.py",
-    "image_processing_ladmim.py",
-)
-CODE_FILES = MODEL_CODE_FILES + (PIPELINE_FILE,)
+CODE_FILES = tuple(sorted(p.name for p in MODELS_DIR.glob("*.py") if p.name != "__init__.py"))
+MODEL_CODE_FILES = tuple(name for name in CODE_FILES if name != PIPELINE_FILE)  # what loading a model needs
 AUTO_MAP = {
     "AutoConfig": "configuration_ladmim.LadmimConfig",
     "AutoModel": "modeling_ladmim.LadmimForAnomalyDetection",
@@ -121,9 +116,9 @@ def add_pipeline_to_folder(model_dir: str | os.PathLike) -> Path:
             f"{config_path} is a {config.get('model_type')!r} config; the {PIPELINE_TASK} pipeline needs a "
             "LadmimForAnomalyDetection folder (model_type 'ladmim')"
         )
-    shutil.copyfile(PACKAGE_DIR / PIPELINE_FILE, folder / PIPELINE_FILE)
+    shutil.copyfile(MODELS_DIR / PIPELINE_FILE, folder / PIPELINE_FILE)
     if not (folder / "image_processing_ladmim.py").is_file():
-        shutil.copyfile(PACKAGE_DIR / "image_processing_ladmim.py", folder / "image_processing_ladmim.py")
+        shutil.copyfile(MODELS_DIR / "image_processing_ladmim.py", folder / "image_processing_ladmim.py")
     pipelines = dict(config.get("custom_pipelines") or {})
     pipelines.update(json.loads(json.dumps(CUSTOM_PIPELINES)))
     config["custom_pipelines"] = pipelines
@@ -210,7 +205,7 @@ def _known_fields(config_class) -> set[str]:
 
 def unknown_config_fields(config: dict) -> list[str]:
     """Fields of a LADMIM `config.json` dict that this version does not know (dotted for sub-configs)."""
-    from ..configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
+    from ..models.configuration_ladmim import LadmimConfig, LadmimPredictorConfig, LadmimTokenizerConfig
 
     unknown = sorted(k for k in config if k not in _known_fields(LadmimConfig))
     for key, cls in (("tokenizer_config", LadmimTokenizerConfig), ("predictor_config", LadmimPredictorConfig)):

@@ -63,7 +63,7 @@ def resolve_model_folder(path_or_id: str | os.PathLike, revision: str | None = N
 def load_config(folder: str | os.PathLike, strict: bool = False):
     """`LadmimConfig` of a saved folder. Unknown fields (a config written by a newer version) are ignored with a
     `ConfigFieldsWarning` naming them, or raise `ModelFolderError` with `strict=True`."""
-    from ..configuration_ladmim import LadmimConfig
+    from ..models.configuration_ladmim import LadmimConfig
 
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
@@ -108,7 +108,7 @@ def load_model(path_or_id: str | os.PathLike, *, revision: str | None = None, ch
 
     Returns the model in eval mode. Raises `ModelFolderError` (a `ValueError`).
     """
-    from ..modeling_ladmim import LadmimForAnomalyDetection
+    from ..models.modeling_ladmim import LadmimForAnomalyDetection
 
     folder = resolve_model_folder(path_or_id, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     config = load_config(folder, strict=strict_config)

@@ -22,7 +22,7 @@ from .folder import (
     CODE_FILES,
     CONFIG_NAME,
     DEFAULT_PIPELINE_TAG,
-    PACKAGE_DIR,
+    MODELS_DIR,
     PROCESSOR_AUTO_MAP,
     PROCESSOR_NAME,
     README_NAME,
@@ -43,7 +43,7 @@ def prepare_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLi
                           pipeline_tag: str = DEFAULT_PIPELINE_TAG, base_model: str | None = None,
                           dataset: str | None = None, verify: bool = True) -> Path:
     """Write into `out_dir` (empty or new) exactly what would be uploaded for `model_dir`. Returns `out_dir`."""
-    from ..image_processing_ladmim import LadmimImageProcessor
+    from ..models.image_processing_ladmim import LadmimImageProcessor
 
     model_dir = Path(model_dir)
     out = Path(out_dir)
@@ -66,7 +66,7 @@ def prepare_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLi
     for path in weights:
         shutil.copyfile(path, out / path.name)
     for name in CODE_FILES:
-        shutil.copyfile(PACKAGE_DIR / name, out / name)
+        shutil.copyfile(MODELS_DIR / name, out / name)
     processor_path = model_dir / PROCESSOR_NAME
     if processor_path.is_file():
         processor = _read_json(processor_path)

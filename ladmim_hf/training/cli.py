@@ -12,7 +12,7 @@ from typing import Any
 
 from ..data.layout import DATASET_FORMATS
 from ..data.loaders import DataLayoutError
-from ..image_processing_ladmim import ImageDecodeError
+from ..models.image_processing_ladmim import ImageDecodeError
 from .loop import TrainingDivergedError, TrainingInterrupted
 from .pipeline import train
 from .settings import SettingsError, TrainSettings, _yaml_load, load_settings

@@ -28,12 +28,14 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..calibration import calibrate_category, calibration_size_warning
-from ..configuration_ladmim import LadmimConfig
+from ..models.configuration_ladmim import LadmimConfig
 from ..data.layout import DataLayout, find_layout, normal_split, select_categories
 from ..hub import add_pipeline_to_folder
-from ..image_processing_ladmim import LadmimImageProcessor
+from ..models.image_processing_ladmim import LadmimImageProcessor
 from ..io_utils import atomic_save_directory, atomic_write_json, recover_interrupted_saves
-from ..modeling_ladmim import LadmimForAnomalyDetection, LadmimPredictorModel, LadmimTokenizerModel
+from ..models.modeling_ladmim import LadmimForAnomalyDetection
+from ..models.modeling_ladmim_predictor import LadmimPredictorModel
+from ..models.modeling_ladmim_tokenizer import LadmimTokenizerModel
 from ..scoring import extract_features
 from .loop import Progress, _masks_for_step, _StopFlag, run_stage
 from .settings import SettingsError, TrainSettings, _check_resume

@@ -205,7 +205,7 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
 
 
 def _register() -> None:
-    """Register the task in-process (once: the Hub copy of this file and `ladmim_hf.pipeline_ladmim`
+    """Register the task in-process (once: the Hub copy of this file and `ladmim_hf.models.pipeline_ladmim`
     may both be imported in one process)."""
     impl = {"impl": LadmimAnomalyDetectionPipeline, "pt": (AutoModel,), "type": "image"}
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():

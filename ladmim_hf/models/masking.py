@@ -1,6 +1,6 @@
 """BEiT-style block masking with an exact masked-cell count and explicit, seeded randomness.
 
-Shipped to the Hub with the model (imported relatively by ``modeling_ladmim.py``), so it uses only
+Shipped to the Hub with the model (imported relatively by the modeling files), so it uses only
 numpy and torch.
 """
 

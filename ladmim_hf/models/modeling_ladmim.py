@@ -1,0 +1,337 @@
+"""The LADMIM anomaly detector: tokenizer, per-category predictors, optional memory-bank and global
+branches, calibration and fusion, in one `PreTrainedModel`.
+
+Shipped to the Hub next to the weights (``ladmim_hf/models/``); imports only torch, transformers and
+its flat siblings, relatively. The tokenizer and predictor live in ``modeling_ladmim_tokenizer`` and
+``modeling_ladmim_predictor``; what they share in ``modeling_ladmim_utils``.
+
+Shapes use B = batch, M = masks per image, N = grid cells (grid_size ** 2), L = codebook levels,
+K = codebook size, C = feature channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
+from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration
+from .masking import BlockMaskGenerator
+from .modeling_ladmim_predictor import LadmimPredictorModel
+from .modeling_ladmim_tokenizer import LadmimTokenizerModel
+from .modeling_ladmim_utils import LadmimPreTrainedModel, _autocast_dtype, _eval_mode, code_histograms, kernel_histogram_distance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LadmimAnomalyOutput(ModelOutput):
+    """Output of [`LadmimForAnomalyDetection.forward`] (names follow anomalib where they overlap).
+
+    Every branch score is raw (unstandardised); `pred_score` and `anomaly_map` combine the branches
+    named in `config.fused_branches`, each standardised on normal validation images, by
+    `config.fusion_rule`. Branches that are switched off leave their fields `None`.
+
+    Args:
+        pred_score: fused score `(B,)`.
+        pred_label: `pred_score > threshold` `(B,)` bool.
+        logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`.
+        structural_score: HVQ-Trans image score `(B,)`.
+        memory_bank_score: largest nearest-neighbour patch distance to the category's memory bank `(B,)`.
+        global_score: Mahalanobis distance of the image's pooled features `(B,)`.
+        anomaly_map: fused map of the fused branches that have one `(B, S, S)`.
+        logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)`.
+        structural_map: HVQ-Trans reconstruction map `(B, S, S)`.
+        memory_bank_map: nearest-neighbour distances, upsampled and smoothed `(B, S, S)`.
+        mask_scores: per-mask histogram distance `(B, M)`.
+        masks: the masks used `(B, M, N)`.
+        predicted_histograms: `softmax` of the hist logits `(B, M, L, K)` (if requested).
+        target_histograms: true code histograms of the masked cells `(B, M, L, K)` (if requested).
+    """
+
+    pred_score: torch.FloatTensor | None = None
+    pred_label: torch.BoolTensor | None = None
+    logical_score: torch.FloatTensor | None = None
+    structural_score: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    logical_map: torch.FloatTensor | None = None
+    structural_map: torch.FloatTensor | None = None
+    mask_scores: torch.FloatTensor | None = None
+    masks: torch.BoolTensor | None = None
+    predicted_histograms: torch.FloatTensor | None = None
+    target_histograms: torch.FloatTensor | None = None
+    memory_bank_score: torch.FloatTensor | None = None
+    memory_bank_map: torch.FloatTensor | None = None
+    global_score: torch.FloatTensor | None = None
+
+    def branch_scores(self) -> dict[str, torch.Tensor]:
+        """`{branch: raw score (B,)}` for every branch the detector computed."""
+        return {name: getattr(self, f"{name}_score") for name in BRANCHES if getattr(self, f"{name}_score") is not None}
+
+    def branch_maps(self) -> dict[str, torch.Tensor]:
+        """`{branch: raw map (B, S, S)}` for every computed branch that has a map (the global one has none)."""
+        return {name: getattr(self, f"{name}_map", None) for name in BRANCHES
+                if getattr(self, f"{name}_map", None) is not None}
+
+
+class LadmimForAnomalyDetection(LadmimPreTrainedModel):
+    """LADMIM: a class-switched tokenizer, one predictor per category, optional training-free
+    branches, and calibrated fusion.
+
+    `forward` scores images: the backbone and tokenizer run once per image (codes and structural
+    map), all masks of all images go through the predictor in one batched forward, and the logical
+    score is the mean over masks of the distance between predicted and true code histograms. With
+    `config.memory_bank_size > 0` a PatchCore memory bank scores the same backbone features, and with
+    `config.global_branch` a Mahalanobis distance of their pooled statistics; both are fitted on the
+    training images (`fit_feature_branches`). Each branch is standardised with the category's
+    calibration statistics (normal validation images) and the branches in `config.fused_branches`
+    are combined by `config.fusion_rule`.
+
+    Example:
+        ```python
+        >>> from transformers import AutoModel, AutoImageProcessor
+        >>> model = AutoModel.from_pretrained("org/ladmim-loco", trust_remote_code=True)
+        >>> processor = AutoImageProcessor.from_pretrained("org/ladmim-loco", trust_remote_code=True)
+        >>> out = model(**processor(images), category="breakfast_box", num_masks=10, seed=0)
+        >>> out.pred_score, out.pred_label, out.anomaly_map.shape
+        ```
+    """
+
+    config_class = LadmimConfig
+    base_model_prefix = "ladmim"
+
+    def __init__(self, config: LadmimConfig):
+        super().__init__(config)
+        self.tokenizer = LadmimTokenizerModel(config.tokenizer_config)
+        names = ["shared"] if config.shared_predictor else config.categories
+        self.predictors = nn.ModuleDict({name: LadmimPredictorModel(config.predictor_config) for name in names})
+        cats, channels = len(config.categories), config.tokenizer_config.feature_channels
+        self.memory_bank = None
+        if config.memory_bank_size > 0:
+            self.memory_bank = LadmimMemoryBank(cats, channels, config.memory_bank_size, config.memory_bank_neighbourhood,
+                                                config.memory_bank_smoothing_sigma)
+        self.global_branch = LadmimGlobalBranch(cats, channels) if config.global_branch else None
+        self._warned_uncalibrated: set[str] = set()
+        self.post_init()
+
+    @property
+    def categories(self) -> list[str]:
+        return self.config.categories
+
+    def predictor_for(self, category: str) -> LadmimPredictorModel:
+        if category not in self.categories:
+            raise ValueError(f"unknown category {category!r}; this model was trained on {self.categories}")
+        return self.predictors["shared" if self.config.shared_predictor else category]
+
+    def mask_generator(self, training: bool = False) -> BlockMaskGenerator:
+        config = self.config
+        return BlockMaskGenerator(
+            config.tokenizer_config.grid_size,
+            config.train_num_masked if training else config.score_num_masked,
+            config.train_min_block if training else config.score_min_block,
+            config.min_aspect,
+            patch_size=config.predictor_config.patch_size,
+        )
+
+    def calibration_for(self, category: str) -> dict:
+        """Calibration statistics of a category: `{branch}_mean` and `{branch}_std` of every enabled
+        branch and the fused `threshold` (identity statistics if it was never calibrated)."""
+        stats = self.config.calibration.get(category)
+        if stats is None:
+            if category not in self._warned_uncalibrated:
+                logger.warning("category %r has no calibration statistics; scores are not standardised", category)
+                self._warned_uncalibrated.add(category)
+            stats = {"threshold": self.config.default_threshold}
+            for branch in self.config.enabled_branches:
+                stats.update({f"{branch}_mean": 0.0, f"{branch}_std": 1.0})
+            return stats
+        check_calibration(category, stats)  # also when it was set after loading
+        missing = [b for b in self.config.fused_branches if f"{b}_mean" not in stats or f"{b}_std" not in stats]
+        if missing:
+            raise ValueError(f"config.calibration[{category!r}] has no statistics for the fused branches {missing}; "
+                             "recalibrate the model (training stage 3) or remove them from config.fused_branches")
+        return stats
+
+    @torch.no_grad()
+    def fit_feature_branches(self, features: torch.Tensor, category: str, seed: int = 0) -> None:
+        """Fit the memory-bank and global branches (those enabled) of one category from its training
+        images' raw backbone features `(num_images, C, g, g)`."""
+        class_id = int(self.tokenizer.category_ids(category, 1)[0])
+        features = features.to(self.device)
+        if self.memory_bank is not None:
+            self.memory_bank.fit(features, class_id, seed=seed)
+        if self.global_branch is not None:
+            self.global_branch.fit(features, class_id)
+
+    def standardized_scores(self, scores: dict[str, torch.Tensor], categories: Sequence[str]) -> dict[str, torch.Tensor]:
+        """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with each
+        image's category (`categories`, one name per image) calibration statistics."""
+        by_category = {c: self.calibration_for(c) for c in dict.fromkeys(categories)}  # checked once per category
+        stats = [by_category[c] for c in categories]
+        out = {}
+        for branch, values in scores.items():
+            shape = (-1,) + (1,) * (values.dim() - 1)
+            mean = torch.tensor([float(s.get(f"{branch}_mean", 0.0)) for s in stats], device=values.device).view(shape)
+            std = torch.tensor([float(s.get(f"{branch}_std", 1.0)) for s in stats], device=values.device).view(shape)
+            out[branch] = (values - mean) / std.clamp(min=1e-12)
+        return out
+
+    def fuse_branches(self, z_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Combine standardised branches `{branch: (B, ...)}` that are in `config.fused_branches` by
+        `config.fusion_rule` (branches absent from `z_scores`, e.g. the global one for maps, are skipped)."""
+        present = [z_scores[b] for b in self.config.fused_branches if b in z_scores]
+        if not present:
+            raise ValueError(f"none of the fused branches {self.config.fused_branches} was given")
+        return fuse(torch.stack(present, -1), self.config.fusion_rule)
+
+    def logical_scores(self, features: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor, category: str,
+                       return_histograms: bool = False, max_sequences_per_chunk: int | None = None,
+                       predictor_dtype=None):
+        """Per-mask distances `(B, M)` between predicted and true histograms (`config.histogram_distance`), for one category.
+
+        Args:
+            features: `(B, C, g, g)`; codes: `(B, L, N)`; masks: `(B, M, N)` bool.
+            predictor_dtype: run the predictor under `torch.autocast` with this dtype (see `forward`).
+        """
+        predictor = self.predictor_for(category)
+        if max_sequences_per_chunk is None:  # memory follows the budget, not the number of masks
+            max_sequences_per_chunk = max(1, self.config.scoring_memory_mb * 2**20 // predictor.inference_bytes_per_sequence())
+        dtype = _autocast_dtype(predictor_dtype)
+        with torch.autocast(features.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = predictor(features, masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
+        predicted = logits.float().softmax(-1)
+        target = code_histograms(codes, masks, self.config.predictor_config.codebook_size)
+        if self.config.histogram_distance == "codebook_mmd":
+            kernel = self.tokenizer.code_kernel(category, self.config.kernel_bandwidth).to(predicted.device)
+            mask_scores = kernel_histogram_distance(predicted - target, kernel)
+        else:
+            mask_scores = (predicted - target).abs().sum((-1, -2))
+        if return_histograms:
+            return mask_scores, predicted, target
+        return mask_scores, None, None
+
+    def logical_map(self, mask_scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Spread each mask's discrepancy over the cells it hid: the mean score of the masks covering
+        each cell `(B, g, g)` (cells no mask covered get the image's mean score)."""
+        weights = masks.to(mask_scores.dtype)
+        covered = weights.sum(1)
+        summed = torch.einsum("bm,bmn->bn", mask_scores, weights)
+        mean = mask_scores.mean(1, keepdim=True).expand_as(summed)
+        cell_map = torch.where(covered > 0, summed / covered.clamp(min=1), mean)
+        g = self.config.tokenizer_config.grid_size
+        return cell_map.view(-1, g, g)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor | None = None, category=None, num_masks: int | None = None,
+                seed=0, bool_masked_pos: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                threshold: float | None = None, return_histograms: bool = False,
+                max_sequences_per_chunk: int | None = None, predictor_dtype=None) -> LadmimAnomalyOutput:
+        """Score images.
+
+        Args:
+            pixel_values: `(B, 3, S, S)` from [`LadmimImageProcessor`] (or give `features`).
+            category: a category name for the whole batch, or one name/id per image.
+            num_masks: test-time masks per image (default `config.num_masks`).
+            seed: an int (default 0) scores every image with the same mask set, drawn from that seed,
+                so an image's score does not depend on the batch, its position in it or the entry
+                point, and images of a category are scored alike; a list gives one seed per image;
+                `None` draws fresh masks.
+            bool_masked_pos: explicit masks `(B, M, N)`; overrides `num_masks` and `seed`.
+            features: precomputed raw backbone features `(B, C, g, g)` (`tokenizer.extract_features`).
+            threshold: decision threshold on the fused score (default: the category's calibrated one).
+                Refused unless it is a finite number.
+            return_histograms: also return predicted and true histograms `(B, M, L, K)`.
+            max_sequences_per_chunk: (image, mask) sequences per predictor call (default: as many as
+                `config.scoring_memory_mb` holds).
+            predictor_dtype: `"bf16"`/`"fp16"` (or a torch dtype) runs the predictor, most of the cost,
+                under `torch.autocast`; the tokenizer, its codes and the histograms stay float32. On a
+                CPU with AVX512-BF16, bf16 scores 1.5x faster at paper size (`benchmarks/scoring.py
+                --bf16`); on a trained synthloco model logical scores moved by at most 1e-3 and the
+                AUROC did not change. `None`: float32.
+        """
+        with _eval_mode(self):
+            if category is None:
+                if len(self.categories) != 1:
+                    raise ValueError(f"pass category= (one of {self.categories})")
+                category = self.categories[0]
+            if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, numbers.Integral)
+                                          or num_masks < 1):
+                raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
+            if features is None:
+                if pixel_values is None:
+                    raise ValueError("pass pixel_values or features")
+                features = self.tokenizer.extract_features(pixel_values)
+            batch = features.shape[0]
+            class_ids = self.tokenizer.category_ids(category, batch)
+            tokens = self.tokenizer.tokenize(features=features, category=class_ids)
+            if bool_masked_pos is None:
+                if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+                    seed = [int(seed)] * batch  # one mask set, shared by every image
+                masks = self.mask_generator()(batch, num_masks if num_masks is not None else self.config.num_masks, seed).to(tokens["codes"].device)
+            else:
+                masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
+                if masks.dim() == 2:
+                    masks = masks[:, None]
+            num = masks.shape[1]
+            mask_scores = torch.empty(batch, num, device=masks.device)
+            levels, size = self.config.predictor_config.num_levels, self.config.predictor_config.codebook_size
+            predicted_all = target_all = None
+            if return_histograms:
+                predicted_all = torch.empty(batch, num, levels, size, device=masks.device)
+                target_all = torch.empty_like(predicted_all)
+            # Mixed-category batches: one predictor call per category present.
+            for cid in class_ids.unique().tolist():
+                rows = torch.nonzero(class_ids == cid).flatten()
+                scores, predicted, target = self.logical_scores(
+                    tokens["features"][rows], tokens["codes"][rows], masks[rows], self.categories[cid],
+                    return_histograms, max_sequences_per_chunk, predictor_dtype,
+                )
+                mask_scores[rows] = scores
+                if return_histograms:
+                    predicted_all[rows], target_all[rows] = predicted, target
+            size_px = self.config.tokenizer_config.image_size
+            logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
+                                        mode="bilinear", align_corners=True)[:, 0]
+            scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
+            maps = {"logical": logical_map, "structural": tokens["structural_map"]}
+            if self.memory_bank is not None:
+                scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories)
+            if self.global_branch is not None:
+                scores["global"] = self.global_branch(features, class_ids, self.categories)
+            for branch, values in scores.items():
+                bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+                if bad:  # never a verdict from a non-number
+                    raise ValueError(f"the {branch} score is not finite (NaN or inf) for image(s) {bad} of the batch: "
+                                     "the input or the model's weights hold non-finite values")
+            names = [self.categories[c] for c in class_ids.tolist()]
+            pred_score = self.fuse_branches(self.standardized_scores(scores, names))
+            # Maps are standardised with their branch's image-score statistics, so a cell and an image
+            # at the same z are equally unusual.
+            anomaly_map = self.fuse_branches(self.standardized_scores(maps, names))
+            if threshold is not None:
+                threshold = float(threshold)
+                if not math.isfinite(threshold):
+                    raise ValueError(f"threshold must be a finite number, got {threshold}")
+                thresholds = torch.full_like(pred_score, threshold)
+            else:
+                by_category = {c: float(self.calibration_for(c)["threshold"]) for c in dict.fromkeys(names)}
+                thresholds = torch.tensor([by_category[c] for c in names], device=masks.device)
+            return LadmimAnomalyOutput(
+                pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=scores["logical"],
+                structural_score=scores["structural"], anomaly_map=anomaly_map, logical_map=logical_map,
+                structural_map=maps["structural"], mask_scores=mask_scores, masks=masks,
+                predicted_histograms=predicted_all, target_histograms=target_all,
+                memory_bank_score=scores.get("memory_bank"), memory_bank_map=maps.get("memory_bank"),
+                global_score=scores.get("global"),
+            )
+
+
+__all__ = ["LadmimAnomalyOutput", "LadmimForAnomalyDetection"]
