@@ -11,14 +11,13 @@ from .loaders import (
     DataLayoutError,
     _build,
     _check_only_good,
+    _folder_records,
     _fingerprint,
     _images_in,
     _is_ignored,
-    _record,
     _require_dir,
     _split_fix,
     _test_subfolders,
-    _validate_records,
 )
 
 __all__ = ["FOLDER_LAYOUTS", "has_images", "load_folder"]
@@ -142,9 +141,6 @@ def load_folder(root: str | os.PathLike, split: str = "train", transform=None, s
             for image in _images_in(folder, bad, fix, skip_folders=sub == "."):
                 masks = _folder_masks(root, sub, image) if kind != "good" else []
                 candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
-        usable = _validate_records(candidates, validate, bad, notes)
-        records = [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
-                   for c in usable]
-        return records, bad, notes
+        return _folder_records(candidates, category, validate, bad, notes), bad, notes
 
     return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{split_dir} (folder layout)")

@@ -313,6 +313,13 @@ def _validate_records(candidates: list[dict], validate: bool, bad: list, notes: 
     return good
 
 
+def _folder_records(candidates: list[dict], category: str, validate: bool, bad: list, notes: list) -> list[dict]:
+    """Rows of the usable candidates, each anomaly's defect type named after its folder (`defect`)."""
+    usable = _validate_records(candidates, validate, bad, notes)
+    return [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
+            for c in usable]
+
+
 def _require_dir(path: Path, what: str, fix: str = "") -> None:
     fix = f"; {fix}" if fix else ""
     if not path.exists():
@@ -457,6 +464,12 @@ def _category_split(root: str | os.PathLike, category: str, split: str) -> tuple
     return root, cat_dir, split_dir, fix
 
 
+def _split_fingerprint(kind: str, root: Path, cat_dir: Path, split: str, validate: bool, extra: Sequence[Path] = ()) -> str:
+    """Fingerprint of one split of a category folder: its files, `extra` files, and the ground truth for test."""
+    watched = [cat_dir / split, *extra] + ([cat_dir / "ground_truth"] if split == "test" else [])
+    return _fingerprint(kind, root, watched, {"category": cat_dir.name, "split": split, "validate": validate})
+
+
 def _loco_masks(cat_dir: Path, sub: str, image: Path) -> list[str]:
     folder = cat_dir / "ground_truth" / sub / image.stem
     if not folder.is_dir():
@@ -501,8 +514,7 @@ def load_loco(root: str | os.PathLike, category: str | Sequence[str], split: str
         return _several(load_loco, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
     root, cat_dir, split_dir, fix = _category_split(root, category, split)
     config_path = cat_dir / "defects_config.json"
-    watched = [split_dir, config_path] + ([cat_dir / "ground_truth"] if split == "test" else [])
-    fingerprint = _fingerprint("loco", root, watched, {"category": category, "split": split, "validate": validate})
+    fingerprint = _split_fingerprint("loco", root, cat_dir, split, validate, [config_path])
 
     def walk():
         bad: list[tuple[str, str]] = []
@@ -592,8 +604,7 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
     if _is_several(category):
         return _several(load_mvtec_ad, root, category, split, transform, skip_bad_files, validate=validate, cache_dir=cache_dir)
     root, cat_dir, split_dir, fix = _category_split(root, category, split)
-    watched = [split_dir] + ([cat_dir / "ground_truth"] if split == "test" else [])
-    fingerprint = _fingerprint("mvtec_ad", root, watched, {"category": category, "split": split, "validate": validate})
+    fingerprint = _split_fingerprint("mvtec_ad", root, cat_dir, split, validate)
 
     def walk():
         bad: list[tuple[str, str]] = []
@@ -616,9 +627,6 @@ def load_mvtec_ad(root: str | os.PathLike, category: str | Sequence[str], split:
                     else:
                         notes.append(f"{image}: anomalous image without a ground-truth mask (expected {mask})")
                 candidates.append({"path": str(image.resolve()), "masks": masks, "kind": kind, "defect": sub})
-        usable = _validate_records(candidates, validate, bad, notes)
-        records = [_record(c["path"], c["kind"], category, c["masks"], [] if c["kind"] == "good" else [c["defect"]])
-                   for c in usable]
-        return records, bad, notes
+        return _folder_records(candidates, category, validate, bad, notes), bad, notes
 
     return _build(walk, fingerprint, skip_bad_files, transform, cache_dir, f"{cat_dir / split} (MVTec AD layout)")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .canvas import Canvas, flat, render_damage, rgb, sphere
 from .geometry import capsule, circle, diff, dilate, ellipse, inter, rbox, sdf, union, wave
-from .sampling import jagged_line, place, random_blob, uniform
+from .sampling import add_dirt, jagged_line, place, random_blob, uniform
 
 _JUICES = {
     "orange": (238, 128, 24),
@@ -173,10 +173,7 @@ def structural(p: dict, name: str, rng) -> list[dict]:
             return sdf(labels, x, y)[0] > 14 and sdf(liquid, x, y)[0] < -12
 
         c = place(rng, candidate, ok)
-        shape = random_blob(rng, c["x"], c["y"], uniform(rng, 8, 11), 0.35)
-        color = [[40, 34, 28], [235, 235, 225], [60, 130, 60]][int(rng.integers(3))]
-        p["damage"].append({"kind": "dirt", "shape": shape, "color": color})
-        return [shape]
+        return [add_dirt(p, rng, c["x"], c["y"], (8, 11), [[40, 34, 28], [235, 235, 225], [60, 130, 60]])]
     if name == "damaged_label":
         # tear off a piece at the label's edge
         side = int(rng.integers(4))

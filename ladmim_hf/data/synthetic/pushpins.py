@@ -13,7 +13,7 @@ from collections import Counter
 
 from .canvas import Canvas, flat, render_damage, sphere, tube
 from .geometry import capsule, circle, diff, dilate, inter, rbox, union
-from .sampling import Retry, bezier, no_overlap, place, random_blob, uniform
+from .sampling import Retry, add_dirt, bezier, no_overlap, place, random_blob, uniform
 
 _COLS, _ROWS, _WALL = 4, 3, 5.0
 _TRAY = {"cx": 128.0, "cy": 128.0, "w": 240.0, "h": 184.0}
@@ -157,8 +157,7 @@ def structural(p: dict, name: str, rng) -> list[dict]:
         except Retry:
             c = candidate()
         if rng.uniform() < 0.6:
-            shape = random_blob(rng, c["x"], c["y"], uniform(rng, 8, 10.5), 0.35)
-            p["damage"].append({"kind": "dirt", "shape": shape, "color": [[70, 52, 40], [40, 40, 44], [150, 60, 40]][int(rng.integers(3))]})
+            shape = add_dirt(p, rng, c["x"], c["y"], (8, 10.5), [[70, 52, 40], [40, 40, 44], [150, 60, 40]])
         else:
             pts = bezier((c["x"] - 16, c["y"] + uniform(rng, -6, 6)), (c["x"] - 5, c["y"] + uniform(rng, -20, 20)),
                           (c["x"] + 5, c["y"] + uniform(rng, -20, 20)), (c["x"] + 16, c["y"] + uniform(rng, -6, 6)), 10)

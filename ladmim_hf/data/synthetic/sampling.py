@@ -20,6 +20,13 @@ def random_blob(rng, cx, cy, r, amp: float = 0.25):
     return blob(cx, cy, r, blob_harmonics(rng, 4, amp))
 
 
+def add_dirt(p: dict, rng, x: float, y: float, radius: tuple[float, float], colors: list) -> object:
+    """A dirt stain (a random blob, radius drawn from `radius`, one of `colors`) added to `p["damage"]`; its shape."""
+    shape = random_blob(rng, x, y, uniform(rng, *radius), 0.35)
+    p["damage"].append({"kind": "dirt", "shape": shape, "color": colors[int(rng.integers(len(colors)))]})
+    return shape
+
+
 def jagged_line(rng, x0, y0, length, angle, n=6, jitter=3.0):
     pts = []
     for i in range(n + 1):

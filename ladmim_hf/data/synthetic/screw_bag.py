@@ -15,7 +15,7 @@ import numpy as np
 
 from .canvas import Canvas, flat, render_damage, rgb, tube
 from .geometry import capsule, circle, diff, dilate, hexagon, rbox, ring, union
-from .sampling import Retry, no_overlap, place, random_blob, uniform
+from .sampling import Retry, add_dirt, no_overlap, place, random_blob, uniform
 
 _COUNTS = {"washer": 2, "nut": 2, "long_screw": 1, "short_screw": 2}
 _LENGTH = {"long_screw": 104.0, "short_screw": 62.0}
@@ -159,9 +159,7 @@ def structural(p: dict, name: str, rng) -> list[dict]:
         p["holes"].append(hole)
         return [hole]
     if name == "contamination":
-        shape = random_blob(rng, c["x"], c["y"], uniform(rng, 6.5, 9.5), 0.35)
-        p["damage"].append({"kind": "dirt", "shape": shape, "color": [[70, 52, 40], [35, 35, 40], [40, 100, 190]][int(rng.integers(3))]})
-        return [shape]
+        return [add_dirt(p, rng, c["x"], c["y"], (6.5, 9.5), [[70, 52, 40], [35, 35, 40], [40, 100, 190]])]
     raise KeyError(name)
 
 

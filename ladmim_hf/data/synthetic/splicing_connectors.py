@@ -13,7 +13,7 @@ import math
 
 from .canvas import Canvas, flat, render_damage, tube
 from .geometry import capsule, circle, diff, dilate, inter, rbox, union
-from .sampling import Retry, bezier, jagged_line, random_blob, uniform
+from .sampling import Retry, add_dirt, bezier, jagged_line, random_blob, uniform
 
 _COLORS = {"yellow": (236, 200, 40), "blue": (40, 92, 205), "red": (205, 42, 40)}
 _COLOR_OF = {2: "yellow", 3: "blue", 5: "red"}
@@ -160,9 +160,7 @@ def structural(p: dict, name: str, rng) -> list[dict]:
         return [dilate(_lever(conn, i), 1.0)]
     if name == "contamination":
         x, y = uniform(rng, 80, 176), uniform(rng, 30, 226)
-        shape = random_blob(rng, x, y, uniform(rng, 6.5, 9.5), 0.35)
-        p["damage"].append({"kind": "dirt", "shape": shape, "color": [[70, 52, 40], [35, 35, 40], [120, 160, 60]][int(rng.integers(3))]})
-        return [shape]
+        return [add_dirt(p, rng, x, y, (6.5, 9.5), [[70, 52, 40], [35, 35, 40], [120, 160, 60]])]
     raise KeyError(name)
 
 

@@ -65,6 +65,8 @@ def _as_2d(x, dtype):
 class SPRO(evaluate.Metric):
     """Normalised area under the FPR-sPRO curve (MVTec LOCO AD)."""
 
+    # Copied from image_auroc.ImageAUROC._info, with this metric's features: `evaluate.load` reads each
+    # module file on its own, so the two cannot share a base class.
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
