@@ -639,3 +639,19 @@ def test_patch_predictor_detector_scores_and_round_trips(tmp_path, pixel_values)
     assert loaded.config.predictor_config.patch_size == 2
     again = loaded(pixel_values, category="pushpins", num_masks=3, seed=[0, 1, 2])
     torch.testing.assert_close(again.pred_score, out.pred_score)
+
+
+def test_predictor_config_object_must_follow_the_tokenizer():
+    """Given as an object, the predictor config is checked against the tokenizer's shared fields (a dict is
+    filled in from them)."""
+    from ladmim_hf import LadmimConfig, LadmimPredictorConfig
+
+    from conftest import tiny_predictor_kwargs, tiny_tokenizer_kwargs
+
+    tokenizer = tiny_tokenizer_kwargs()
+    matching = LadmimPredictorConfig(input_channels=64, grid_size=4, num_levels=2, codebook_size=16, **tiny_predictor_kwargs())
+    assert LadmimConfig(tokenizer_config=tokenizer, predictor_config=matching).predictor_config.grid_size == 4
+    other = LadmimPredictorConfig(input_channels=64, grid_size=8, num_levels=2, codebook_size=32, **tiny_predictor_kwargs())
+    with pytest.raises(ValueError, match=r"must follow tokenizer_config, but has grid_size 8 \(tokenizer: 4\), "
+                                         r"codebook_size 32 \(tokenizer: 16\)"):
+        LadmimConfig(tokenizer_config=tokenizer, predictor_config=other)

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image as PILImage
 
+from ..models.configuration_ladmim import LOCO_CATEGORIES as OFFICIAL_LOCO_ORDER
 from ..models.image_processing_ladmim import ImageDecodeError, load_image
 from .transforms import make_batch_transform
 
@@ -57,7 +58,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IGNORED_FILES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
-LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+LOCO_CATEGORIES = tuple(sorted(OFFICIAL_LOCO_ORDER))  # as folders list them; the official class-id order is the model's
 LABELS = ("good", "anomalous")
 ANOMALY_TYPES = ("good", "logical", "structural")
 LOCO_TEST_FOLDERS = {"good": "good", "logical_anomalies": "logical", "structural_anomalies": "structural"}

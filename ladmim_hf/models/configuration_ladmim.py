@@ -380,6 +380,14 @@ class LadmimConfig(PretrainedConfig):
                 codebook_size=tokenizer_config.codebook_size,
             )
             predictor_config = LadmimPredictorConfig(**predictor_config)
+        # The predictor reads the tokenizer's grid and predicts its codes: the shared fields must agree
+        # however the two configs were given (dicts are filled in above; objects are checked here).
+        follows = {"input_channels": tokenizer_config.feature_channels, "grid_size": tokenizer_config.grid_size,
+                   "num_levels": tokenizer_config.num_levels, "codebook_size": tokenizer_config.codebook_size}
+        differ = [f"{name} {getattr(predictor_config, name)} (tokenizer: {value})" for name, value in follows.items()
+                  if value is not None and getattr(predictor_config, name) != value]
+        if differ:
+            raise ValueError(f"predictor_config must follow tokenizer_config, but has {', '.join(differ)}")
         check_whole_numbers("config", num_masks=num_masks, train_num_masked=train_num_masked,
                             train_min_block=train_min_block, score_num_masked=score_num_masked,
                             score_min_block=score_min_block, scoring_memory_mb=scoring_memory_mb)
