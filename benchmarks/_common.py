@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CATEGORY = "pushpins"
 
@@ -63,8 +61,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, sizes: str | None = None) -> argparse.ArgumentParser:
+    """`--tiny`, `--seed`, `--threads`; with `sizes` (the default model sizes) also `--config`."""
     parser = argparse.ArgumentParser(description=description)
+    if sizes:
+        parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None,
+                            help=f"model sizes (default {sizes}; tiny with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny config, a few seconds (used by the tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -210,6 +212,20 @@ def timed_cpu(fn: Callable[[], object]) -> tuple[float, float, object]:
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else float("nan")
+
+
+def ratios(slow, fast) -> list[float]:
+    """Round-by-round ratios slow / fast of two code paths timed in the same rounds."""
+    return [s / f for s, f in zip(slow, fast)]
+
+
+def comparison(benchmark: str, config: str, wall_ratios, cpu_ratios, digits: int = 3, **fields) -> dict:
+    """The JSON object of a comparison of two code paths: `benchmark`, `config`, then `speedup` (median of
+    the per-round wall-clock ratios), `speedup_cpu_time` (median CPU-time ratio) and `round_speedups`
+    (each round's wall-clock ratio), rounded to `digits`, then the script's own `fields`."""
+    return {"benchmark": benchmark, "config": config, "speedup": round(median(wall_ratios), digits),
+            "speedup_cpu_time": round(median(cpu_ratios), digits),
+            "round_speedups": [round(x, digits) for x in wall_ratios], **fields}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:

@@ -16,14 +16,9 @@ Last stdout line: JSON with `ratio`, `ratio_wall`, the seconds per image of both
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+import _common as C
 
 
 def main(argv=None) -> dict:

@@ -22,21 +22,15 @@ Last stdout line: JSON with speedup, cached_steps_per_s, uncached_steps_per_s, .
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import _common as C  # noqa: E402
+import _common as C
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None,
-                        help="model sizes (default synthloco; tiny with --tiny)")
+    parser = C.base_parser(__doc__.split("\n\n")[0], sizes="synthloco")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--images", type=int, default=64, help="training images in the (random) data set")
     parser.add_argument("--rounds", type=int, default=None, help="default 4 (3 with --tiny)")
@@ -98,26 +92,15 @@ def main(argv=None) -> None:
             cpu_times[name].append(cpu)
         C.log(f"[feature_cache] round {r + 1}/{rounds}: cached {times['cached'][-1]:.3f} s, "
               f"uncached {times['uncached'][-1]:.3f} s")
-    ratios = [u / c for u, c in zip(times["uncached"], times["cached"])]
-    speedup = C.median(ratios)
     cached_s, uncached_s = C.median(times["cached"]), C.median(times["uncached"])
-    result = {
-        "benchmark": "feature_cache",
-        "config": config_name,
-        "batch_size": batch,
-        "speedup": round(speedup, 3),
-        "speedup_cpu_time": round(C.median([u / c for u, c in zip(cpu_times["uncached"], cpu_times["cached"])]), 3),
-        "round_speedups": [round(x, 3) for x in ratios],
-        "cached_steps_per_s": round(1.0 / cached_s, 4),
-        "uncached_steps_per_s": round(1.0 / uncached_s, 4),
-        "cache_build_in_steps": round(build_seconds / cached_s, 2),
-        "cache_images": args.images,
-        "rounds": rounds,
-        "excluded": "image decoding and resizing (an uncached loop would also repeat them)",
-    }
+    result = C.comparison(
+        "feature_cache", config_name, C.ratios(times["uncached"], times["cached"]),
+        C.ratios(cpu_times["uncached"], cpu_times["cached"]), batch_size=batch,
+        cached_steps_per_s=round(1.0 / cached_s, 4), uncached_steps_per_s=round(1.0 / uncached_s, 4),
+        cache_build_in_steps=round(build_seconds / cached_s, 2), cache_images=args.images, rounds=rounds,
+        excluded="image decoding and resizing (an uncached loop would also repeat them)")
     C.emit(f"feature cache ({config_name}, batch {batch}): cached {1 / cached_s:.3f} steps/s, uncached "
-           f"{1 / uncached_s:.3f} steps/s, speedup x{speedup:.2f}", result)
-
+           f"{1 / uncached_s:.3f} steps/s, speedup x{result['speedup']:.2f}", result)
 
 if __name__ == "__main__":
     main()

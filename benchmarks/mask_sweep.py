@@ -1,48 +1,34 @@
-"""Scoring time (and, with a trained model, logical AUROC) against the number of test-time masks.
+"""Scoring time against the number of test-time masks.
 
 Timing: each round scores the same `--images` images with `LadmimForAnomalyDetection(...,
 num_masks=m)` for every m in `--masks` (default 1, 5, 10, 20, 50, the sweep method.md 4.1
 recommends); `relative_time[m]` is the median over rounds of time(m) / time(1 mask). Random weights
 and images at the paper's sizes by default; with `--model DIR` the trained model is timed instead.
 
-Quality (only with `--model DIR --data_root ROOT`): `ladmim_hf.evaluation.evaluate(...,
-num_masks=m, knn_baseline=False)` for every m, reporting the mean image AUROC good vs logical of
-the fused score and of the logical branch alone.
+What the mask count does to the AUROCs of a trained model is a quality question:
+`experiments/mask_count.py`.
 
 `extra_mask_cost` is (relative_time[last] - relative_time[first]) / (masks[last] - masks[first]): the
 cost of one more mask (one more predictor sequence) in units of the time to score with the first count.
 
     python benchmarks/mask_sweep.py                          # timing, paper size
-    python benchmarks/mask_sweep.py --model outputs/synthloco/model --data_root data/synthloco
+    python benchmarks/mask_sweep.py --model outputs/synthloco/model --images 4
     python benchmarks/mask_sweep.py --tiny
 
-Last stdout line: JSON with num_masks, relative_time, ... (and logical_auroc with --model).
+Last stdout line: JSON with num_masks, relative_time, extra_mask_cost, ...
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+import _common as C
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None,
-                        help="model sizes for timing with random weights (default paper; tiny with --tiny)")
+    parser = C.base_parser(__doc__.split("\n\n")[0], sizes="paper")
     parser.add_argument("--masks", default="1,5,10,20,50", help="comma-separated mask counts")
     parser.add_argument("--images", type=int, default=1, help="images per timed forward")
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (2 with --tiny)")
-    parser.add_argument("--model", default=None,
-                        help="trained model folder (or Hub id): time it, and with --data_root evaluate it")
-    parser.add_argument("--data_root", default=None, help="dataset root for the AUROC side of the sweep")
-    parser.add_argument("--categories", nargs="+", default=["all"])
-    parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
-    parser.add_argument("--output_dir", default=None, help="where each evaluation writes (default: a temporary folder)")
+    parser.add_argument("--model", default=None, help="trained model folder (or Hub id) to time instead")
     args = parser.parse_args(argv)
     C.apply_threads(args)
     counts = [int(m) for m in args.masks.split(",")]
@@ -84,22 +70,6 @@ def main(argv=None) -> None:
     }
     summary = "mask sweep (" + config_name + "): time relative to " + str(base) + " mask: " + ", ".join(
         f"{m}: x{r:.2f}" for m, r in zip(counts, relative))
-    if args.model and args.data_root:
-        from ladmim_hf.evaluation import evaluate
-
-        categories = "all" if args.categories == ["all"] else args.categories
-        fused, branch = [], []
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(args.output_dir or tmp)
-            for m in counts:
-                metrics = evaluate(args.model, args.data_root, categories, str(root / f"masks_{m}"), num_masks=m,
-                                   seed=args.seed, knn_baseline=False, dataset_format=args.dataset_format)
-                fused.append(round(metrics["mean"]["auroc_logical"], 4))
-                branch.append(round(metrics["branches_mean"]["logical"]["auroc_logical"], 4))
-                C.log(f"[mask_sweep] {m} masks: logical AUROC {fused[-1]:.4f} (logical branch {branch[-1]:.4f})")
-        result["logical_auroc"] = fused
-        result["logical_branch_auroc"] = branch
-        summary += "; logical AUROC " + ", ".join(f"{m}: {a:.3f}" for m, a in zip(counts, fused))
     C.emit(summary, result)
 
 

@@ -23,15 +23,11 @@ Last stdout line: JSON with predictor_gflops, matmul_gflops, efficiency, flops, 
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import _common as C  # noqa: E402
+import _common as C
 
 
 def matmul_window(a: torch.Tensor, b: torch.Tensor, min_seconds: float) -> tuple[float, float]:
@@ -87,8 +83,7 @@ def variant_calls(predictor, features, masks, args) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None)
+    parser = C.base_parser(__doc__.split("\n\n")[0], sizes="paper")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--num_masks", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (2 with --tiny)")

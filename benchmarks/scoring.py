@@ -169,25 +169,13 @@ def run_throughput(args) -> None:
     fast_s = C.median(fast_wall["fp32"])
     ref_s = C.median(ref_wall) * num_masks
     mask_diff, image_diff = score_diffs(outputs["fp32"])
-    speedup = C.median(ratios_wall)
-    result = {
-        "benchmark": "scoring",
-        "config": config_name,
-        "num_masks": num_masks,
-        "images_per_s": round(1.0 / fast_s, 4),
-        "reference_images_per_s": round(1.0 / ref_s, 4),
-        "speedup": round(speedup, 2),
-        "speedup_cpu_time": round(C.median(ratios_cpu), 2),
-        "speedup_pooled": round(ref_s / fast_s, 2),
-        "round_speedups": [round(x, 2) for x in ratios_wall],
-        "max_abs_score_diff": float(f"{max(mask_diff, image_diff):.3g}"),
-        "max_abs_logical_score_diff": float(f"{image_diff:.3g}"),
-        "fast_images": fast_images,
-        "reference_images": ref_images,
-        "reference_masks_timed": len(ref_wall),
-        "rounds": rounds,
-        "reference_extrapolation": "reference s/image = num_masks x median s/mask (each mask is independent)",
-    }
+    result = C.comparison(
+        "scoring", config_name, ratios_wall, ratios_cpu, digits=2, num_masks=num_masks,
+        images_per_s=round(1.0 / fast_s, 4), reference_images_per_s=round(1.0 / ref_s, 4),
+        speedup_pooled=round(ref_s / fast_s, 2), max_abs_score_diff=float(f"{max(mask_diff, image_diff):.3g}"),
+        max_abs_logical_score_diff=float(f"{image_diff:.3g}"), fast_images=fast_images, reference_images=ref_images,
+        reference_masks_timed=len(ref_wall), rounds=rounds,
+        reference_extrapolation="reference s/image = num_masks x median s/mask (each mask is independent)")
     summary_extra = ""
     for name in variants:
         if name == "fp32":
@@ -213,7 +201,7 @@ def run_throughput(args) -> None:
         result["breakdown"] = breakdown(model, images, masks, num_masks, rounds=max(2, rounds // 2))
     C.emit(
         f"scoring ({config_name}, {num_masks} masks): fast {1 / fast_s:.3f} images/s, reference "
-        f"{1 / ref_s:.4f} images/s, speedup x{speedup:.1f} (cpu time x{result['speedup_cpu_time']:.1f}), "
+        f"{1 / ref_s:.4f} images/s, speedup x{result['speedup']:.1f} (cpu time x{result['speedup_cpu_time']:.1f}), "
         f"max |score diff| {max(mask_diff, image_diff):.2g}" + summary_extra,
         result,
     )
@@ -416,7 +404,6 @@ def run_memory(args) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    sys.path.insert(0, str(HERE))
     if args.memory_child:
         run_memory_child(args)
     elif args.memory:

@@ -30,14 +30,10 @@ Last stdout line: JSON with steps_per_s, reference_steps_per_s, speedup, initial
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import _common as C  # noqa: E402
+import _common as C
 
 
 def reference_loss(logits: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -56,10 +52,9 @@ def reference_loss(logits: torch.Tensor, codes: torch.Tensor, masks: torch.Tenso
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__.split("\n\n")[0])
+    parser = C.base_parser(__doc__.split("\n\n")[0], sizes="paper")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2; 3 with --tiny)")
-    parser.add_argument("--config", choices=["paper", "synthloco", "tiny"], default=None)
     parser.add_argument("--micro_batch", type=int, default=None,
                         help="also time the fast step as gradient accumulation over micro-batches of this size "
                              "; same summed-loss gradient")
@@ -138,34 +133,23 @@ def main(argv=None) -> None:
             times[name].append(seconds)
             cpu_times[name].append(cpu)
         C.log(f"[train_step] round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
-    ratios = [ref / fast for ref, fast in zip(times["reference"], times["fast"])]
-    speedup = C.median(ratios)
     fast_s, ref_s = C.median(times["fast"]), C.median(times["reference"])
-    result = {
-        "benchmark": "train_step",
-        "config": config_name,
-        "batch_size": batch,
-        "steps_per_s": round(1.0 / fast_s, 5),
-        "reference_steps_per_s": round(1.0 / ref_s, 5),
-        "speedup": round(speedup, 3),
-        "speedup_cpu_time": round(C.median([r / f for r, f in zip(cpu_times["reference"], cpu_times["fast"])]), 3),
-        "round_speedups": [round(x, 3) for x in ratios],
-        "rounds": rounds,
-        "initial_loss_diff": float(f"{initial_loss_diff:.3g}"),
-        "initial_loss": round(float(ref), 4),
-        "step_gflop": round(3 * C.predictor_flops(cfg, batch)["total"] / 1e9, 1),
-    }
+    result = C.comparison(
+        "train_step", config_name, C.ratios(times["reference"], times["fast"]),
+        C.ratios(cpu_times["reference"], cpu_times["fast"]), batch_size=batch, steps_per_s=round(1.0 / fast_s, 5),
+        reference_steps_per_s=round(1.0 / ref_s, 5), rounds=rounds,
+        initial_loss_diff=float(f"{initial_loss_diff:.3g}"), initial_loss=round(float(ref), 4),
+        step_gflop=round(3 * C.predictor_flops(cfg, batch)["total"] / 1e9, 1))
     summary = (f"train step ({config_name}, batch {batch}): fast {1 / fast_s:.4f} steps/s, reference "
-               f"{1 / ref_s:.4f} steps/s, speedup x{speedup:.2f}")
+               f"{1 / ref_s:.4f} steps/s, speedup x{result['speedup']:.2f}")
     if "micro_batch" in models:
         result["micro_batch"] = {
             "size": args.micro_batch,
             "steps_per_s": round(1.0 / C.median(times["micro_batch"]), 5),
-            "speedup_vs_fast": round(C.median([f / m for f, m in zip(times["fast"], times["micro_batch"])]), 3),
-            "speedup_vs_fast_cpu_time": round(C.median([f / m for f, m in zip(cpu_times["fast"], cpu_times["micro_batch"])]), 3),
-            "speedup_vs_reference": round(C.median([r / m for r, m in zip(times["reference"], times["micro_batch"])]), 3),
-            "speedup_vs_reference_cpu_time": round(
-                C.median([r / m for r, m in zip(cpu_times["reference"], cpu_times["micro_batch"])]), 3),
+            "speedup_vs_fast": round(C.median(C.ratios(times["fast"], times["micro_batch"])), 3),
+            "speedup_vs_fast_cpu_time": round(C.median(C.ratios(cpu_times["fast"], cpu_times["micro_batch"])), 3),
+            "speedup_vs_reference": round(C.median(C.ratios(times["reference"], times["micro_batch"])), 3),
+            "speedup_vs_reference_cpu_time": round(C.median(C.ratios(cpu_times["reference"], cpu_times["micro_batch"])), 3),
         }
         summary += f", micro-batch {args.micro_batch} x{result['micro_batch']['speedup_vs_fast']:.2f} vs the fast step"
     C.emit(summary, result)

@@ -175,23 +175,19 @@ def _save(folder: Path, detector: LadmimForAnomalyDetection, results: dict, sour
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import finite_float, non_negative_int, positive_int
+    from .cli import (add_batch_size_option, add_data_options, add_holdout_option, add_model_option,
+                      add_scoring_options, finite_float)
 
-    parser.add_argument("--model", required=True, help="local model folder (OUTPUT_DIR/model); rewritten in place")
-    parser.add_argument("--data_root", required=True,
-                        help="images of the model's categories (the training folder, or a folder with validation/good)")
-    parser.add_argument("--categories", nargs="+", default=["all"], help="category names or 'all'")
+    add_model_option(parser, local_only=True, note="; rewritten in place")
+    add_data_options(parser, "images of the model's categories (the training folder, or a folder with validation/good)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--fpr", type=finite_float, default=0.01,
                      help="target false-positive rate on normal images (default 0.01)")
     how.add_argument("--labelled", action="store_true",
                      help="set the threshold with the best F1 on labelled test images (good/ and defect folders)")
-    parser.add_argument("--num_masks", type=positive_int, default=None, help="masks per image (default: the model's)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the mask set")
-    parser.add_argument("--holdout_fraction", type=finite_float, default=None,
-                        help="without validation/good: the fraction of training images held out (default: as trained)")
-    parser.add_argument("--dataset_format", choices=["auto", "loco", "mvtec_ad", "folder"], default="auto")
-    parser.add_argument("--batch_size", type=positive_int, default=16)
+    add_scoring_options(parser, predictor_dtype=False)
+    add_holdout_option(parser, "as trained")
+    add_batch_size_option(parser, 16)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -92,6 +92,15 @@ def _listing(items, limit: int = 25) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _refuse_unsupported(state_dict: dict, unsupported, prefix: str) -> None:
+    """Raise `ConversionError` (`prefix` + the reason + the keys) for the first `(pattern, reason)` of
+    `unsupported` that some key matches."""
+    for pattern, reason in unsupported:
+        hits = [k for k in state_dict if pattern.search(k)]
+        if hits:
+            raise ConversionError(f"{prefix}{reason}; keys: {_listing(hits)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -274,10 +283,7 @@ def convert_official_predictor(state_dict: dict[str, torch.Tensor], *, num_atten
     """
     state_dict = unwrap_state_dict(state_dict, "predictor state dict")
     what = "LADMIM predictor checkpoint"
-    for pattern, reason in _PREDICTOR_UNSUPPORTED:
-        hits = [k for k in state_dict if pattern.search(k)]
-        if hits:
-            raise ConversionError(f"{what}: {reason}; keys: {_listing(hits)}")
+    _refuse_unsupported(state_dict, _PREDICTOR_UNSUPPORTED, f"{what}: ")
     config = predictor_config_from_state_dict(state_dict, num_attention_heads, codebook_size)
     mapping = predictor_key_map(config)
     missing = [k for k in mapping if k not in state_dict]
@@ -419,10 +425,7 @@ def convert_official_hvq(state_dict: dict[str, torch.Tensor], *, categories: lis
     """
     state_dict = unwrap_state_dict(state_dict, "HVQ-Trans state dict")
     what = "HVQ-Trans checkpoint"
-    for pattern, reason in _HVQ_UNSUPPORTED:
-        hits = [k for k in state_dict if pattern.search(k)]
-        if hits:
-            raise ConversionError(f"{what}: cannot convert {reason}; keys: {_listing(hits)}")
+    _refuse_unsupported(state_dict, _HVQ_UNSUPPORTED, f"{what}: cannot convert ")
     config = hvq_config_from_state_dict(state_dict, categories=categories, backbone=backbone,
                                         backbone_taps=backbone_taps, image_size=image_size,
                                         num_attention_heads=num_attention_heads, dropout=dropout,
@@ -655,16 +658,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_official_checkpoint.py",
-                                     description="Convert official LADMIM / HVQ-Trans checkpoints to ladmim_hf models.")
-    add_convert_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_from_args(build_parser().parse_args(argv))
+    """`ladmim convert ARGV` (ARGV defaults to the command line's)."""
+    from .cli import run_subcommand
+
+    return run_subcommand("convert", argv)
 
 
 __all__ = [

@@ -62,7 +62,9 @@ def load_detector(model: str, allow_default_processor: bool = False) -> tuple[La
     return detector, processor
 
 
-def _resize_map(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+def resize_map(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """An anomaly map `(h, w)` resized bilinearly to `shape` (the ground truth's, or the image's), as
+    float32 numpy: what the evaluation's AU-sPRO is computed on."""
     return F.interpolate(anomaly_map[None, None].float(), size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
@@ -136,7 +138,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         maps, regions, spro_types = [], [], []
         for i, row in enumerate(rows):
             shape = row["regions"][0].shape if row["regions"] else Image.open(row["path"]).size[::-1]
-            maps.append(_resize_map(result["anomaly_map"][i], shape))
+            maps.append(resize_map(result["anomaly_map"][i], shape))
             regions.append(row["regions"])
             spro_types.append(row["anomaly_type"])
         defects = list(load_defects_config(layout.category_root(data_category)).values()) or None
@@ -427,25 +429,17 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder (OUTPUT_DIR/model) or Hub id")
-    parser.add_argument("--data_root", required=True,
-                        help="a root with one folder per category, or one category's folder (DIR/test/<type>/ or "
-                             "DIR/good next to DIR/<defect>/)")
-    parser.add_argument("--categories", nargs="+", default=["all"], help="category names or 'all'")
-    parser.add_argument("--output_dir", required=True, help="where metrics.json, scores.csv and report.md go")
-    from .cli import non_negative_int, positive_int
+    from .cli import add_batch_size_option, add_data_options, add_model_option, add_processor_option, add_scoring_options
 
-    parser.add_argument("--num_masks", type=positive_int, default=None, help="test-time masks per image (default: the model's)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--dataset_format", choices=["auto", "loco", "mvtec_ad", "folder"], default="auto",
-                        help="auto: LOCO-style category folders as MVTec LOCO AD, anything else as plain folders")
+    add_model_option(parser)
+    add_data_options(parser, "a root with one folder per category, or one category's folder (DIR/test/<type>/ or "
+                             "DIR/good next to DIR/<defect>/)")
+    parser.add_argument("--output_dir", required=True, help="where metrics.json, scores.csv and report.md go")
+    add_scoring_options(parser)
+    add_batch_size_option(parser, 8)
     parser.add_argument("--no_knn", action="store_true", help="skip the kNN baseline")
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt) to reuse for the kNN bank")
-    parser.add_argument("--predictor_dtype", choices=["bf16", "fp16"], default=None,
-                        help="run the predictor under autocast (bf16: 1.6x faster on AVX512-BF16 CPUs; float32 if unset)")
-    parser.add_argument("--allow_default_processor", action="store_true",
-                        help="score a model folder without preprocessor_config.json with ImageNet defaults (warned)")
+    add_processor_option(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -478,10 +472,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="ladmim evaluate", description="Evaluate a trained LADMIM detector on a test split.")
-    add_evaluate_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    """`ladmim evaluate ARGV` (ARGV defaults to the command line's)."""
+    from .cli import run_subcommand
+
+    return run_subcommand("evaluate", argv)
 
 
 if __name__ == "__main__":

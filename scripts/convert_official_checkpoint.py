@@ -5,7 +5,7 @@
 
 import sys
 
-from ladmim_hf.convert import main
+from ladmim_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

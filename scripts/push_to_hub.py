@@ -6,7 +6,7 @@
 
 import sys
 
-from ladmim_hf.hub import main
+from ladmim_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["push", *sys.argv[1:]]))

@@ -1,4 +1,5 @@
-"""The benchmark scripts run in `--tiny` mode and end with one JSON line carrying the documented keys.
+"""The benchmark scripts (and the quality probe `experiments/quality_probe.py`) run in `--tiny` mode and
+end with one JSON line carrying the documented keys.
 
 All scripts start at once in one module fixture (each is a separate interpreter whose import of
 torch + transformers is single-threaded), so the file takes about as long as the slowest script.
@@ -21,19 +22,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+EXPERIMENTS = ROOT / "experiments"
 TIMEOUT = 600
 
 RUNS = {
-    "scoring": ["scoring.py", "--tiny", "--chunk", "4", "--bf16"],
-    "scoring_memory": ["scoring.py", "--tiny", "--memory", "--memory_settings", "1x6,4x6"],
-    "train_step": ["train_step.py", "--tiny", "--micro_batch", "8"],
-    "roofline": ["roofline.py", "--tiny", "--explicit_attention"],
-    "feature_cache": ["feature_cache.py", "--tiny"],
-    "mask_sweep": ["mask_sweep.py", "--tiny", "--masks", "1,5,10"],
-    "quality_probe": ["quality_probe.py", "--tiny"],
-    "run_all": ["run_all.py", "--tiny", "--only", "roofline"],
-    "branch_cost": ["branch_cost.py", "--tiny"],
-    "predict_memory": ["predict_memory.py", "--tiny"],
+    "scoring": ["benchmarks/scoring.py", "--tiny", "--chunk", "4", "--bf16"],
+    "scoring_memory": ["benchmarks/scoring.py", "--tiny", "--memory", "--memory_settings", "1x6,4x6"],
+    "train_step": ["benchmarks/train_step.py", "--tiny", "--micro_batch", "8"],
+    "roofline": ["benchmarks/roofline.py", "--tiny", "--explicit_attention"],
+    "feature_cache": ["benchmarks/feature_cache.py", "--tiny"],
+    "mask_sweep": ["benchmarks/mask_sweep.py", "--tiny", "--masks", "1,5,10"],
+    "quality_probe": ["experiments/quality_probe.py", "--tiny"],
+    "run_all": ["benchmarks/run_all.py", "--tiny", "--only", "roofline"],
+    "branch_cost": ["benchmarks/branch_cost.py", "--tiny"],
+    "predict_memory": ["benchmarks/predict_memory.py", "--tiny"],
 }
 
 
@@ -42,7 +44,7 @@ def runs():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     processes = {
-        name: subprocess.Popen([sys.executable, str(BENCHMARKS / args[0]), *args[1:]], cwd=ROOT, env=env,
+        name: subprocess.Popen([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in RUNS.items()
     }
@@ -186,7 +188,7 @@ def test_quality_probe(runs):
 
 
 def test_quality_probe_defect_cells_by_hand():
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(EXPERIMENTS))
     from quality_probe import defect_cells
 
     region = np.zeros((8, 8), dtype=bool)
@@ -206,7 +208,7 @@ def test_run_all_times_each_script_and_collects_its_result(runs):
 
 
 def test_quality_probe_reuses_a_cached_tokenizer_only_for_the_same_settings(tmp_path, capsys):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(EXPERIMENTS))
     import quality_probe
 
     cache = tmp_path / "tokenizer.pt"

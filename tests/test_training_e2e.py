@@ -190,7 +190,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     # The fusion sweep on the same trained model: its variant equal to the trained fusion reproduces
     # the evaluation's fused AUROCs (same calibration and test mask seeds)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fusion_sweep.py"), "--model", str(model_dir), "--data_root",
+        [sys.executable, str(ROOT / "experiments" / "fusion_sweep.py"), "--model", str(model_dir), "--data_root",
          str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"), "--num_masks", "2", "--threads", "1",
          "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "--no_spro"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
@@ -205,13 +205,13 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
                 metrics["categories"][category]["branches"]["memory_bank"][key])
     assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
 
-    # benchmarks/scoring_sweep.py rescoring the trained model: the 2-mask variant reproduces the
+    # experiments/scoring_sweep.py rescoring the trained model: the 2-mask variant reproduces the
     # evaluation above exactly (same seed, same masks); a bad field is refused by name.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     try:
         import scoring_sweep
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "experiments"))
     capsys.readouterr()
     scoring_sweep.main(["--model", str(model_dir), "--data_root", str(synth_root), "--threads", "1",
                         "--variants", "num_masks=2", "num_masks=2,histogram_distance=codebook_mmd,kernel_bandwidth=4",

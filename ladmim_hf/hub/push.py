@@ -135,8 +135,10 @@ def push_to_hub(model_dir: str | os.PathLike, repo_id: str, *, private: bool = F
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `scripts/push_to_hub.py` and `ladmim push` (the token is never an argument)."""
-    parser.add_argument("--model", required=True, help="trained detector folder (OUTPUT_DIR/model)")
+    """Options of `ladmim push` and `scripts/push_to_hub.py` (the token is never an argument)."""
+    from ..cli import add_model_option
+
+    add_model_option(parser, local_only=True)
     parser.add_argument("--repo_id", required=True, help="Hub repository, 'org/name'")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
@@ -167,11 +169,14 @@ def run_push_from_args(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="push_to_hub.py", description="Upload a trained LADMIM detector to the Hub.")
-    add_push_arguments(parser)
-    return parser
+    """The `ladmim push` options alone (no subcommand)."""
+    from ..cli import subcommand_parser
+
+    return subcommand_parser("push")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_push_from_args(build_parser().parse_args(argv))
+    """`ladmim push ARGV` (ARGV defaults to the command line's)."""
+    from ..cli import run_subcommand
+
+    return run_subcommand("push", argv)

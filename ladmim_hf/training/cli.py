@@ -1,4 +1,5 @@
-"""`ladmim train` / `scripts/train.py`: command-line arguments, settings from them, and exit codes.
+"""`ladmim train` / `scripts/train.py` / `python -m ladmim_hf.training`: the training options, settings
+from them, and exit codes (the parser and logging set-up are `ladmim_hf.cli`'s).
 
 Unusable settings or data folders end in one `error:` line and exit code 2 (`run_from_args`).
 """
@@ -10,7 +11,8 @@ import logging
 import sys
 from typing import Any
 
-from ..data.layout import DATASET_FORMATS
+# configure_logging is re-exported by ladmim_hf.training
+from ..cli import add_data_options, add_holdout_option, configure_logging, run_subcommand, subcommand_parser  # noqa: F401
 from ..data.loaders import DataLayoutError
 from ..models.image_processing_ladmim import ImageDecodeError
 from .loop import TrainingDivergedError, TrainingInterrupted
@@ -21,27 +23,21 @@ logger = logging.getLogger("ladmim_hf.training")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ladmim train", description="Train a LADMIM detector (tokenizer, predictors, calibration).")
-    add_train_arguments(parser)
-    return parser
+    """The `ladmim train` options alone (no subcommand)."""
+    return subcommand_parser("train")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="YAML file, or a built-in config name: synthloco-cpu (CPU default), loco-paper (the paper)")
-    parser.add_argument("--data_root", default=None,
-                        help="one category's folder of normal images (DIR/good, DIR/train/good, or images directly in "
-                             "DIR) or a root holding one folder per category (DIR/<category>/train/good)")
-    parser.add_argument("--categories", nargs="+", default=None, help="category names or 'all'")
-    parser.add_argument("--dataset_format", choices=DATASET_FORMATS, default=None,
-                        help="auto (default): LOCO-style category folders as MVTec LOCO AD, anything else as plain folders")
-    parser.add_argument("--holdout_fraction", type=float, default=None,
-                        help="share of each category's training images held out to calibrate when it has no "
-                             "validation/good folder (default 0.1)")
+    add_data_options(parser, "one category's folder of normal images (DIR/good, DIR/train/good, or images directly in "
+                             "DIR) or a root holding one folder per category (DIR/<category>/train/good)",
+                     from_config=True)
+    add_holdout_option(parser, "the config's, else 0.1")
     parser.add_argument("--output_dir", default=None, help="run folder (checkpoints, logs, model)")
     parser.add_argument("--max_steps", type=int, default=None, help="steps per stage (both stages)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per stage (both stages)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint (same settings; stage lengths may grow)")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -75,17 +71,9 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     return settings
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # accelerate logs every file of every checkpoint at INFO; keep the console to what users need.
-    for name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.other"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args = build_parser().parse_args(argv)
-    return run_from_args(args)
+    """`ladmim train ARGV` (ARGV defaults to the command line's)."""
+    return run_subcommand("train", argv)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m ladmim_hf.data.synthetic`` and ``ladmim synth``."""
+"""Command line: ``ladmim synth`` and ``python -m ladmim_hf.data.synthetic`` (the parser and logging set-up
+are ``ladmim_hf.cli``'s)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import sys
 import time
 from typing import Sequence
 
+from ...cli import run_subcommand
 from .defects import CATEGORIES
 from .writer import generate_synthloco
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generator's options, shared by `python -m ladmim_hf.data.synthetic` and `ladmim synth`."""
+    """The generator's options (`ladmim synth`, `python -m ladmim_hf.data.synthetic`)."""
     parser.add_argument("--out", default="data/synthloco", help="output root (default: data/synthloco)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images (default: 0)")
     parser.add_argument("--small", action="store_true", help="tiny sizes for tests (8/4/3+3+3 per category)")
     parser.add_argument("--categories", nargs="+", default=None, help=f"subset of {' '.join(CATEGORIES)} (default: all)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -40,6 +42,5 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the synthloco benchmark (MVTec LOCO AD layout).")
-    add_synth_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    """`ladmim synth ARGV` (ARGV defaults to the command line's)."""
+    return run_subcommand("synth", argv)

@@ -7,7 +7,7 @@ the evaluation's mask seeds. Each variant is then a set of branches and a fusion
 those same standardised scores and maps, so the comparison is paired: image AUROCs (good vs
 logical, good vs structural) and AU-sPRO@0.05 of the fused map, per category and on average.
 
-    python benchmarks/fusion_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
+    python experiments/fusion_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
         --feature_cache outputs/synthloco/cache/features.pt \
         --variants logical+structural:sum memory_bank+logical+global:max
 
@@ -17,16 +17,11 @@ branches alone.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+import _shared as S
 
 DEFAULT_VARIANTS = (
     "logical+structural:sum", "memory_bank:sum", "global:sum", "logical+memory_bank:sum",
@@ -93,7 +88,7 @@ def score(model, features: torch.Tensor, category: str, num_masks: int, seed: in
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__)
+    parser = S.parser(__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt)")
@@ -110,13 +105,13 @@ def main(argv=None) -> None:
     parser.add_argument("--save_scores", default=None, help="also save every branch's test z-scores and the anomaly "
                         "types per category to this file (torch.save), for other fusion rules offline")
     args = parser.parse_args(argv)
-    C.apply_threads(args)
+    S.use_threads(args.threads)
     variants = [parse_variant(v) for v in args.variants]
 
     from ladmim_hf.models.branches_ladmim import fuse
     from ladmim_hf.calibration import calibration_statistics
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
-    from ladmim_hf.evaluation import _resize_map, load_detector
+    from ladmim_hf.evaluation import load_detector, resize_map
     from ladmim_hf.scoring import extract_features
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
@@ -139,7 +134,7 @@ def main(argv=None) -> None:
     results = {" + ".join(b) + f" ({r})": {} for b, r in variants}
     alone, saved = {}, {}
     for category in categories:
-        C.log(f"{category}: scoring")
+        S.progress(f"{category}: scoring")
         val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed)
         # Training's own calibration statistics (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
@@ -161,7 +156,7 @@ def main(argv=None) -> None:
             if with_maps and defects is not None and not args.no_spro:
                 fused_maps = fuse(torch.stack([z_maps[b] for b in with_maps], -1), rule)
                 # at the ground truth's resolution (the image's for good images), as the evaluation does
-                maps = [_resize_map(fused_maps[i], r["regions"][0].shape if r["regions"] else Image.open(r["path"]).size[::-1])
+                maps = [resize_map(fused_maps[i], r["regions"][0].shape if r["regions"] else Image.open(r["path"]).size[::-1])
                         for i, r in enumerate(rows)]
                 entry["spro_0.05"] = loco_au_spro(maps, [r["regions"] for r in rows], types, defects, max_fpr=0.05)["au_spro_mean"]
             results[name][category] = entry
@@ -183,7 +178,7 @@ def main(argv=None) -> None:
     print("\nbranches alone (log / str): " + "; ".join(
         f"{b} {np.mean([alone[c][b]['auroc_logical'] for c in categories]):.3f} / "
         f"{np.mean([alone[c][b]['auroc_structural'] for c in categories]):.3f}" for b in alone[categories[0]]))
-    C.emit("fusion sweep", {"variants": results, "branches_alone": alone, "memory_bank_size": model.config.memory_bank_size,
+    S.report("fusion sweep", {"variants": results, "branches_alone": alone, "memory_bank_size": model.config.memory_bank_size,
                             "memory_bank_neighbourhood": model.config.memory_bank_neighbourhood})
 
 

@@ -1,7 +1,10 @@
 """Where does logical-detection quality come from? A fast probe of the tokenizer's codes and the predictor.
 
-Trains a tokenizer and per-category predictors from cached backbone features with plain loops (no
-checkpoints, no calibration, minutes instead of the full `make demo`), then reports per category:
+Trains a tokenizer and per-category predictors from cached backbone features with training's own
+stages 1 and 2 (`ladmim_hf.training.pipeline.train_tokenizer` / `train_predictors`, into a temporary
+run folder: the config's optimiser, schedule, gradient clipping and training masks, for
+`--tokenizer_steps` / `--predictor_steps` steps; no calibration, minutes instead of the full
+`make demo`), then reports per category:
 
 - `structural` / `structural_no_ot`: image AUROC of the tokenizer's structural score on structural
   anomalies, with and without the OT term;
@@ -20,15 +23,19 @@ checkpoints, no calibration, minutes instead of the full `make demo`), then repo
   distance), averaged. Where
   this stays near 0.5, even perfect mask placement would not reveal the defect: the predictor (or
   the codes) miss the rule, and no mask sampling or score aggregation can recover it;
-- `predictor_loss`: final per-sample training loss of the configured `loss_type` (`predictor_loss_type`):
-  0..2L for `l1`, a cross-entropy summed over levels (about L ln K untrained) for `token_ce`.
+- `predictor_loss`: per-sample training loss of the configured `loss_type` (`predictor_loss_type`) over
+  the last tenth of the steps: 0..2L for `l1`, a cross-entropy summed over levels (about L ln K
+  untrained) for `token_ce`.
+
+`tokenizer_reconstruction_loss` is the trained tokenizer's mean squared reconstruction error over all
+training features (eval mode); `stages` records the training settings both stages ran with.
 
 If the two oracles sit near 0.5 the codes do not carry the rule and no predictor can score it;
 if they are high and `logical` is low, the predictor is the bottleneck.
 
-    python benchmarks/quality_probe.py --data_root data/synthloco                      # default config
-    python benchmarks/quality_probe.py --data_root data/synthloco --set model.tokenizer_config.codebook_size=16
-    python benchmarks/quality_probe.py --tiny                                           # seconds, for tests
+    python experiments/quality_probe.py --data_root data/synthloco                      # default config
+    python experiments/quality_probe.py --data_root data/synthloco --set model.tokenizer_config.codebook_size=16
+    python experiments/quality_probe.py --tiny                                           # seconds, for tests
 
 Predictor-only comparisons can reuse one trained tokenizer: `--tokenizer_cache FILE` saves its
 weights with the settings that produced them and loads them on the next run with the same settings
@@ -39,10 +46,8 @@ The last line of stdout is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import pickle
 import sys
 import tempfile
@@ -52,18 +57,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ladmim_hf.data import evaluation_rows, find_layout
+from ladmim_hf.evaluation import per_defect_aurocs
+from ladmim_hf.metrics import loco_image_aurocs
+from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
+from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance
+from ladmim_hf.scoring import extract_features
+from ladmim_hf.training import build_model, load_settings
+from ladmim_hf.training.pipeline import open_run, train_predictors, train_tokenizer
 
-from ladmim_hf.data import evaluation_rows, find_layout, select_categories  # noqa: E402
-from ladmim_hf.evaluation import per_defect_aurocs  # noqa: E402
-from ladmim_hf.metrics import loco_image_aurocs  # noqa: E402
-from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance  # noqa: E402
-from ladmim_hf.scoring import extract_features  # noqa: E402
-from ladmim_hf.training import build_model, load_settings  # noqa: E402
-from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor  # noqa: E402
+import _shared as S
 
 
 def defect_cells(regions: list[np.ndarray], grid: int) -> torch.Tensor:
@@ -114,87 +118,57 @@ def cached_features(model, settings, categories: list[str], cache_path: Path) ->
     return cache
 
 
-def train_tokenizer(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, steps: int, lr: float,
-                    batch_size: int, seed: int) -> float:
-    if tokenizer.config.standardize_features:
-        tokenizer.set_feature_statistics(features)
-    params = [p for p in tokenizer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    tokenizer.train()
-    loss = torch.tensor(float("nan"))
-    for step in tqdm(range(steps), desc="tokenizer", unit="step", leave=False):
-        if step == int(0.8 * steps):  # HVQ-Trans step schedule
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.1
-        index = torch.randint(0, len(features), (min(batch_size, len(features)),), generator=generator)
-        out = tokenizer(features=features[index], category=class_ids[index])
-        optimizer.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        loss = out.reconstruction_loss.detach()
-    tokenizer.eval()
-    return float(loss)
-
-
-def train_predictor(model, category: str, features: torch.Tensor, codes: torch.Tensor, steps: int, lr: float,
-                    batch_size: int, seed: int) -> float:
-    predictor = model.predictor_for(category)
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.05)
-    warmup = max(1, int(0.05 * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    masks_for = model.mask_generator(training=True)
-    generator = torch.Generator().manual_seed(seed)
-    kernel = None
-    if predictor.config.loss_type == "codebook_mmd":
-        kernel = model.tokenizer.code_kernel(category, model.config.kernel_bandwidth)
-    predictor.train()
-    per_sample = float("nan")
-    for step in tqdm(range(steps), desc=f"predictor {category}", unit="step", leave=False):
-        size = min(batch_size, len(features))
-        index = torch.randint(0, len(features), (size,), generator=generator)
-        masks = masks_for(size, seed=[seed * 1_000_003 + step * size + i for i in range(size)])
-        out = predictor(features[index], masks, labels=codes[index], code_kernel=kernel)
-        optimizer.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        per_sample = float(out.loss.detach()) / (size if predictor.config.loss_reduction == "sum" else 1)
-    predictor.eval()
-    return per_sample
-
-
-def trained_tokenizer(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, args, categories: list[str]) -> float:
-    """Train the tokenizer, or load it from `args.tokenizer_cache` when that file was written with the
-    same settings; returns the final reconstruction loss."""
-    fingerprint = {"config": tokenizer.config.to_dict(), "categories": categories, "steps": args.tokenizer_steps,
-                   "lr": args.tokenizer_lr, "batch_size": args.batch_size, "seed": args.seed,
-                   "num_features": len(features)}
-    fingerprint["config"].pop("transformers_version", None)
-    cache = Path(args.tokenizer_cache) if args.tokenizer_cache else None
-    if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if json.loads(saved["fingerprint"]) == json.loads(json.dumps(fingerprint)):
-            tokenizer.load_state_dict(saved["state"])
-            tokenizer.eval()
-            return float(saved["reconstruction_loss"])
-    torch.manual_seed(args.seed)
-    reconstruction = train_tokenizer(tokenizer, features, class_ids, args.tokenizer_steps, args.tokenizer_lr,
-                                     args.batch_size, args.seed)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(cache.name + ".tmp")
-        torch.save({"fingerprint": json.dumps(fingerprint), "state": tokenizer.state_dict(),
-                    "reconstruction_loss": reconstruction}, temporary)
-        temporary.replace(cache)
-    return reconstruction
+def stage_overrides(args) -> dict:
+    """The probe's arguments as training settings: each stage trains `--*_steps` steps (one checkpoint,
+    at the end, into the probe's temporary run folder); learning rates and batch sizes are the
+    config's unless given. Everything else (AdamW betas and weight decay, warm-up, schedule, gradient
+    clipping, the training masks) is the config's, run by `ladmim_hf.training`."""
+    overrides = {"seed": args.seed,
+                 "tokenizer.max_steps": args.tokenizer_steps, "tokenizer.checkpoint_every": args.tokenizer_steps,
+                 "tokenizer.learning_rate": args.tokenizer_lr, "tokenizer.batch_size": args.batch_size,
+                 "predictor.max_steps": args.predictor_steps, "predictor.checkpoint_every": args.predictor_steps,
+                 "predictor.learning_rate": args.predictor_lr,
+                 "predictor.batch_size": args.predictor_batch_size or args.batch_size}
+    return {key: value for key, value in overrides.items() if value is not None}
 
 
 @torch.no_grad()
-def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
+def reconstruction_loss(tokenizer, features: torch.Tensor, class_ids: torch.Tensor, chunk: int = 64) -> float:
+    """Mean squared reconstruction error of the (eval-mode) tokenizer over all `features`."""
+    total = 0.0
+    for start in range(0, len(features), chunk):
+        rows = features[start:start + chunk]
+        out = tokenizer(features=rows, category=class_ids[start:start + chunk], update_codebooks=False,
+                        return_maps=False)
+        total += float(out.reconstruction_loss) * len(rows)
+    return total / len(features)
+
+
+def trained_tokenizer(run, model, stage_cache: dict, settings, args, categories: list[str]) -> None:
+    """Train the tokenizer with training's stage 1 (`ladmim_hf.training.pipeline.train_tokenizer`), or
+    load it from `args.tokenizer_cache` when that file was written with the same settings."""
+    tokenizer = model.tokenizer
+    fingerprint = {"config": tokenizer.config.to_dict(), "categories": categories, "stage": settings.tokenizer.__dict__,
+                   "seed": settings.seed, "num_features": sum(len(stage_cache[f"train/{c}"]) for c in categories)}
+    fingerprint["config"].pop("transformers_version", None)
+    fingerprint = json.dumps(fingerprint, sort_keys=True)
+    cache = Path(args.tokenizer_cache) if args.tokenizer_cache else None
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("fingerprint") == fingerprint:
+            tokenizer.load_state_dict(saved["state"])
+            tokenizer.eval()
+            return
+    train_tokenizer(run, model, stage_cache)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(cache.name + ".tmp")
+        torch.save({"fingerprint": fingerprint, "state": model.tokenizer.state_dict()}, temporary)
+        temporary.replace(cache)
+
+
+@torch.no_grad()
+def probe_category(model, category: str, train: dict, test: dict, args, predictor_loss: float) -> dict:
     tokenizer = model.tokenizer
     levels, size = tokenizer.config.num_levels, tokenizer.config.codebook_size
     types, defects = test["types"], test["defects"]
@@ -219,12 +193,8 @@ def probe_category(model, category: str, train: dict, test: dict, args) -> dict:
         "position_prior_logical": loco_image_aurocs(prior.numpy(), types)["auroc_logical"],
         "global_histogram_logical": loco_image_aurocs(global_hist.numpy(), types)["auroc_logical"],
         "codes_used": [int(train_codes[:, level].unique().numel()) for level in range(levels)],
+        "predictor_loss": predictor_loss,
     }
-    with torch.enable_grad():
-        standardised = tokenizer.standardize(train["features"])
-        result["predictor_loss"] = train_predictor(model, category, standardised, train_codes, args.predictor_steps,
-                                                   args.predictor_lr, args.predictor_batch_size or args.batch_size,
-                                                   args.seed)
     out = model(features=test["features"], category=category, num_masks=args.num_masks, seed=args.seed,
                 return_histograms=True)
     logical = out.logical_score.numpy()
@@ -264,22 +234,20 @@ def defect_mask_scores(model, category: str, tokens: dict, types: list[str], def
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "synthloco-cpu.yaml"))
+    parser = S.parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="synthloco-cpu", help="training config (a file or a built-in name)")
     parser.add_argument("--data_root", default="data/synthloco")
     parser.add_argument("--categories", nargs="+", default=None)
     parser.add_argument("--cache", default=None, help="feature cache file (default: <data_root>/../probe_features.pt)")
     parser.add_argument("--tokenizer_steps", type=int, default=400)
-    parser.add_argument("--tokenizer_lr", type=float, default=1e-3)
+    parser.add_argument("--tokenizer_lr", type=float, default=None, help="default: the config's")
     parser.add_argument("--predictor_steps", type=int, default=150)
-    parser.add_argument("--predictor_lr", type=float, default=1e-3)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--predictor_lr", type=float, default=None, help="default: the config's")
+    parser.add_argument("--batch_size", type=int, default=None, help="both stages (default: the config's)")
     parser.add_argument("--predictor_batch_size", type=int, default=None, help="default: --batch_size")
     parser.add_argument("--tokenizer_cache", default=None,
                         help="reuse a tokenizer trained with the same settings (saved here after training)")
     parser.add_argument("--num_masks", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings, as in train.py")
     parser.add_argument("--tiny", action="store_true", help="generate --small data and run a few steps (tests)")
     args = parser.parse_args(argv)
@@ -294,8 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _probe(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    S.use_threads(args.threads)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     workdir = None
     if args.tiny:
@@ -312,8 +279,12 @@ def _probe(args) -> dict:
                           # fraction on 4 x 4, for scoring too
                           "model.train_num_masked": 4, "model.train_min_block": 1,
                           "model.score_num_masked": 4, "model.score_min_block": 1})
-    settings = load_settings(args.config, {"data_root": args.data_root, **overrides})
-    categories = select_categories(find_layout(settings.data_root), args.categories or settings.categories)
+    workdir = workdir or tempfile.TemporaryDirectory()  # the training run's folder: checkpoints, stages
+    settings = load_settings(args.config, {"data_root": args.data_root, "categories": args.categories, **overrides,
+                                           **stage_overrides(args), "output_dir": str(Path(workdir.name) / "run")})
+    settings.log_with = None
+    run = open_run(settings, resume=False)
+    categories = run.categories
     torch.manual_seed(args.seed)
     model = build_model(settings, categories).eval()
     cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"
@@ -321,26 +292,37 @@ def _probe(args) -> dict:
         cache_path = Path(workdir.name) / "features.pt"
     started = time.time()
     cache = cached_features(model, settings, categories, cache_path)
-    train_features = torch.cat([cache[f"train/{c}"]["features"] for c in categories])
-    class_ids = torch.cat([torch.full((len(cache[f"train/{c}"]["features"]),), i) for i, c in enumerate(categories)])
-    reconstruction = trained_tokenizer(model.tokenizer, train_features, class_ids, args, categories)
-    per_category = {c: probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args) for c in categories}
+    # Training's feature cache: stage 2 also encodes "validation/<category>" (it never trains on it);
+    # the training features stand in for it.
+    stage_cache = {f"{split}/{c}": cache[f"train/{c}"]["features"] for c in categories for split in ("train", "validation")}
+    trained_tokenizer(run, model, stage_cache, settings, args, categories)
+    train_features = torch.cat([stage_cache[f"train/{c}"] for c in categories])
+    class_ids = torch.cat([torch.full((len(stage_cache[f"train/{c}"]),), i) for i, c in enumerate(categories)])
+    reconstruction = reconstruction_loss(model.tokenizer, train_features, class_ids)
+    train_predictors(run, model, stage_cache)
+    per_category = {}
+    for c in categories:
+        name = "shared" if model.config.shared_predictor else c
+        loss = run.summary[f"predictor/{name}"]["final_loss"]  # per step: summed over the batch, or its mean
+        if model.predictors[name].config.loss_reduction == "sum":
+            loss /= min(settings.predictor.batch_size, len(train_features if name == "shared" else stage_cache[f"train/{c}"]))
+        per_category[c] = probe_category(model, c, cache[f"train/{c}"], cache[f"test/{c}"], args, loss)
     keys = ["structural", "structural_no_ot", "position_prior_logical", "global_histogram_logical", "logical", "logical_l1",
             "logical_mmd", "logical_on_structural", "defect_mask_logical"]
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
               "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
-              "predictor_batch_size": args.predictor_batch_size or args.batch_size,
+              "predictor_batch_size": settings.predictor.batch_size,
+              "stages": {"tokenizer": settings.tokenizer.__dict__, "predictor": settings.predictor.__dict__},
               "predictor_loss_type": model.config.predictor_config.loss_type,
               "histogram_distance": model.config.histogram_distance,
               "overrides": overrides, "seconds": round(time.time() - started, 1)}
-    print(f"quality probe: logical {mean['logical']:.3f} (L1 {mean['logical_l1']:.3f}, kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
+    summary = (f"quality probe: logical {mean['logical']:.3f} (L1 {mean['logical_l1']:.3f}, kernel distance {mean['logical_mmd']:.3f}; defect-placed mask "
           f"{mean['defect_mask_logical']:.3f}; oracles: position prior {mean['position_prior_logical']:.3f}, "
           f"global histogram {mean['global_histogram_logical']:.3f}), structural {mean['structural']:.3f} "
           f"(no OT {mean['structural_no_ot']:.3f}), reconstruction loss {reconstruction:.3f}, {result['seconds']} s")
-    print(json.dumps(result))
-    if workdir is not None:
-        workdir.cleanup()
+    S.report(summary, result)
+    workdir.cleanup()
     return result
 
 

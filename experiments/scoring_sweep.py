@@ -12,7 +12,7 @@ The branches alone are reported (the logical branch on logical anomalies, the st
 structural ones) because they need no calibration: the fused score's standardisation statistics
 were measured with the trained settings and would be stale under others.
 
-    python benchmarks/scoring_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
+    python experiments/scoring_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
         --variants "" kernel_bandwidth=0.25 kernel_bandwidth=4 score_num_masked=44,score_min_block=8 \
         residual_normalization=none
 
@@ -22,13 +22,10 @@ Last stdout line: JSON with one entry per variant: the overrides, the mean logic
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+import _shared as S
 
 SCORING_FIELDS = {"kernel_bandwidth": float, "histogram_distance": str, "score_num_masked": int,
                   "score_min_block": int, "min_aspect": float, "num_masks": int}
@@ -89,14 +86,14 @@ def apply_variant(model, overrides: dict, data_root: str | None = None, dataset_
 
 
 def main(argv=None) -> None:
-    parser = C.base_parser(__doc__.split("\n\n")[0])
+    parser = S.parser(__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model folder (or Hub id)")
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--variants", nargs="+", default=[""], help='e.g. "" kernel_bandwidth=2 score_num_masked=44,score_min_block=8')
     parser.add_argument("--categories", nargs="+", default=["all"])
     parser.add_argument("--dataset_format", choices=["loco", "mvtec_ad"], default="loco")
     args = parser.parse_args(argv)
-    C.apply_threads(args)
+    S.use_threads(args.threads)
     variants = [parse_variant(v) for v in args.variants]
 
     from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
@@ -122,13 +119,13 @@ def main(argv=None) -> None:
             structural_mean = round(metrics["branches_mean"]["structural"]["auroc_structural"], 4)
             rows.append({"overrides": overrides, "logical_branch_auroc": mean, "per_category": per_category,
                          "structural_branch_auroc": structural_mean, "structural_per_category": structural})
-            C.log(f"[scoring_sweep] {overrides or 'as trained'}: logical branch {mean:.4f} {per_category}; "
+            S.progress(f"[scoring_sweep] {overrides or 'as trained'}: logical branch {mean:.4f} {per_category}; "
                   f"structural branch {structural_mean:.4f} {structural}")
     summary = "scoring sweep: logical-branch / structural-branch AUROC " + "; ".join(
         f"{','.join(f'{k}={v}' for k, v in row['overrides'].items()) or 'as trained'}: "
         f"{row['logical_branch_auroc']:.3f} / {row['structural_branch_auroc']:.3f}"
         for row in rows)
-    C.emit(summary, {"benchmark": "scoring_sweep", "model": args.model, "seed": args.seed, "variants": rows})
+    S.report(summary, {"experiment": "scoring_sweep", "model": args.model, "seed": args.seed, "variants": rows})
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ and prints per-category image AUROC good-vs-logical and good-vs-structural.
 A benchmark that behaves like MVTec LOCO AD should give this baseline a low logical AUROC (at most
 about 0.80 on average; PatchCore gets 0.74 on LOCO) and a high structural AUROC (at least about 0.90).
 
-    python benchmarks/knn_check_synthloco.py [--seed 0] [--data DIR] [--categories ...]
+    python experiments/knn_check_synthloco.py [--seed 0] [--data DIR] [--categories ...]
+
+The last line of stdout is one JSON object; the exit code is 1 when the targets are not met.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ladmim_hf.data.synthetic import CATEGORIES, generate_synthloco
 
-from ladmim_hf.data.synthetic import CATEGORIES, generate_synthloco  # noqa: E402
+import _shared as S
 
 TAPS = (2, 4, 10, 14)
 GRID = 16
@@ -110,15 +110,12 @@ def evaluate_category(model, root: Path, category: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser = S.parser(__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="use an existing synthloco folder instead of generating one")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--per-type", action="store_true", help="also print the AUROC of each defect type")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    S.use_threads(args.threads)
     model = load_backbone()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
@@ -143,7 +140,9 @@ def main(argv=None) -> int:
     mean_s = float(np.mean([r[2] for r in rows]))
     print(f"| **mean** | **{mean_l:.3f}** | **{mean_s:.3f}** | **{(mean_l + mean_s) / 2:.3f}** |")
     ok = mean_l <= 0.80 and mean_s >= 0.90
-    print(f"\nhonesty targets (logical <= 0.80, structural >= 0.90): {'met' if ok else 'NOT met'}")
+    S.report(f"\nhonesty targets (logical <= 0.80, structural >= 0.90): {'met' if ok else 'NOT met'}",
+             {"experiment": "knn_check_synthloco", "seed": args.seed, "targets_met": ok, "logical": mean_l,
+              "structural": mean_s, "categories": {c: {"logical": log, "structural": struct} for c, log, struct in rows}})
     return 0 if ok else 1
 
 

@@ -1,0 +1,41 @@
+"""What the quality probes in `experiments/` share: their common options and the output convention.
+
+Every probe prints a human summary (a line or a table) and then, as the last line of stdout, one JSON
+object; progress goes to stderr. A quality figure does not depend on the machine's load, so the JSON
+records only the torch version and thread count next to the probe's own keys.
+
+(Not called `_common.py`: `benchmarks/_common.py` has that module name, and a test session that
+imports both must not get one for the other from `sys.modules`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every probe takes: `--seed` and `--threads`."""
+    out = argparse.ArgumentParser(description=description)
+    out.add_argument("--seed", type=int, default=0, help="the mask (and training) seed")
+    out.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    return out
+
+
+def use_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so stdout stays summary + JSON."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def report(summary: str, payload: dict) -> None:
+    """Print `summary`, then `payload` (with the torch version and thread count) as the last stdout line."""
+    print(summary, flush=True)
+    print(json.dumps({**payload, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
