@@ -244,3 +244,14 @@ def test_recover_interrupted_saves_removes_half_writes_and_restores_a_moved_asid
     assert (tmp_path / "stage" / "weights").read_text() == "complete"
     assert len(actions) == 4 and any("restored" in a and "stage" in a for a in actions)
     assert recover_interrupted_saves(tmp_path) == [] and recover_interrupted_saves(tmp_path / "missing") == []
+
+
+def test_builtin_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`--config synthloco-cpu` (or `loco-paper.yaml`) names a config shipped inside the package."""
+    from ladmim_hf.training import SettingsError, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("synthloco-cpu", {}).model["tokenizer_config"]["grid_size"] == 14
+    assert resolve_config_path("loco-paper.yaml").parent.name == "configs"
+    with pytest.raises(SettingsError, match="built-in config name .*loco-paper, synthloco-cpu"):
+        load_settings("configs/synthloco-cpu", {})
