@@ -36,6 +36,7 @@ RUNS = {
     "run_all": ["benchmarks/run_all.py", "--tiny", "--only", "roofline"],
     "branch_cost": ["benchmarks/branch_cost.py", "--tiny"],
     "predict_memory": ["benchmarks/predict_memory.py", "--tiny"],
+    "latency": ["benchmarks/latency.py", "--tiny"],
 }
 
 
@@ -79,6 +80,18 @@ def test_branch_cost(runs):
     out = last_json(runs, "branch_cost")
     check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "memory_bank_size"])
     assert out["ratio"] > 0 and out["memory_bank_size"] == 16 and out["global_branch"] is True
+
+
+def test_latency(runs):
+    out = last_json(runs, "latency")
+    check_keys(out, ["backend", "cold_start", "streaming", "throughput"])
+    assert out["backend"] == "pytorch-eager"
+    assert set(out["cold_start"]) == {"import_s", "load_s", "first_image_s", "total_s", "score"}
+    assert math.isfinite(out["cold_start"]["score"]) and out["cold_start"]["total_s"] > 0
+    stream = out["streaming"]
+    assert stream["calls"] == 6 and len(stream["first_calls_ms"]) == 2
+    assert 0 < stream["p50_ms"] <= stream["p99_ms"] <= stream["max_ms"]
+    assert out["throughput"]["batch"] == 2 and out["throughput"]["images_per_s"] > 0
 
 
 def test_predict_memory(runs):
