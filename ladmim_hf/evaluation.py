@@ -177,12 +177,14 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
                     fpr, tpr, _ = roc_curve_points(scores[keep], labels[keep])
                     roc_curves[category][f"{name}, {kind}"] = (fpr, tpr, image_auroc(scores[keep], labels[keep]))
         order = np.argsort(fused)
-        picks = list(order[::-1][:report_images]) + list(order[:max(1, report_images // 2)])
-        for i in picks:
+        picks = [int(i) for i in list(order[::-1][:report_images]) + list(order[:max(1, report_images // 2)])]
+        # Maps in z units (each branch's calibration), so rows and categories share one colour scale.
+        z_maps = detector.standardized_scores({b: result[f"{b}_map"][picks] for b in detector.config.enabled_branches
+                                               if f"{b}_map" in result}, [category] * len(picks))
+        for row, i in enumerate(picks):
             image = load_image(paths[i]).resize((detector.config.tokenizer_config.image_size,) * 2)
             heatmap_items.append({"image": image, "title": f"{category} {types[i]} score {fused[i]:.2f}",
-                                  "maps": {b.replace("_", " "): result[f"{b}_map"][i].numpy()
-                                           for b in detector.config.enabled_branches if f"{b}_map" in result}})
+                                  "maps": {f"{b.replace('_', ' ')} (z)": m[row].numpy() for b, m in z_maps.items()}})
         for i, row in enumerate(rows):
             score_rows.append({"path": row["path"], "category": category, "anomaly_type": types[i],
                                "defect_type": row["defect_type"], "pred_score": fused[i],
@@ -410,8 +412,9 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
                               thresholds=_histogram_thresholds(metrics, category))
         figures.append((f"Score histogram: {category} (calibrated and best-F1 thresholds)", f"figures/scores_{category}.png"))
     if heatmap_items:
-        heatmap_grid(heatmap_items, out_dir / "figures" / "heatmaps.png")
-        figures.append(("Most and least anomalous test images (each branch's map)", "figures/heatmaps.png"))
+        heatmap_grid(heatmap_items, out_dir / "figures" / "heatmaps.png", shared_scale=True)
+        figures.append(("Most and least anomalous test images (each branch's map in z units, one colour range "
+                        "per column)", "figures/heatmaps.png"))
     report = ["# LADMIM evaluation report", "", f"Model: `{model}`; {metrics['num_masks']} masks per image, seed {metrics['seed']}.", "",
               results_table(metrics), "",
               f"Fused: {' + '.join(metrics['fused_branches'])}, each standardised on validation/good, combined by "
