@@ -23,28 +23,23 @@ from ladmim_hf.data.layout import pair_categories
 
 try:
     from tests.data_fixtures import write_image
+    from tests.test_cli_errors import TINY_SETTINGS
     from tests.test_space_app import load_app_module
 except ImportError:  # pragma: no cover
     from data_fixtures import write_image
+    from test_cli_errors import TINY_SETTINGS
     from test_space_app import load_app_module
 
 NUM_IMAGES = 10
 HOLDOUT = 0.3
+# The tiny model of test_cli_errors, with ImageNet weights (so images differ) and every branch.
 SETTINGS = {
-    "seed": 0,
+    **{k: v for k, v in TINY_SETTINGS.items() if k not in ("categories", "load_imagenet_weights")},
     "holdout_fraction": HOLDOUT,
-    "model": {
-        "tokenizer_config": dict(backbone="efficientnet_lite0", backbone_taps=[2, 4], feature_channels=64, image_size=64,
-                                 grid_size=4, hidden_size=32, num_encoder_layers=2, num_decoder_layers=2,
-                                 num_attention_heads=4, intermediate_size=64, num_levels=2, codebook_size=16,
-                                 score_filter_size=8),
-        "predictor_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0),
-        "num_masks": 3, "memory_bank_size": 16, "global_branch": True,
-        "fused_branches": ["logical", "memory_bank", "global"],
-    },
-    "tokenizer": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
-    "predictor": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
-    "log_with": None,
+    "model": {**TINY_SETTINGS["model"], "memory_bank_size": 16, "global_branch": True,
+              "fused_branches": ["logical", "memory_bank", "global"]},
+    "tokenizer": {**TINY_SETTINGS["tokenizer"], "batch_size": 4},
+    "predictor": {**TINY_SETTINGS["predictor"], "batch_size": 4},
 }
 
 
