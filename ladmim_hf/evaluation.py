@@ -104,7 +104,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     layout = find_layout(data_root, dataset_format)
     pairs = pair_categories(layout, categories, detector.categories)  # {data category: model category}
     wanted = list(pairs.values())
-    num_masks = num_masks or detector.config.num_masks
+    num_masks = detector.resolve_num_masks(num_masks)
     cache = torch.load(feature_cache, weights_only=True) if feature_cache and Path(feature_cache).is_file() else {}
 
     metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}, "global": {}}, "num_masks": num_masks,

@@ -410,7 +410,13 @@ def select_names(available: Sequence[str], categories: str | Sequence[str], wher
 
 
 def load_defects_config(category_root: str | os.PathLike) -> dict[int, dict]:
-    """Read ``<category_root>/defects_config.json`` keyed by mask grey value (``{}`` if absent)."""
+    """Read ``<category_root>/defects_config.json`` keyed by mask grey value (``{}`` if absent).
+
+    Every entry needs ``defect_name`` and ``pixel_value``; ``saturation_threshold`` (1.0) and
+    ``relative_saturation`` (true) may be left out. The values are checked by the metric's own
+    reader (:func:`ladmim_hf.metrics.parse_defects_config`); problems name the file."""
+    from ..metrics import parse_defects_config
+
     path = Path(category_root) / "defects_config.json"
     if not path.exists():
         return {}
@@ -420,22 +426,14 @@ def load_defects_config(category_root: str | os.PathLike) -> dict[int, dict]:
         raise DataLayoutError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(entries, list):
         raise DataLayoutError(f"{path} must hold a JSON list of defect types, got {type(entries).__name__}")
-    out: dict[int, dict] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "defect_name" not in entry or "pixel_value" not in entry:
             raise DataLayoutError(f"{path}: entry {i} needs 'defect_name' and 'pixel_value', got {entry!r}")
-        value = int(entry["pixel_value"])
-        if not 0 < value < 256:
-            raise DataLayoutError(f"{path}: entry {i} has pixel_value {value} outside 1..255")
-        if value in out:
-            raise DataLayoutError(f"{path}: pixel_value {value} is used by both {out[value]['defect_name']!r} and {entry['defect_name']!r}")
-        out[value] = {
-            "defect_name": str(entry["defect_name"]),
-            "pixel_value": value,
-            "saturation_threshold": float(entry.get("saturation_threshold", 1.0)),
-            "relative_saturation": bool(entry.get("relative_saturation", True)),
-        }
-    return out
+    try:
+        return parse_defects_config([{"saturation_threshold": 1.0, "relative_saturation": True, **entry}
+                                     for entry in entries]) or {}
+    except (TypeError, ValueError) as error:
+        raise DataLayoutError(f"{path}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------

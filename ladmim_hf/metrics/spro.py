@@ -53,7 +53,8 @@ def parse_defects_config(
         if not 1 <= pv <= 255:
             raise ValueError(f"defects_config entry {i}: pixel_value {pv} is outside 1..255")
         if pv in table:
-            raise ValueError(f"defects_config: pixel_value {pv} appears more than once")
+            raise ValueError(f"defects_config: pixel_value {pv} is used by both {table[pv]['defect_name']!r} and "
+                             f"{str(entry.get('defect_name', pv))!r}")
         thr = float(entry["saturation_threshold"])
         rel = bool(entry["relative_saturation"])
         if thr <= 0 or (rel and thr > 1):

@@ -171,6 +171,14 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         if self.global_branch is not None:
             self.global_branch.fit(features, class_id)
 
+    def resolve_num_masks(self, num_masks: int | None) -> int:
+        """The test-time masks per image: `num_masks`, or `config.num_masks` when it is None."""
+        if num_masks is None:
+            return self.config.num_masks
+        if isinstance(num_masks, bool) or not isinstance(num_masks, numbers.Integral) or num_masks < 1:
+            raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
+        return int(num_masks)
+
     def standardized_scores(self, scores: dict[str, torch.Tensor], categories: Sequence[str]) -> dict[str, torch.Tensor]:
         """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with each
         image's category (`categories`, one name per image) calibration statistics."""
@@ -262,9 +270,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if len(self.categories) != 1:
                     raise ValueError(f"pass category= (one of {self.categories})")
                 category = self.categories[0]
-            if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, numbers.Integral)
-                                          or num_masks < 1):
-                raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
+            num_masks = self.resolve_num_masks(num_masks)
             if features is None:
                 if pixel_values is None:
                     raise ValueError("pass pixel_values or features")
@@ -275,7 +281,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             if bool_masked_pos is None:
                 if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
                     seed = [int(seed)] * batch  # one mask set, shared by every image
-                masks = self.mask_generator()(batch, num_masks if num_masks is not None else self.config.num_masks, seed).to(tokens["codes"].device)
+                masks = self.mask_generator()(batch, num_masks, seed).to(tokens["codes"].device)
             else:
                 masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
                 if masks.dim() == 2:

@@ -295,7 +295,7 @@ def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[st
         model.fit_feature_branches(cache[f"train/{category}"], category, seed=settings.seed)
     model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
-    num_masks = settings.calibration_num_masks or model.config.num_masks
+    num_masks = settings.calibration_num_masks  # None: the model's num_masks
     for category in tqdm(categories, desc="calibration", disable=run.disable_bars):
         features = cache[f"validation/{category}"]
         warning = calibration_size_warning(len(features), settings.calibration_fpr)
