@@ -140,13 +140,13 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
             if warning:
                 logger.warning("%s: %s", category, warning)
         features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {data_category}")
-        scores = branch_scores(detector, features, category, num_masks, seed)
         if labelled:
-            stats = labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule)
+            stats = labelled_statistics(branch_scores(detector, features, category, num_masks, seed), labels,
+                                        detector.config.fused_branches, detector.config.fusion_rule)
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:
-            stats = calibration_statistics(scores, detector.config.fused_branches, detector.config.fusion_rule, fpr)
+            stats = calibrate_category(detector, features, category, num_masks, seed, fpr)
         check_calibration(category, stats)
         results[category], sources[category] = stats, source
         logger.info("%s: threshold %.3f from %s", category, stats["threshold"], source)

@@ -246,20 +246,14 @@ def _print_table(records: list[dict], branches: list[str]) -> None:
 def _write_results(path: Path, records: list[dict], fields: list[str]) -> None:
     """Write `records` as JSON lines or CSV (by `path`'s extension) in one atomic step, so a consumer
     never reads a half-written file. Missing values are JSON null / an empty CSV cell."""
-    import csv
     import json
 
-    from .io_utils import atomic_write_text
+    from .io_utils import atomic_write_csv, atomic_write_text
 
     if path.suffix.lower() == ".csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(records)
-        text = buffer.getvalue()
+        atomic_write_csv(path, records, fields, lineterminator="\n")
     else:
-        text = "".join(json.dumps(record) + "\n" for record in records)
-    atomic_write_text(path, text)
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def _heatmap_names(paths: list[str]) -> list[str]:

@@ -7,8 +7,6 @@ a report with pictures.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import sys
@@ -27,7 +25,7 @@ from .calibration import DEFAULT_HOLDOUT_FRACTION
 from .models.branches_ladmim import LadmimGlobalBranch
 from .models.configuration_ladmim import BRANCHES
 from .models.image_processing_ladmim import LadmimImageProcessor, load_image
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .metrics import f1_optimal_threshold, image_auroc, loco_au_spro, loco_image_aurocs, operating_point, roc_curve_points
 from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .scoring import extract_features
@@ -396,11 +394,7 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
     from .visualization import heatmap_grid, plot_roc_curves, plot_score_histograms
 
     atomic_write_json(out_dir / "metrics.json", metrics)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(score_rows[0]))
-    writer.writeheader()
-    writer.writerows(score_rows)
-    atomic_write_text(out_dir / "scores.csv", buffer.getvalue())
+    atomic_write_csv(out_dir / "scores.csv", score_rows, list(score_rows[0]))
     figures = []
     for category, curves in roc_curves.items():
         if curves:

@@ -8,6 +8,7 @@ this module is left untouched (no ``matplotlib.use`` call is needed).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -156,6 +157,7 @@ def heatmap_scale(threshold: float) -> tuple[float, float]:
     return threshold - half, threshold + half
 
 
+@functools.lru_cache(maxsize=16)  # every heat map of a run shares one bar: rendered once, pasted (never changed)
 def _colorbar_panel(height: int, vmin: float, vmax: float, threshold: float | None, label: str,
                     cmap: str) -> Image.Image:
     """A ``height``-pixel-tall RGB strip: a vertical colour bar over ``[vmin, vmax]`` (triangles =

@@ -280,8 +280,11 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             tokens = self.tokenizer.tokenize(features=features, category=class_ids)
             if bool_masked_pos is None:
                 if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-                    seed = [int(seed)] * batch  # one mask set, shared by every image
-                masks = self.mask_generator()(batch, num_masks, seed).to(tokens["codes"].device)
+                    # one mask set, drawn once and shared by every image
+                    masks = self.mask_generator()(1, num_masks, [int(seed)]).repeat(batch, 1, 1)
+                else:
+                    masks = self.mask_generator()(batch, num_masks, seed)
+                masks = masks.to(tokens["codes"].device)
             else:
                 masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
                 if masks.dim() == 2:
