@@ -29,7 +29,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EXPECTED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "configuration_ladmim.py",
                   "modeling_ladmim.py", "modeling_ladmim_tokenizer.py", "modeling_ladmim_predictor.py",
                   "modeling_ladmim_utils.py", "backbone_ladmim.py", "branches_ladmim.py", "masking.py",
-                  "image_processing_ladmim.py", "pipeline_ladmim.py"}
+                  "image_processing_ladmim.py", "imaging_ladmim.py", "pipeline_ladmim.py"}
 
 
 def _category(logical: float, structural: float) -> dict:

@@ -30,6 +30,7 @@ README_NAME = "README.md"
 PIPELINE_FILE = "pipeline_ladmim.py"
 PIPELINE_TASK = "image-anomaly-detection"
 CODE_FILES = tuple(sorted(p.name for p in MODELS_DIR.glob("*.py") if p.name != "__init__.py"))
+PROCESSOR_CODE_FILES = ("image_processing_ladmim.py", "imaging_ladmim.py")  # the image processor and its reader
 MODEL_CODE_FILES = tuple(name for name in CODE_FILES if name != PIPELINE_FILE)  # what loading a model needs
 AUTO_MAP = {
     "AutoConfig": "configuration_ladmim.LadmimConfig",
@@ -236,11 +237,11 @@ def check_code_files(folder: str | os.PathLike, config: dict | None = None) -> l
     for auto_class, reference in AUTO_MAP.items():
         if auto_class not in auto_map:
             problems.append(f"auto_map[{auto_class!r}] in {CONFIG_NAME} (should be {reference!r})")
-    needed = [name for name in MODEL_CODE_FILES if name != "image_processing_ladmim.py"]
+    needed = [name for name in MODEL_CODE_FILES if name not in PROCESSOR_CODE_FILES]
     processor_path = folder / PROCESSOR_NAME
     processor_map = (_read_json(processor_path).get("auto_map") or {}) if processor_path.is_file() else {}
     if config.get("custom_pipelines") or processor_map:
-        needed.append("image_processing_ladmim.py")  # the processor's class; the pipeline imports it too
+        needed += PROCESSOR_CODE_FILES  # the processor's class; the pipeline imports it too
     if config.get("custom_pipelines"):
         needed.append(PIPELINE_FILE)
     problems += [name for name in needed if not (folder / name).is_file()]

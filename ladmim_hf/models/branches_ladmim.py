@@ -51,6 +51,8 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk_size: int
         raise ValueError("the memory bank is empty")
     if chunk_size < 1 or bank_chunk_size < 1:
         raise ValueError("chunk sizes must be >= 1")
+    if queries.shape[0] <= chunk_size and bank.shape[0] <= bank_chunk_size:  # one block: no buffer to fill
+        return squared_distances(queries, bank).min(dim=1).values.sqrt()
     out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
     for i in range(0, queries.shape[0], chunk_size):
         q = queries[i:i + chunk_size]
@@ -158,6 +160,8 @@ class _PerCategoryBranch(nn.Module):
         self._warned: set[int] = set()
 
     def _check_fitted(self, class_ids: torch.Tensor, categories: list[str]) -> None:
+        if torch.compiler.is_compiling():  # reads values; `ladmim export` checks before tracing
+            return
         unfitted = set(class_ids[~self.fitted[class_ids]].tolist()) - self._warned
         if unfitted:
             logger.warning("the %s branch was never fitted for categories %s; its scores there are meaningless",
@@ -210,16 +214,21 @@ class LadmimMemoryBank(_PerCategoryBranch):
         self.fitted[class_id] = True
 
     def forward(self, features: torch.Tensor, class_ids: torch.Tensor, image_size: int,
-                categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores `(B,)` (the largest cell distance) and maps `(B, S, S)` for raw features `(B, C, g, g)`."""
+                categories: list[str], groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores `(B,)` (the largest cell distance) and maps `(B, S, S)` for raw features `(B, C, g, g)`.
+        `groups`: the distinct values of `class_ids`, if the caller knows them."""
         self._check_fitted(class_ids, categories)
         patches = self.patch_features(features.float())
         batch, g = patches.shape[0], patches.shape[1]
-        cells = torch.empty(batch, g * g, device=features.device)
-        for cid in class_ids.unique().tolist():
-            rows = torch.nonzero(class_ids == cid).flatten()
-            queries = patches[rows].reshape(-1, patches.shape[-1])
-            cells[rows] = nearest_distances(queries, self.bank[cid].float()).view(len(rows), -1)
+        groups = class_ids.unique().tolist() if groups is None else groups
+        if len(groups) == 1:  # one category: no gather or scatter (and a static graph to export)
+            cells = nearest_distances(patches.reshape(-1, patches.shape[-1]), self.bank[groups[0]].float()).view(batch, -1)
+        else:
+            cells = torch.empty(batch, g * g, device=features.device)
+            for cid in groups:
+                rows = torch.nonzero(class_ids == cid).flatten()
+                queries = patches[rows].reshape(-1, patches.shape[-1])
+                cells[rows] = nearest_distances(queries, self.bank[cid].float()).view(len(rows), -1)
         grid = cells.view(batch, g, g)
         full = F.interpolate(grid[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
         return cells.amax(1), gaussian_blur(full, self.smoothing_sigma)

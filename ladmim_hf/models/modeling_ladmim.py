@@ -15,7 +15,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,22 @@ class LadmimAnomalyOutput(ModelOutput):
         """`{branch: raw map (B, S, S)}` for every computed branch that has a map (the global one has none)."""
         return {name: getattr(self, f"{name}_map", None) for name in BRANCHES
                 if getattr(self, f"{name}_map", None) is not None}
+
+
+class LadmimBranchOutputs(NamedTuple):
+    """What [`LadmimForAnomalyDetection.branch_outputs`] returns: raw (unstandardised) values.
+
+    Args:
+        scores: `{branch: (B,)}`; maps: `{branch: (B, S, S)}` (the global branch has none).
+        mask_scores: per-mask histogram distance `(B, M)`.
+        predicted_histograms, target_histograms: `(B, M, L, K)` when requested, else None.
+    """
+
+    scores: dict[str, torch.Tensor]
+    maps: dict[str, torch.Tensor]
+    mask_scores: torch.Tensor
+    predicted_histograms: torch.Tensor | None
+    target_histograms: torch.Tensor | None
 
 
 class LadmimForAnomalyDetection(LadmimPreTrainedModel):
@@ -179,9 +195,65 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             raise ValueError(f"num_masks must be a whole number >= 1 (None: config.num_masks), got {num_masks!r}")
         return int(num_masks)
 
-    def standardized_scores(self, scores: dict[str, torch.Tensor], categories: Sequence[str]) -> dict[str, torch.Tensor]:
-        """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with each
-        image's category (`categories`, one name per image) calibration statistics."""
+    def branch_outputs(self, features: torch.Tensor, class_ids: torch.Tensor, masks: torch.Tensor,
+                       groups: list[int] | None = None, return_histograms: bool = False,
+                       max_sequences_per_chunk: int | None = None, predictor_dtype=None,
+                       code_kernels: dict[int, torch.Tensor] | None = None) -> "LadmimBranchOutputs":
+        """Every enabled branch's raw score and map for raw backbone features, before standardisation.
+
+        The one scoring path: `forward` calls it, and `ladmim export` traces it for one category
+        (`groups=[id]`, precomputed `code_kernels`), so an exported graph computes what `forward` does.
+
+        Args:
+            features: raw backbone features `(B, C, g, g)`; class_ids: `(B,)`; masks: `(B, M, N)` bool.
+            groups: the distinct values of `class_ids` (default: read from it).
+            code_kernels: `{class id: tokenizer.code_kernel (L, K, K)}`, computed when missing.
+        """
+        groups = class_ids.unique().tolist() if groups is None else list(groups)
+        tokens = self.tokenizer.tokenize(features=features, category=class_ids)
+        code_kernels = code_kernels or {}
+
+        def logical(cid: int, rows: torch.Tensor | None):
+            def pick(t):
+                return t if rows is None else t[rows]
+            return self.logical_scores(pick(tokens["features"]), pick(tokens["codes"]), pick(masks), self.categories[cid],
+                                       return_histograms, max_sequences_per_chunk, predictor_dtype, code_kernels.get(cid))
+
+        if len(groups) == 1:  # one category: no gather or scatter
+            mask_scores, predicted_all, target_all = logical(groups[0], None)
+        else:  # mixed-category batches: one predictor call per category present
+            batch, num = masks.shape[:2]
+            mask_scores = torch.empty(batch, num, device=masks.device)
+            levels, size = self.config.predictor_config.num_levels, self.config.predictor_config.codebook_size
+            predicted_all = target_all = None
+            if return_histograms:
+                predicted_all = torch.empty(batch, num, levels, size, device=masks.device)
+                target_all = torch.empty_like(predicted_all)
+            for cid in groups:
+                rows = torch.nonzero(class_ids == cid).flatten()
+                scores, predicted, target = logical(cid, rows)
+                mask_scores[rows] = scores
+                if return_histograms:
+                    predicted_all[rows], target_all[rows] = predicted, target
+        size_px = self.config.tokenizer_config.image_size
+        logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
+                                    mode="bilinear", align_corners=True)[:, 0]
+        scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
+        maps = {"logical": logical_map, "structural": tokens["structural_map"]}
+        if self.memory_bank is not None:
+            scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories, groups)
+        if self.global_branch is not None:
+            scores["global"] = self.global_branch(features, class_ids, self.categories)
+        return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all)
+
+    def standardized_scores(self, scores: dict[str, torch.Tensor], categories: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with the
+        calibration statistics of each image's category (`categories`: one name per image, or one
+        name for the whole batch)."""
+        if isinstance(categories, str):  # plain numbers, so an exported graph holds them as constants
+            stats = self.calibration_for(categories)
+            return {branch: (values - float(stats.get(f"{branch}_mean", 0.0))) / max(float(stats.get(f"{branch}_std", 1.0)), 1e-12)
+                    for branch, values in scores.items()}
         by_category = {c: self.calibration_for(c) for c in dict.fromkeys(categories)}  # checked once per category
         stats = [by_category[c] for c in categories]
         out = {}
@@ -202,12 +274,14 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
 
     def logical_scores(self, features: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor, category: str,
                        return_histograms: bool = False, max_sequences_per_chunk: int | None = None,
-                       predictor_dtype=None):
+                       predictor_dtype=None, code_kernel: torch.Tensor | None = None):
         """Per-mask distances `(B, M)` between predicted and true histograms (`config.histogram_distance`), for one category.
 
         Args:
             features: `(B, C, g, g)`; codes: `(B, L, N)`; masks: `(B, M, N)` bool.
             predictor_dtype: run the predictor under `torch.autocast` with this dtype (see `forward`).
+            code_kernel: the category's `tokenizer.code_kernel` `(L, K, K)` for `"codebook_mmd"`, if
+                already computed (`ladmim export` holds it as a constant).
         """
         predictor = self.predictor_for(category)
         if max_sequences_per_chunk is None:  # memory follows the budget, not the number of masks
@@ -218,7 +292,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         predicted = logits.float().softmax(-1)
         target = code_histograms(codes, masks, self.config.predictor_config.codebook_size)
         if self.config.histogram_distance == "codebook_mmd":
-            kernel = self.tokenizer.code_kernel(category, self.config.kernel_bandwidth).to(predicted.device)
+            kernel = self.tokenizer.code_kernel(category, self.config.kernel_bandwidth) if code_kernel is None else code_kernel
+            kernel = kernel.to(predicted.device)
             mask_scores = kernel_histogram_distance(predicted - target, kernel)
         else:
             mask_scores = (predicted - target).abs().sum((-1, -2))
@@ -277,44 +352,20 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 features = self.tokenizer.extract_features(pixel_values)
             batch = features.shape[0]
             class_ids = self.tokenizer.category_ids(category, batch)
-            tokens = self.tokenizer.tokenize(features=features, category=class_ids)
             if bool_masked_pos is None:
                 if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
                     # one mask set, drawn once and shared by every image
                     masks = self.mask_generator()(1, num_masks, [int(seed)]).repeat(batch, 1, 1)
                 else:
                     masks = self.mask_generator()(batch, num_masks, seed)
-                masks = masks.to(tokens["codes"].device)
+                masks = masks.to(features.device)
             else:
-                masks = bool_masked_pos.to(device=tokens["codes"].device, dtype=torch.bool)
+                masks = bool_masked_pos.to(device=features.device, dtype=torch.bool)
                 if masks.dim() == 2:
                     masks = masks[:, None]
-            num = masks.shape[1]
-            mask_scores = torch.empty(batch, num, device=masks.device)
-            levels, size = self.config.predictor_config.num_levels, self.config.predictor_config.codebook_size
-            predicted_all = target_all = None
-            if return_histograms:
-                predicted_all = torch.empty(batch, num, levels, size, device=masks.device)
-                target_all = torch.empty_like(predicted_all)
-            # Mixed-category batches: one predictor call per category present.
-            for cid in class_ids.unique().tolist():
-                rows = torch.nonzero(class_ids == cid).flatten()
-                scores, predicted, target = self.logical_scores(
-                    tokens["features"][rows], tokens["codes"][rows], masks[rows], self.categories[cid],
-                    return_histograms, max_sequences_per_chunk, predictor_dtype,
-                )
-                mask_scores[rows] = scores
-                if return_histograms:
-                    predicted_all[rows], target_all[rows] = predicted, target
-            size_px = self.config.tokenizer_config.image_size
-            logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
-                                        mode="bilinear", align_corners=True)[:, 0]
-            scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
-            maps = {"logical": logical_map, "structural": tokens["structural_map"]}
-            if self.memory_bank is not None:
-                scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories)
-            if self.global_branch is not None:
-                scores["global"] = self.global_branch(features, class_ids, self.categories)
+            raw = self.branch_outputs(features, class_ids, masks, None, return_histograms, max_sequences_per_chunk,
+                                      predictor_dtype)
+            scores, maps = raw.scores, raw.maps
             for branch, values in scores.items():
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:  # never a verdict from a non-number
@@ -335,12 +386,12 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 thresholds = torch.tensor([by_category[c] for c in names], device=masks.device)
             return LadmimAnomalyOutput(
                 pred_score=pred_score, pred_label=pred_score > thresholds, logical_score=scores["logical"],
-                structural_score=scores["structural"], anomaly_map=anomaly_map, logical_map=logical_map,
-                structural_map=maps["structural"], mask_scores=mask_scores, masks=masks,
-                predicted_histograms=predicted_all, target_histograms=target_all,
+                structural_score=scores["structural"], anomaly_map=anomaly_map, logical_map=maps["logical"],
+                structural_map=maps["structural"], mask_scores=raw.mask_scores, masks=masks,
+                predicted_histograms=raw.predicted_histograms, target_histograms=raw.target_histograms,
                 memory_bank_score=scores.get("memory_bank"), memory_bank_map=maps.get("memory_bank"),
                 global_score=scores.get("global"),
             )
 
 
-__all__ = ["LadmimAnomalyOutput", "LadmimForAnomalyDetection"]
+__all__ = ["LadmimAnomalyOutput", "LadmimBranchOutputs", "LadmimForAnomalyDetection"]

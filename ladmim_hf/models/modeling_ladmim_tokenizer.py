@@ -455,7 +455,9 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         if config.residual_normalization == "cell_channel":
             if class_ids is None:
                 raise ValueError("residual_normalization='cell_channel' needs class_ids")
-            unfitted = set(class_ids[~self.residual_fitted[class_ids]].tolist()) - self._warned_unfitted
+            # reads values: skipped while `ladmim export` traces (it checks before tracing)
+            unfitted = set() if torch.compiler.is_compiling() else (
+                set(class_ids[~self.residual_fitted[class_ids]].tolist()) - self._warned_unfitted)
             if unfitted:
                 logger.warning("no residual statistics for categories %s (fit_residual_statistics); their structural "
                                "maps are not normalised", [self.categories[i] for i in sorted(unfitted)])

@@ -96,20 +96,24 @@ def resolve_category_ids(categories: Sequence[str], category, batch_size: int, d
             else:
                 id_list.append(int(name))
         ids = torch.tensor(id_list, dtype=torch.long, device=device)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(categories)):
+    # Checking the values reads them; `ladmim export` traces with constant ids, checked before tracing.
+    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(categories)):
         raise ValueError(f"category ids must be in 0..{len(categories) - 1}, got {ids.tolist()}")
     return ids
 
 
 @contextmanager
 def _eval_mode(module: nn.Module):
-    """Temporarily switch `module` to eval mode (scoring must never run dropout or EMA updates)."""
+    """Temporarily switch `module` to eval mode (scoring must never run dropout or EMA updates).
+    A module already in eval mode is left untouched (nothing to trace when exporting)."""
     was_training = module.training
-    module.eval()
+    if was_training:
+        module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        if was_training:
+            module.train(True)
 
 
 class LadmimPreTrainedModel(PreTrainedModel):
