@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned in the same step, so pip never resolves a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev,app]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev,app,export]"
 	touch $(STAMP)
 
 venv install: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `ladmim` command: `ladmim train|evaluate|predict|calibrate|synth|push|convert ...`, and the one
+"""The `ladmim` command: `ladmim train|evaluate|predict|calibrate|synth|push|export|convert ...`, and the one
 home of its argparse set-up.
 
 - `SUBCOMMANDS` is the table of subcommands: name, help, and where its options and its run function
@@ -126,29 +126,99 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_option(parser)
     parser.add_argument("--category", default=None, help="category the images belong to")
     add_scoring_options(parser)
+    parser.set_defaults(seed=None)  # None: 0 for pytorch, the export's own seed for onnx / openvino
     parser.add_argument("--threshold", type=finite_float, default=None, help="override the calibrated threshold")
     parser.add_argument("--output_dir", default="ladmim-predictions", help="where heatmaps are written")
     parser.add_argument("--output", type=results_file, default=None,
                         help="also write one record per input to this .jsonl or .csv file (format from the extension)")
+    parser.add_argument("--backend", choices=PREDICT_BACKENDS, default="pytorch",
+                        help="pytorch (default; --model is a model folder or Hub id), or onnx / openvino (--model is "
+                             "a `ladmim export` folder, scored without torch)")
     add_processor_option(parser)
 
 
+PREDICT_BACKENDS = ("pytorch", "onnx", "openvino")
+
+
+class _TorchScorer:
+    """`predict`'s view of a PyTorch detector and its image processor."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .evaluation import load_detector
+
+        try:
+            self.detector, self.processor = load_detector(args.model, args.allow_default_processor)
+        except (OSError, ValueError) as error:  # a missing, corrupt or foreign model folder: one line, no traceback
+            raise SystemExit(f"error: cannot load the model {args.model}: {error}") from None
+        self.args = args
+        self.categories = list(self.detector.categories)
+        self.branches = list(self.detector.config.enabled_branches)
+
+    def is_calibrated(self, category: str) -> bool:
+        return category in self.detector.config.calibration
+
+    def threshold(self, category: str) -> float:
+        return float(self.detector.calibration_for(category)["threshold"])
+
+    def score(self, image, category: str):
+        """`(raw branch scores, fused score, anomalous?, fused map at the image's size)` of a PIL image."""
+        args = self.args
+        seed = 0 if args.seed is None else args.seed
+        out = self.detector(**self.processor(image), category=category, num_masks=args.num_masks, seed=seed,
+                            threshold=args.threshold, predictor_dtype=args.predictor_dtype)
+        anomaly_map = self.processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
+        return ({b: float(v[0]) for b, v in out.branch_scores().items()}, float(out.pred_score[0]),
+                bool(out.pred_label[0]), anomaly_map)
+
+
+class _ExportScorer:
+    """`predict`'s view of a `ladmim export` folder (ONNX Runtime or OpenVINO)."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .deploy.inference_ladmim import ExportFolderError, LadmimInferencer
+
+        try:
+            self.inferencer = LadmimInferencer(args.model, args.backend)
+        except ExportFolderError as error:
+            raise SystemExit(f"error: {error}") from None
+        metadata = self.inferencer.metadata
+        fixed = {"--num_masks": (args.num_masks, metadata["num_masks"]), "--seed": (args.seed, metadata["seed"])}
+        for flag, (asked, exported) in fixed.items():
+            if asked is not None and asked != exported:
+                raise SystemExit(f"error: {flag} {asked}: the export's graphs hold {metadata['num_masks']} masks from seed "
+                                 f"{metadata['seed']}; export again with `ladmim export {flag} {asked}`")
+        if args.predictor_dtype is not None:
+            raise SystemExit("error: --predictor_dtype applies to --backend pytorch only; exported graphs are float32")
+        self.args = args
+        self.categories = self.inferencer.categories
+        self.branches = list(metadata["branches"])
+
+    def is_calibrated(self, category: str) -> bool:
+        return bool(self.inferencer.metadata["categories"][category]["calibrated"])
+
+    def threshold(self, category: str) -> float:
+        return self.inferencer.threshold(category)
+
+    def score(self, image, category: str):
+        from .deploy.inference_ladmim import resize_map
+
+        result = self.inferencer([image], category=category, threshold=self.args.threshold)
+        return ({b: float(v[0]) for b, v in result.branch_scores().items()}, float(result.pred_score[0]),
+                bool(result.pred_label[0]), resize_map(result.anomaly_map[0], image.size[::-1]))
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from .evaluation import load_detector
     from .visualization import FUSED_MAP_LABEL, heatmap_scale
 
-    try:
-        detector, processor = load_detector(args.model, args.allow_default_processor)
-    except (OSError, ValueError) as error:  # a missing, corrupt or foreign model folder: one line, no traceback
-        raise SystemExit(f"error: cannot load the model {args.model}: {error}") from None
-    category = args.category or (detector.categories[0] if len(detector.categories) == 1 else None)
+    scorer = _TorchScorer(args) if args.backend == "pytorch" else _ExportScorer(args)
+    category = args.category or (scorer.categories[0] if len(scorer.categories) == 1 else None)
     if category is None:
-        raise SystemExit(f"error: pass --category (one of {', '.join(detector.categories)})")
-    if category not in detector.categories:
+        raise SystemExit(f"error: pass --category (one of {', '.join(scorer.categories)})")
+    if category not in scorer.categories:
         raise SystemExit(f"error: --category {category!r} is not one this model was trained on "
-                         f"({', '.join(detector.categories)})")
-    calibrated = category in detector.config.calibration
-    calibrated_threshold = float(detector.calibration_for(category)["threshold"])
+                         f"({', '.join(scorer.categories)})")
+    calibrated = scorer.is_calibrated(category)
+    calibrated_threshold = scorer.threshold(category)
     threshold = calibrated_threshold if args.threshold is None else args.threshold
     source = ("--threshold" if args.threshold is not None
               else "calibrated" if calibrated else "model default: not calibrated")
@@ -161,7 +231,7 @@ def run_predict(args: argparse.Namespace) -> int:
     entries = _expand_image_arguments(args.images)
     files = [path for path, problem in entries if problem is None]
     heatmap_names = iter(_heatmap_names(files))
-    branches = list(detector.config.enabled_branches)
+    branches = scorer.branches
     for _, problem in entries:
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
@@ -170,7 +240,7 @@ def run_predict(args: argparse.Namespace) -> int:
         record = _empty_record(path, category, branches, threshold)
         if problem is None:
             heatmap = out_dir / next(heatmap_names)
-            problem = _score_file(detector, processor, path, category, args, heatmap, heatmap_style, record)
+            problem = _score_file(scorer, path, category, heatmap, heatmap_style, record)
         record["error"] = problem
         records.append(record)
     print(f"category {category}: threshold {threshold:.3f} ({source}); anomalous when fused_score > threshold")
@@ -202,8 +272,7 @@ def _empty_record(path: str, category: str, branches: list[str], threshold: floa
     return record
 
 
-def _score_file(detector, processor, path: str, category: str, args: argparse.Namespace, heatmap: Path,
-                style: dict, record: dict) -> str | None:
+def _score_file(scorer, path: str, category: str, heatmap: Path, style: dict, record: dict) -> str | None:
     """Score one file, write its heat map and fill `record`; returns the error message (also printed)
     if the file cannot be scored, else None."""
     from .models.image_processing_ladmim import ImageDecodeError, load_image
@@ -212,21 +281,18 @@ def _score_file(detector, processor, path: str, category: str, args: argparse.Na
 
     try:
         image = load_image(path)
-        out = detector(**processor(image), category=category, num_masks=args.num_masks, seed=args.seed,
-                       threshold=args.threshold, predictor_dtype=args.predictor_dtype)
+        branch_scores, fused, anomalous, anomaly_map = scorer.score(image, category)
     except (ImageDecodeError, ValueError) as error:
         # unreadable images, and scores that are not finite (never a verdict from a NaN): named, then skipped
         message = str(error) if isinstance(error, ImageDecodeError) else f"{path}: {error}"
         print(f"error: {message}", file=sys.stderr)
         return message
-    anomaly_map = processor.postprocess_anomaly_map(out.anomaly_map, image.size[::-1])[0].numpy()
     buffer = io.BytesIO()
     heatmap_with_colorbar(image, anomaly_map, *style["scale"], threshold=style["threshold"],
                           label=style["label"]).save(buffer, format="PNG")
     atomic_write_bytes(heatmap, buffer.getvalue())  # a kill never leaves a truncated PNG under the final name
-    record.update({f"{b}_score": float(v[0]) for b, v in out.branch_scores().items()})
-    record.update(fused_score=float(out.pred_score[0]), verdict="anomalous" if bool(out.pred_label[0]) else "good",
-                  heatmap=str(heatmap))
+    record.update({f"{b}_score": v for b, v in branch_scores.items()})
+    record.update(fused_score=fused, verdict="anomalous" if anomalous else "good", heatmap=str(heatmap))
     return None
 
 
@@ -336,6 +402,8 @@ SUBCOMMANDS = (
                "add_synth_arguments", "run_from_args"),
     Subcommand("push", "upload a trained detector (weights, code, pipeline, model card) to the Hub", ".hub.push",
                "add_push_arguments", "run_push_from_args"),
+    Subcommand("export", "export a trained detector to ONNX / OpenVINO graphs (scored without torch)",
+               ".deploy.export", "add_export_arguments", "run_from_args"),
     Subcommand("convert", "convert official LADMIM / HVQ-Trans checkpoints to ladmim_hf models", ".convert",
                "add_convert_arguments", "run_from_args"),
 )
