@@ -37,6 +37,7 @@ RUNS = {
     "branch_cost": ["benchmarks/branch_cost.py", "--tiny"],
     "predict_memory": ["benchmarks/predict_memory.py", "--tiny"],
     "latency": ["benchmarks/latency.py", "--tiny"],
+    "export_parity": ["benchmarks/export_parity.py", "--tiny"],
 }
 
 
@@ -84,14 +85,31 @@ def test_branch_cost(runs):
 
 def test_latency(runs):
     out = last_json(runs, "latency")
-    check_keys(out, ["backend", "cold_start", "streaming", "throughput"])
-    assert out["backend"] == "pytorch-eager"
-    assert set(out["cold_start"]) == {"import_s", "load_s", "first_image_s", "total_s", "score"}
-    assert math.isfinite(out["cold_start"]["score"]) and out["cold_start"]["total_s"] > 0
-    stream = out["streaming"]
-    assert stream["calls"] == 6 and len(stream["first_calls_ms"]) == 2
-    assert 0 < stream["p50_ms"] <= stream["p99_ms"] <= stream["max_ms"]
-    assert out["throughput"]["batch"] == 2 and out["throughput"]["images_per_s"] > 0
+    check_keys(out, ["backends", "best_backend", "p50_ratio_best_vs_eager", "parity_at_export"])
+    assert set(out["backends"]) == {"pytorch-eager", "onnx", "openvino"} and out["best_backend"] in ("onnx", "openvino")
+    for backend in out["backends"].values():
+        cold = backend["cold_start"]
+        assert set(cold) == {"import_s", "load_s", "first_image_s", "total_s", "score"}
+        assert math.isfinite(cold["score"]) and cold["total_s"] > 0
+        stream = backend["streaming"]
+        assert stream["calls"] == 6 and len(stream["first_calls_ms"]) == 2
+        assert 0 < stream["p50_ms"] <= stream["p99_ms"] <= stream["max_ms"]
+        assert backend["throughput"]["batch"] == 2 and backend["throughput"]["images_per_s"] > 0
+    # the same image file scores the same in a fresh interpreter, whatever the backend
+    scores = [backend["cold_start"]["score"] for backend in out["backends"].values()]
+    assert max(scores) - min(scores) <= 1e-4 * max(1.0, abs(scores[0]))
+    assert all(value <= 1e-4 for batch in out["parity_at_export"].values() for value in batch.values())
+    assert out["p50_ratio_best_vs_eager"] > 0
+
+
+def test_export_parity(runs):
+    out = last_json(runs, "export_parity")
+    check_keys(out, ["images", "max_difference", "worst", "verdicts_agree"])
+    assert set(out["worst"]) == {"onnx", "openvino"}
+    for backend, per_output in out["max_difference"].items():
+        assert {"pred_score", "anomaly_map", "logical_score", "structural_score"} <= set(per_output)
+        assert out["worst"][backend] == max(per_output.values()) <= 1e-4
+        assert out["verdicts_agree"][backend] == out["images"]
 
 
 def test_predict_memory(runs):
