@@ -11,9 +11,14 @@ pixels with the model's own masks (`seed=0`), for each backend:
   torch-free `inference_ladmim.LadmimInferencer` from the export folder, graph compiled) and scores one
   image file: seconds for the import, the load, and the first image (decode, preprocess, score);
 - **streaming**: `--calls` single-image calls in a row, p50 / p99 / max latency (the first
-  `--warmup` calls reported apart, as `first_calls_ms`); the backends take turns call by call, so a
-  machine whose load changes biases none of them;
+  `--warmup` calls reported apart, as `first_calls_ms`);
 - **throughput**: batches of `--batch` images, images per second (median over `--rounds`).
+
+The backends take turns in blocks of consecutive calls (`--rounds` blocks each, the order rotated
+every round), so a machine whose load drifts biases none of them. Not call by call: ONNX Runtime and
+OpenVINO keep their worker threads spinning for a while after a call, which on 2 cores slowed the
+next backend's call (OpenVINO measured 28 ms interleaved, 15 ms in a block; eager 48 ms vs 37 ms), and
+an inspection line runs one backend, not three in turn.
 
     python benchmarks/latency.py --threads 2                     # the synthloco-cpu sizes
     python benchmarks/latency.py --model outputs/synthloco/model --threads 2
@@ -112,13 +117,22 @@ def scorers(model, category: str, single: Path, batched: Path, threads: int | No
     return out
 
 
-def streaming(single_calls: dict, images: np.ndarray, warmup: int) -> dict:
-    """Milliseconds per single-image call, one call after the other; backends take turns."""
+def _rotations(names: list[str], rounds: int):
+    """Round by round, the backends in an order rotated by one each round."""
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        yield round_index, names[shift:] + names[:shift]
+
+
+def streaming(single_calls: dict, images: np.ndarray, warmup: int, rounds: int) -> dict:
+    """Milliseconds per single-image call; each backend scores `images` in `rounds` blocks of consecutive calls."""
     times = {name: [] for name in single_calls}
-    for image in images:
-        for name, call in single_calls.items():
-            seconds, _ = C.timed(lambda: call(image[None]))
-            times[name].append(seconds * 1000)
+    blocks = np.array_split(np.arange(len(images)), rounds)
+    for round_index, order in _rotations(list(single_calls), rounds):
+        for name in order:
+            for index in blocks[round_index]:
+                seconds, _ = C.timed(lambda: single_calls[name](images[index][None]))
+                times[name].append(seconds * 1000)
     out = {}
     for name, values in times.items():
         steady = np.asarray(values[warmup:])
@@ -129,11 +143,13 @@ def streaming(single_calls: dict, images: np.ndarray, warmup: int) -> dict:
 
 
 def throughput(batch_calls: dict, images: np.ndarray, batch: int, rounds: int) -> dict:
+    """Images per second at `batch`, median over `rounds` (three batches in a row per backend and round)."""
     rates = {name: [] for name in batch_calls}
-    for _ in range(rounds):
-        for name, call in batch_calls.items():
-            seconds, _ = C.timed(lambda: call(images[:batch]))
-            rates[name].append(batch / seconds)
+    for _, order in _rotations(list(batch_calls), rounds):
+        for name in order:
+            for _ in range(3):
+                seconds, _ = C.timed(lambda: batch_calls[name](images[:batch]))
+                rates[name].append(batch / seconds)
     return {name: {"batch": batch, "images_per_s": round(C.median(values), 2)} for name, values in rates.items()}
 
 
@@ -179,7 +195,8 @@ def main(argv=None) -> dict:
         calls = scorers(model, category, single, batched, threads)
         images = C.random_images(max(args.calls + args.warmup, args.batch), size, args.seed).numpy()
         C.log(f"streaming: {args.calls + args.warmup} single-image calls per backend")
-        stream = streaming({name: pair[0] for name, pair in calls.items()}, images[:args.calls + args.warmup], args.warmup)
+        stream = streaming({name: pair[0] for name, pair in calls.items()}, images[:args.calls + args.warmup], args.warmup,
+                           args.rounds)
         C.log(f"throughput: batches of {args.batch}")
         rate = throughput({name: pair[1] for name, pair in calls.items()}, images, args.batch, args.rounds)
     backends = {name: {"cold_start": cold[name], "streaming": stream[name], "throughput": rate[name]} for name in cold}

@@ -128,9 +128,13 @@ def _check_packages(formats: list[str]) -> None:
 def export_onnx(graph: DetectorGraph, example: torch.Tensor, path: Path) -> None:
     """Trace `graph` for inputs shaped like `example` and write one self-contained `.onnx` file."""
     captured = io.StringIO()
-    optimizer_log = logging.getLogger("onnx_ir")
-    level = optimizer_log.level
-    optimizer_log.setLevel(logging.WARNING)  # one INFO line per folded constant otherwise
+    # One INFO line per folded constant or rewrite otherwise, and one warning per torchvision operator
+    # the exporter could register (we use none).
+    quiet = {"onnx_ir": logging.WARNING, "onnxscript": logging.WARNING,
+             "torch.onnx._internal.exporter._registration": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(captured), warnings.catch_warnings():
             # the exporter narrates every step on stdout, and warns about its own internals
@@ -141,7 +145,8 @@ def export_onnx(graph: DetectorGraph, example: torch.Tensor, path: Path) -> None
         logger.error("torch.onnx.export failed; its log:\n%s", captured.getvalue())
         raise
     finally:
-        optimizer_log.setLevel(level)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def export_openvino(onnx_path: Path, path: Path) -> None:
