@@ -192,7 +192,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "fusion_sweep.py"), "--model", str(model_dir), "--data_root",
          str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"), "--num_masks", "2", "--threads", "1",
-         "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "--no_spro"],
+         "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "--no_spro",
+         "--save_scores", str(out / "z.pt")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -204,6 +205,32 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
             assert sweep["variants"]["memory_bank (sum)"][category][key] == pytest.approx(
                 metrics["categories"][category]["branches"]["memory_bank"][key])
     assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
+
+    # experiments/branch_variants.py on the sweep's saved scores: its "model" row is the trained fusion;
+    # the memory bank refitted as the model's (same size, seed and grid) scores as the model's does (its
+    # bank is stored in fp16); the other variants run; a bad variant is refused by name.
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import branch_variants
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    capsys.readouterr()
+    branch_variants.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
+                          "--feature_cache", str(out / "cache" / "features.pt"), "--threads", "1", "--variants",
+                          "memory_bank:size=24", "memory_bank:grid=8", "memory_bank:position=0.5",
+                          "global:standardized", "global:code_histogram"])
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert probe["fused_branches"] == ["logical", "structural", "memory_bank", "global"] and probe["fusion_rule"] == "max"
+    for category in CATEGORIES:
+        for key in ("auroc_logical", "auroc_structural"):
+            assert probe["model"][category]["fused"][key] == pytest.approx(trained[category][key])
+            assert probe["variants"]["memory_bank:size=24"][category]["alone"][key] == pytest.approx(
+                metrics["categories"][category]["branches"]["memory_bank"][key], abs=0.02)
+        for variant in probe["variants"].values():
+            assert all(0.0 <= v <= 1.0 for part in variant[category].values() for v in part.values())
+    with pytest.raises(SystemExit, match="bad variant 'memory_bank:grid'"):
+        branch_variants.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
+                              "--variants", "memory_bank:grid"])
 
     # experiments/scoring_sweep.py rescoring the trained model: the 2-mask variant reproduces the
     # evaluation above exactly (same seed, same masks); a bad field is refused by name.

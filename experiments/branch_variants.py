@@ -1,0 +1,202 @@
+"""Alternatives to the training-free branches, each in place of its branch in a trained model's fusion.
+
+`fusion_sweep.py --save_scores FILE` keeps a trained model's standardised test scores per branch.
+This probe fits alternatives to the memory bank or the global branch on each category's `train/good`
+features, standardises them on `validation/good` as training does, and puts each in place of its
+branch in the model's own fusion (its `fused_branches` and `fusion_rule`), so every row is paired with the
+model's row: same logical scores, same images.
+
+    python experiments/fusion_sweep.py --model outputs/synthloco/model --data_root data/synthloco \
+        --feature_cache outputs/synthloco/cache/features.pt --variants logical+memory_bank+global:sum \
+        --no_spro --save_scores z.pt
+    python experiments/branch_variants.py --model outputs/synthloco/model --data_root data/synthloco \
+        --feature_cache outputs/synthloco/cache/features.pt --scores z.pt \
+        --variants memory_bank:grid=28 memory_bank:position=0.5 global:standardized global:code_histogram
+
+Variants (`branch:setting=value`, or `branch:setting`):
+
+- `memory_bank:size=P`: a coreset of P patches (the model's grid);
+- `memory_bank:grid=G`: every backbone tap resized to G x G before matching (the model's: 14 at 224 px);
+- `memory_bank:position=A`: each patch gets its cell's (row, column) appended, scaled so that one
+  cell is A times the median nearest-neighbour distance of validation patches, so a part in the
+  wrong place stops matching;
+- `global:standardized`: pooled features standardised per dimension before the Ledoit-Wolf fit, so
+  the shrinkage pulls toward the diagonal instead of a multiple of the identity;
+- `global:code_histogram`: the Mahalanobis distance of the image's code counts (per level, over the
+  codebook) instead of its pooled features: counts of parts, in the tokenizer's words.
+
+Last stdout line: JSON with `model` (the model's own fusion) and `variants`, each per category and on
+average: the variant alone and fused (image AUROC, logical and structural).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import _shared as S
+
+DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank:position=0.5",
+                    "global:standardized", "global:code_histogram")
+SETTINGS = {"memory_bank": ("size", "grid", "position"), "global": ("standardized", "code_histogram")}
+
+
+def parse_variant(text: str) -> tuple[str, str, float | None]:
+    """`"memory_bank:grid=28"` -> `("memory_bank", "grid", 28.0)`; `"global:standardized"` -> `(..., None)`."""
+    branch, _, setting = text.partition(":")
+    name, _, value = setting.partition("=")
+    if branch not in SETTINGS or name not in SETTINGS[branch] or (branch == "memory_bank") != bool(value):
+        raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE or "
+                         "global:standardized / global:code_histogram")
+    try:
+        return branch, name, float(value) if value else None
+    except ValueError:
+        raise SystemExit(f"bad variant {text!r}: {value!r} is not a number") from None
+
+
+def cell_rows(features: torch.Tensor, position_scale: float = 0.0) -> torch.Tensor:
+    """`(B, C, g, g)` -> `(B, g*g, C [+2])` patch rows, with the cell's (row, column) times `position_scale`."""
+    batch, channels, g, _ = features.shape
+    rows = features.float().permute(0, 2, 3, 1)
+    if position_scale:
+        grid = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).float()
+        rows = torch.cat([rows, (grid * position_scale)[None].expand(batch, g, g, 2)], -1)
+    return rows.reshape(batch, g * g, -1)
+
+
+def memory_bank_scores(train: torch.Tensor, others: list[torch.Tensor], size: int, position: float, seed: int,
+                       validation: torch.Tensor) -> list[torch.Tensor]:
+    """The largest nearest-neighbour distance per image `(N,)` to a coreset of `train`'s patches."""
+    from ladmim_hf.models.branches_ladmim import greedy_coreset, nearest_distances
+
+    scale = 0.0
+    if position:  # one cell = `position` x the typical distance of a normal patch to the plain bank
+        plain = cell_rows(train).flatten(0, 1)
+        bank = plain[greedy_coreset(plain, min(size, len(plain)), projection_dim=128, seed=seed)]
+        scale = position * float(nearest_distances(cell_rows(validation).flatten(0, 1), bank).median())
+    rows = cell_rows(train, scale).flatten(0, 1)
+    bank = rows[greedy_coreset(rows, min(size, len(rows)), projection_dim=128, seed=seed)]
+    out = []
+    for features in others:
+        queries = cell_rows(features, scale)
+        out.append(nearest_distances(queries.flatten(0, 1), bank).view(len(features), -1).amax(1))
+    return out
+
+
+def mahalanobis_scores(train: torch.Tensor, others: list[torch.Tensor], standardize: bool) -> list[torch.Tensor]:
+    """Mahalanobis distances `(N,)` of vectors `(N, D)` under a Ledoit-Wolf covariance of `train (n, D)`."""
+    from ladmim_hf.models.branches_ladmim import ledoit_wolf_covariance
+
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6) if standardize else torch.ones(train.shape[1])
+    train = (train - mean) / std
+    covariance, _ = ledoit_wolf_covariance(train)
+    precision = torch.linalg.inv(covariance).float()
+    out = []
+    for vectors in others:
+        centred = (vectors - mean) / std - train.mean(0)
+        out.append(torch.einsum("bi,ij,bj->b", centred, precision, centred).clamp_min(0).sqrt())
+    return out
+
+
+def code_counts(model, features: torch.Tensor, category: str) -> torch.Tensor:
+    """`(N, C, g, g)` raw features -> `(N, levels * codebook)` counts of each code in each level."""
+    size = model.config.predictor_config.codebook_size
+    counts = []
+    with torch.no_grad():
+        for chunk in features.split(32):
+            codes = model.tokenizer.tokenize(features=chunk, category=category)["codes"]  # (B, L, N)
+            counts.append(F.one_hot(codes, size).float().sum(2).flatten(1))
+    return torch.cat(counts)
+
+
+def main(argv=None) -> None:
+    parser = S.parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data_root", required=True)
+    parser.add_argument("--scores", required=True, help="the model's test z-scores: fusion_sweep.py --save_scores FILE")
+    parser.add_argument("--feature_cache", default=None, help="training feature cache (OUTPUT_DIR/cache/features.pt)")
+    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    args = parser.parse_args(argv)
+    S.use_threads(args.threads)
+    variants = {text: parse_variant(text) for text in args.variants}
+
+    from ladmim_hf.data import evaluation_rows, find_layout, select_categories
+    from ladmim_hf.evaluation import load_detector
+    from ladmim_hf.metrics import loco_image_aurocs
+    from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse
+    from ladmim_hf.scoring import extract_features
+
+    model, processor = load_detector(args.model)
+    fused, rule = list(model.config.fused_branches), model.config.fusion_rule
+    layout = find_layout(args.data_root)
+    categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
+    saved = torch.load(args.scores, weights_only=False)
+    missing = [c for c in categories if c not in saved]
+    if missing:
+        raise SystemExit(f"{args.scores} has no scores for {missing}: run fusion_sweep.py --save_scores on them")
+    cache = torch.load(args.feature_cache, weights_only=True) if args.feature_cache else {}
+    backbone = model.tokenizer.backbone
+    model_grid = backbone.grid_size
+
+    def features(split: str, category: str, grid: int) -> torch.Tensor:
+        key = f"{split}/{category}" + ("" if grid == model_grid else f"@{grid}")
+        if key not in cache:
+            paths = ([r["path"] for r in evaluation_rows(layout, category)] if split == "test"
+                     else layout.paths(category, split))
+            backbone.grid_size = grid
+            try:
+                cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
+            finally:
+                backbone.grid_size = model_grid
+        return cache[key]
+
+    def aurocs(scores: torch.Tensor, types: list[str]) -> dict:
+        values = loco_image_aurocs(scores.double().numpy(), types)
+        return {k: values[k] for k in ("auroc_logical", "auroc_structural", "auroc_mean")}
+
+    results = {"model": {}, **{text: {} for text in variants}}
+    for category in categories:
+        z, types = saved[category]["z"], saved[category]["types"]
+        if len(types) != len(evaluation_rows(layout, category)):
+            raise SystemExit(f"{args.scores} holds {len(types)} test images of {category}; the data root has a different test set")
+        results["model"][category] = {"fused": aurocs(fuse(torch.stack([z[b] for b in fused], -1), rule), types)}
+        for text, (branch, setting, value) in variants.items():
+            S.progress(f"{category}: {text}")
+            if branch == "memory_bank":
+                grid = int(value) if setting == "grid" else model_grid
+                size = int(value) if setting == "size" else model.config.memory_bank_size or 2048
+                position = value if setting == "position" else 0.0
+                validation, test = memory_bank_scores(features("train", category, grid),
+                                                      [features("validation", category, grid), features("test", category, grid)],
+                                                      size, position, args.seed, features("validation", category, grid))
+            else:
+                if setting == "code_histogram":
+                    vectors = [code_counts(model, features(split, category, model_grid), category)
+                               for split in ("train", "validation", "test")]
+                else:
+                    vectors = [LadmimGlobalBranch.pooled(features(split, category, model_grid))
+                               for split in ("train", "validation", "test")]
+                validation, test = mahalanobis_scores(vectors[0], vectors[1:], standardize=setting == "standardized")
+            standardized = (test - validation.mean()) / validation.std()
+            parts = [standardized if b == branch else z[b] for b in fused] + ([] if branch in fused else [standardized])
+            results[text][category] = {"alone": aurocs(test, types), "fused": aurocs(fuse(torch.stack(parts, -1), rule), types)}
+
+    def mean(per: dict, part: str, key: str) -> float:
+        return float(np.mean([entry[part][key] for entry in per.values()]))
+
+    lines = [f"fused branches of the model: {' + '.join(fused)} ({rule}); each variant replaces its branch (or joins)",
+             "| variant | alone: logical / structural | fused: logical / structural / mean | fused logical per category |",
+             "|---|---|---|---|"]
+    for name, per in results.items():
+        alone = "-" if name == "model" else f"{mean(per, 'alone', 'auroc_logical'):.3f} / {mean(per, 'alone', 'auroc_structural'):.3f}"
+        lines.append(f"| {name} | {alone} | {mean(per, 'fused', 'auroc_logical'):.3f} / {mean(per, 'fused', 'auroc_structural'):.3f}"
+                     f" / {mean(per, 'fused', 'auroc_mean'):.3f} | "
+                     + ", ".join(f"{c} {per[c]['fused']['auroc_logical']:.3f}" for c in categories) + " |")
+    S.report("\n".join(lines), {"fused_branches": fused, "fusion_rule": rule, "model": results.pop("model"),
+                                "variants": results})
+
+
+if __name__ == "__main__":
+    main()
