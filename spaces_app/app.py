@@ -142,7 +142,8 @@ def _upload_path_and_name(value: Any) -> tuple[str | None, str]:
     raise InputError(f"unsupported image input of type {type(value).__name__}")
 
 
-# Copied from ladmim_hf.models.image_processing_ladmim.to_rgb (a Space does not install ladmim_hf); keep in sync.
+# Copied from ladmim_hf.models.imaging_ladmim.to_rgb (a Space does not install ladmim_hf); kept in sync by
+# tests/test_space_app.py::test_unusual_image_modes_are_handled.
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit/32-bit/float images rescaled by their own range (no white
     saturation), transparency composited on black (as the model's image processor does)."""
