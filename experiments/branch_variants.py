@@ -65,9 +65,10 @@ def cell_rows(features: torch.Tensor, position_scale: float = 0.0) -> torch.Tens
     return rows.reshape(batch, g * g, -1)
 
 
-def memory_bank_scores(train: torch.Tensor, others: list[torch.Tensor], size: int, position: float, seed: int,
-                       validation: torch.Tensor) -> list[torch.Tensor]:
-    """The largest nearest-neighbour distance per image `(N,)` to a coreset of `train`'s patches."""
+def memory_bank_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, size: int, position: float,
+                       seed: int) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)`: each image's largest nearest-neighbour distance to a coreset of
+    `train`'s patches (features `(N, C, g, g)`)."""
     from ladmim_hf.models.branches_ladmim import greedy_coreset, nearest_distances
 
     scale = 0.0
@@ -78,14 +79,16 @@ def memory_bank_scores(train: torch.Tensor, others: list[torch.Tensor], size: in
     rows = cell_rows(train, scale).flatten(0, 1)
     bank = rows[greedy_coreset(rows, min(size, len(rows)), projection_dim=128, seed=seed)]
     out = []
-    for features in others:
+    for features in (validation, test):
         queries = cell_rows(features, scale)
         out.append(nearest_distances(queries.flatten(0, 1), bank).view(len(features), -1).amax(1))
     return out
 
 
-def mahalanobis_scores(train: torch.Tensor, others: list[torch.Tensor], standardize: bool) -> list[torch.Tensor]:
-    """Mahalanobis distances `(N,)` of vectors `(N, D)` under a Ledoit-Wolf covariance of `train (n, D)`."""
+def mahalanobis_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor,
+                       standardize: bool) -> list[torch.Tensor]:
+    """Validation and test Mahalanobis distances `(N,)` of vectors `(N, D)` under a Ledoit-Wolf covariance
+    of `train (n, D)`."""
     from ladmim_hf.models.branches_ladmim import ledoit_wolf_covariance
 
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6) if standardize else torch.ones(train.shape[1])
@@ -93,7 +96,7 @@ def mahalanobis_scores(train: torch.Tensor, others: list[torch.Tensor], standard
     covariance, _ = ledoit_wolf_covariance(train)
     precision = torch.linalg.inv(covariance).float()
     out = []
-    for vectors in others:
+    for vectors in (validation, test):
         centred = (vectors - mean) / std - train.mean(0)
         out.append(torch.einsum("bi,ij,bj->b", centred, precision, centred).clamp_min(0).sqrt())
     return out
@@ -143,8 +146,7 @@ def main(argv=None) -> None:
     def features(split: str, category: str, grid: int) -> torch.Tensor:
         key = f"{split}/{category}" + ("" if grid == model_grid else f"@{grid}")
         if key not in cache:
-            paths = ([r["path"] for r in evaluation_rows(layout, category)] if split == "test"
-                     else layout.paths(category, split))
+            paths = test_paths[category] if split == "test" else layout.paths(category, split)
             backbone.grid_size = grid
             try:
                 cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
@@ -156,10 +158,11 @@ def main(argv=None) -> None:
         values = loco_image_aurocs(scores.double().numpy(), types)
         return {k: values[k] for k in ("auroc_logical", "auroc_structural", "auroc_mean")}
 
+    test_paths = {c: [r["path"] for r in evaluation_rows(layout, c)] for c in categories}
     results = {"model": {}, **{text: {} for text in variants}}
     for category in categories:
         z, types = saved[category]["z"], saved[category]["types"]
-        if len(types) != len(evaluation_rows(layout, category)):
+        if len(types) != len(test_paths[category]):
             raise SystemExit(f"{args.scores} holds {len(types)} test images of {category}; the data root has a different test set")
         results["model"][category] = {"fused": aurocs(fuse(torch.stack([z[b] for b in fused], -1), rule), types)}
         for text, (branch, setting, value) in variants.items():
@@ -168,9 +171,8 @@ def main(argv=None) -> None:
                 grid = int(value) if setting == "grid" else model_grid
                 size = int(value) if setting == "size" else model.config.memory_bank_size or 2048
                 position = value if setting == "position" else 0.0
-                validation, test = memory_bank_scores(features("train", category, grid),
-                                                      [features("validation", category, grid), features("test", category, grid)],
-                                                      size, position, args.seed, features("validation", category, grid))
+                validation, test = memory_bank_scores(*(features(split, category, grid) for split in ("train", "validation", "test")),
+                                                      size, position, args.seed)
             else:
                 if setting == "code_histogram":
                     vectors = [code_counts(model, features(split, category, model_grid), category)
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
                 else:
                     vectors = [LadmimGlobalBranch.pooled(features(split, category, model_grid))
                                for split in ("train", "validation", "test")]
-                validation, test = mahalanobis_scores(vectors[0], vectors[1:], standardize=setting == "standardized")
+                validation, test = mahalanobis_scores(*vectors, standardize=setting == "standardized")
             standardized = (test - validation.mean()) / validation.std()
             parts = [standardized if b == branch else z[b] for b in fused] + ([] if branch in fused else [standardized])
             results[text][category] = {"alone": aurocs(test, types), "fused": aurocs(fuse(torch.stack(parts, -1), rule), types)}
