@@ -17,7 +17,7 @@ pixels with the model's own masks (`seed=0`), for each backend:
 The backends take turns in blocks of consecutive calls (`--rounds` blocks each, the order rotated
 every round), so a machine whose load drifts biases none of them. Not call by call: ONNX Runtime and
 OpenVINO keep their worker threads spinning for a while after a call, which on 2 cores slowed the
-next backend's call (OpenVINO measured 28 ms interleaved, 15 ms in a block; eager 48 ms vs 37 ms), and
+next backend's call (on the demo model: OpenVINO p50 28 ms interleaved, 15.9 ms in blocks; eager 48 vs 38.7 ms), and
 an inspection line runs one backend, not three in turn.
 
     python benchmarks/latency.py --threads 2                     # the synthloco-cpu sizes
