@@ -310,7 +310,7 @@ def reference_score_one_mask(model, image: torch.Tensor, mask: torch.Tensor, cat
     and explicit attention, float64 softmax and histograms."""
     predictor = model.predictor_for(category)
     tokens = model.tokenizer.tokenize(image[None], category)
-    logits = reference_predictor_logits(predictor, tokens["features"], mask[None])[0].double()
+    logits = reference_predictor_logits(predictor, model.predictor_inputs(tokens["features"]), mask[None])[0].double()
     return reference_mask_score(logits.softmax(-1), tokens["codes"][0], mask)
 
 

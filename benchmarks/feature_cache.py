@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         masks = mask_generator(batch, seed=seeds)
         predictor, optimizer = predictors[name], optimizers[name]
         predictor.train()
-        loss = predictor(features, masks, labels=codes).loss
+        loss = predictor(model.predictor_inputs(features), masks, labels=codes).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(predictor.parameters(), 1.0)
         optimizer.step()

@@ -224,10 +224,10 @@ def breakdown(model, images, masks, num_masks: int, rounds: int) -> dict:
     with torch.inference_mode():
         for _ in range(rounds):
             tb, _, tokens = C.timed_cpu(lambda: model.tokenizer.tokenize(images, C.CATEGORY))
-            p, _, _ = C.timed_cpu(lambda: predictor(tokens["features"], masks))
+            p, _, _ = C.timed_cpu(lambda: predictor(model.predictor_inputs(tokens["features"]), masks))
             t1, _, one = C.timed_cpu(lambda: model.tokenizer.tokenize(images[:1], C.CATEGORY))
-            r1, _, _ = C.timed_cpu(lambda: C.reference_predictor_logits(predictor, one["features"], masks[:1, 0]))
-            s1, _, _ = C.timed_cpu(lambda: predictor(one["features"], masks[:1, 0]))
+            r1, _, _ = C.timed_cpu(lambda: C.reference_predictor_logits(predictor, model.predictor_inputs(one["features"]), masks[:1, 0]))
+            s1, _, _ = C.timed_cpu(lambda: predictor(model.predictor_inputs(one["features"]), masks[:1, 0]))
             unit = p / (batch * num_masks)
             rows["fast_tokenizer_per_image"].append(tb / batch / unit)
             rows["reference_tokenizer_per_mask"].append(t1 / unit)

@@ -332,9 +332,11 @@ def test_hist_token_only_last_block_equals_the_full_forward():
     for fast, reference in zip(*grads):
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6)
 
-def slow_reference_scores(model: LadmimForAnomalyDetection, pixel_values, category: str, masks: torch.Tensor):
+def slow_reference_scores(model: LadmimForAnomalyDetection, pixel_values, category: str, masks: torch.Tensor,
+                          channels: list[int] | None = None):
     """The official algorithm, literally: one predictor pass per mask with batch 1, the tokenizer codes
-    recomputed per mask, float64 softmax and histograms counted in a Python loop."""
+    recomputed per mask, float64 softmax and histograms counted in a Python loop. `channels`: the feature
+    channels the predictor reads (default: all)."""
     scores = torch.zeros(masks.shape[:2], dtype=torch.float64)
     predictor = model.predictor_for(category)
     cfg = model.config.predictor_config
@@ -343,7 +345,8 @@ def slow_reference_scores(model: LadmimForAnomalyDetection, pixel_values, catego
             for m in range(masks.shape[1]):
                 image = pixel_values[b:b + 1]
                 tokens = model.tokenizer.tokenize(image, category)
-                logits = predictor(tokens["features"], masks[b:b + 1, m]).logits[0].double()
+                features = tokens["features"] if channels is None else tokens["features"][:, channels]
+                logits = predictor(features, masks[b:b + 1, m]).logits[0].double()
                 probs = logits.softmax(-1)
                 total = 0.0
                 masked = torch.nonzero(masks[b, m]).flatten().tolist()
@@ -639,6 +642,33 @@ def test_patch_predictor_detector_scores_and_round_trips(tmp_path, pixel_values)
     assert loaded.config.predictor_config.patch_size == 2
     again = loaded(pixel_values, category="pushpins", num_masks=3, seed=[0, 1, 2])
     torch.testing.assert_close(again.pred_score, out.pred_score)
+
+
+def test_predictor_taps_select_their_channels_and_round_trip(tmp_path, pixel_values):
+    """`predictor_taps` feeds the predictors only those taps' channels (Lite0 taps 2 and 4 have 24 and 40):
+    the config sizes the predictor, scores match the slow reference on the hand-picked channels, and the
+    choice survives save and load."""
+    from ladmim_hf import LadmimConfig
+
+    config = tiny_config(tokenizer={"backbone_taps": [2, 4, 10], "feature_channels": 176}, predictor_taps=[10, 2])
+    assert config.predictor_taps == [2, 10] and config.predictor_config.input_channels == 24 + 112
+    assert LadmimConfig.from_dict(config.to_dict()).predictor_config.input_channels == 136
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(config).eval()
+    assert model.predictor_channel_ranges == [(0, 24), (64, 176)]
+    channels = list(range(24)) + list(range(64, 176))
+    out = model(pixel_values, category="pushpins", num_masks=2, seed=1)
+    reference = slow_reference_scores(model, pixel_values, "pushpins", out.masks, channels=channels)
+    torch.testing.assert_close(out.mask_scores.double(), reference, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.predictor_taps == [2, 10]
+    torch.testing.assert_close(loaded(pixel_values, category="pushpins", num_masks=2, seed=1).pred_score, out.pred_score,
+                               rtol=0, atol=0)
+    for bad in ([14], [], [2, 2], "2"):
+        with pytest.raises(ValueError, match=r"predictor_taps must be a non-empty list of distinct taps from "
+                                             r"tokenizer_config.backbone_taps \[2, 4, 10\]"):
+            tiny_config(tokenizer={"backbone_taps": [2, 4, 10], "feature_channels": 176}, predictor_taps=bad)
 
 
 def test_predictor_config_object_must_follow_the_tokenizer():

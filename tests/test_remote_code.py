@@ -61,7 +61,9 @@ def _run_child(source: str, image_path, env_extra: dict, tmp_path) -> dict:
 def test_remote_code_local_folder_and_offline_hub_cache(tmp_path):
     import numpy as np
 
-    tiny_model = fitted_branch_model()  # every branch, so the shipped branches_ladmim.py is exercised too
+    # every branch, so the shipped branches_ladmim.py is exercised too, and predictors that read one tap,
+    # so the config's tap lookup runs from the shipped files
+    tiny_model = fitted_branch_model(predictor_taps=[2])
 
     save_dir = tmp_path / "saved"
     tiny_model.save_pretrained(save_dir)

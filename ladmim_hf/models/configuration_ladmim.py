@@ -18,6 +18,25 @@ BACKBONE_DEFAULTS = {
     "efficientnet_lite0": {"taps": [2, 4, 10, 14], "channels": 368},
 }
 
+def tap_channels(backbone: str, taps: list[int]) -> list[int]:
+    """Channels of each tapped block of `backbone`, e.g. `[24, 40, 112, 192]` for Lite0's default taps."""
+    from .backbone_ladmim import backbone_block_layout  # torch-backed; only needed when taps are chosen
+
+    layout = backbone_block_layout(backbone)
+    if any(not 0 <= t < len(layout) for t in taps):
+        raise ValueError(f"taps {taps} out of range: {backbone} has blocks 0..{len(layout) - 1}")
+    return [layout[t]["out_channels"] for t in taps]
+
+
+def checked_predictor_taps(predictor_taps, backbone_taps: list[int]) -> list[int]:
+    """`predictor_taps` as a list in backbone order, or a ValueError naming the field and the choices."""
+    if (isinstance(predictor_taps, (str, bool)) or not isinstance(predictor_taps, (list, tuple)) or not predictor_taps
+            or any(t not in backbone_taps for t in predictor_taps) or len(set(predictor_taps)) != len(predictor_taps)):
+        raise ValueError(f"predictor_taps must be a non-empty list of distinct taps from tokenizer_config.backbone_taps "
+                         f"{backbone_taps} (or null for all), got {predictor_taps!r}")
+    return [t for t in backbone_taps if t in predictor_taps]
+
+
 def check_whole_numbers(config_name: str, **fields) -> None:
     """Refuse, naming the field, any value that is not a whole number >= 1 (a string such as "14" from a
     hand-edited config.json, a float, a bool); `None` passes (the field then takes its default)."""
@@ -302,6 +321,10 @@ class LadmimConfig(PretrainedConfig):
         tokenizer_config (`dict` or `LadmimTokenizerConfig`, *optional*): the tokenizer.
         predictor_config (`dict` or `LadmimPredictorConfig`, *optional*): every predictor; its
             `input_channels`, `grid_size`, `num_levels` and `codebook_size` follow the tokenizer.
+        predictor_taps (`list[int]`, *optional*): the backbone taps (a subset of
+            `tokenizer_config.backbone_taps`) whose channels the predictor reads; default: all of them
+            (the paper). A deep tap's receptive field spans the whole image, so the visible cells'
+            features also describe the hidden ones and the predictor can copy what it should infer.
         shared_predictor (`bool`, *optional*, defaults to `False`): one predictor for all categories
             instead of one per category (the paper's setting).
         num_masks (`int`, *optional*, defaults to 10): test-time masks per image.
@@ -349,6 +372,7 @@ class LadmimConfig(PretrainedConfig):
         self,
         tokenizer_config: dict | LadmimTokenizerConfig | None = None,
         predictor_config: dict | LadmimPredictorConfig | None = None,
+        predictor_taps: list[int] | None = None,
         shared_predictor: bool = False,
         num_masks: int = 10,
         train_num_masked: int | None = None,
@@ -371,10 +395,14 @@ class LadmimConfig(PretrainedConfig):
     ):
         if not isinstance(tokenizer_config, LadmimTokenizerConfig):
             tokenizer_config = LadmimTokenizerConfig(**(tokenizer_config or {}))
+        predictor_channels = tokenizer_config.feature_channels
+        if predictor_taps is not None:
+            predictor_taps = checked_predictor_taps(predictor_taps, tokenizer_config.backbone_taps)
+            predictor_channels = sum(tap_channels(tokenizer_config.backbone, predictor_taps))
         if not isinstance(predictor_config, LadmimPredictorConfig):
             predictor_config = dict(predictor_config or {})
             predictor_config.update(
-                input_channels=tokenizer_config.feature_channels or predictor_config.get("input_channels", 384),
+                input_channels=predictor_channels or predictor_config.get("input_channels", 384),
                 grid_size=tokenizer_config.grid_size,
                 num_levels=tokenizer_config.num_levels,
                 codebook_size=tokenizer_config.codebook_size,
@@ -382,7 +410,7 @@ class LadmimConfig(PretrainedConfig):
             predictor_config = LadmimPredictorConfig(**predictor_config)
         # The predictor reads the tokenizer's grid and predicts its codes: the shared fields must agree
         # however the two configs were given (dicts are filled in above; objects are checked here).
-        follows = {"input_channels": tokenizer_config.feature_channels, "grid_size": tokenizer_config.grid_size,
+        follows = {"input_channels": predictor_channels, "grid_size": tokenizer_config.grid_size,
                    "num_levels": tokenizer_config.num_levels, "codebook_size": tokenizer_config.codebook_size}
         differ = [f"{name} {getattr(predictor_config, name)} (tokenizer: {value})" for name, value in follows.items()
                   if value is not None and getattr(predictor_config, name) != value]
@@ -397,6 +425,7 @@ class LadmimConfig(PretrainedConfig):
             raise ValueError(f"default_threshold must be a finite number, got {default_threshold!r}")
         self.tokenizer_config = tokenizer_config
         self.predictor_config = predictor_config
+        self.predictor_taps = predictor_taps
         self.shared_predictor = shared_predictor
         self.num_masks = num_masks
         cells = tokenizer_config.grid_size**2

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
-from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration
+from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration, tap_channels
 from .masking import BlockMaskGenerator
 from .modeling_ladmim_predictor import LadmimPredictorModel
 from .modeling_ladmim_tokenizer import LadmimTokenizerModel
@@ -135,6 +135,21 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             self.memory_bank = LadmimMemoryBank(cats, channels, config.memory_bank_size, config.memory_bank_neighbourhood,
                                                 config.memory_bank_smoothing_sigma)
         self.global_branch = LadmimGlobalBranch(cats, channels) if config.global_branch else None
+        # (start, stop) channel ranges of `config.predictor_taps` in the feature grid; None = every channel.
+        # Plain numbers rather than a buffer: they follow from the config, and an exported graph slices.
+        self.predictor_channel_ranges: list[tuple[int, int]] | None = None
+        if config.predictor_taps is not None:
+            taps = config.tokenizer_config.backbone_taps
+            widths = tap_channels(config.tokenizer_config.backbone, taps)
+            ranges: list[tuple[int, int]] = []
+            for tap, start, width in zip(taps, (sum(widths[:i]) for i in range(len(taps))), widths):
+                if tap not in config.predictor_taps:
+                    continue
+                if ranges and ranges[-1][1] == start:  # adjacent taps: one slice
+                    ranges[-1] = (ranges[-1][0], start + width)
+                else:
+                    ranges.append((start, start + width))
+            self.predictor_channel_ranges = ranges
         self._warned_uncalibrated: set[str] = set()
         self.post_init()
 
@@ -186,6 +201,12 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             self.memory_bank.fit(features, class_id, seed=seed)
         if self.global_branch is not None:
             self.global_branch.fit(features, class_id)
+
+    def predictor_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """The feature channels the predictors read (`config.predictor_taps`): `(B, C, g, g)` -> `(B, C', g, g)`."""
+        if self.predictor_channel_ranges is None:
+            return features
+        return torch.cat([features[:, start:stop] for start, stop in self.predictor_channel_ranges], dim=1)
 
     def resolve_num_masks(self, num_masks: int | None) -> int:
         """The test-time masks per image: `num_masks`, or `config.num_masks` when it is None."""
@@ -288,7 +309,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             max_sequences_per_chunk = max(1, self.config.scoring_memory_mb * 2**20 // predictor.inference_bytes_per_sequence())
         dtype = _autocast_dtype(predictor_dtype)
         with torch.autocast(features.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = predictor(features, masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
+            logits = predictor(self.predictor_inputs(features), masks, max_sequences_per_chunk=max_sequences_per_chunk).logits
         predicted = logits.float().softmax(-1)
         target = code_histograms(codes, masks, self.config.predictor_config.codebook_size)
         if self.config.histogram_distance == "codebook_mmd":

@@ -249,8 +249,10 @@ def train_predictors(run: TrainingRun, model: LadmimForAnomalyDetection, cache: 
             accelerator.print(f"[{stage_name}] done earlier, loaded {stage_dir}")
             continue
         members = categories if name == "shared" else [name]
-        # The predictor reads what the tokenizer reconstructs (standardised features, if enabled).
-        features = tokenizer.standardize(torch.cat([cache[f"train/{c}"] for c in members]).to(accelerator.device)).cpu()
+        # The predictor reads what the tokenizer reconstructs (standardised features, if enabled), from
+        # the taps `config.predictor_taps` names.
+        features = model.predictor_inputs(tokenizer.standardize(
+            torch.cat([cache[f"train/{c}"] for c in members]).to(accelerator.device))).cpu()
         labels = torch.cat([codes[f"train/{c}"] for c in members])
         member_ids = torch.cat([torch.full((len(codes[f"train/{c}"]),), i, dtype=torch.long) for i, c in enumerate(members)])
         # The codebook_mmd loss compares histograms through each member category's code kernel.
