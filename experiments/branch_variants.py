@@ -11,9 +11,10 @@ model's row: same logical scores, same images.
         --no_spro --save_scores z.pt
     python experiments/branch_variants.py --model outputs/synthloco/model --data_root data/synthloco \
         --feature_cache outputs/synthloco/cache/features.pt --scores z.pt \
-        --variants memory_bank:grid=28 memory_bank:position=0.5 global:standardized global:code_histogram
+        --variants memory_bank:grid=28 memory_bank:position=0.5 global:standardized global:code_histogram \
+            global:set_cdf per_cell:gaussian
 
-Variants (`branch:setting=value`, or `branch:setting`):
+Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch, or joins the fusion:
 
 - `memory_bank:size=P`: a coreset of P patches (the model's grid);
 - `memory_bank:grid=G`: every backbone tap resized to G x G before matching (the model's: 14 at 224 px);
@@ -23,7 +24,14 @@ Variants (`branch:setting=value`, or `branch:setting`):
 - `global:standardized`: pooled features standardised per dimension before the Ledoit-Wolf fit, so
   the shrinkage pulls toward the diagonal instead of a multiple of the identity;
 - `global:code_histogram`: the Mahalanobis distance of the image's code counts (per level, over the
-  codebook) instead of its pooled features: counts of parts, in the tokenizer's words.
+  codebook) instead of its pooled features: counts of parts, in the tokenizer's words;
+- `global:set_cdf`: the Mahalanobis distance of the image's patch *distribution* instead of its mean and
+  std: per backbone tap, 128 random projections of the standardised patch features, each summarised
+  by the share of the image's patches below the training patches' quintiles (a set descriptor that
+  can count parts);
+- `per_cell:gaussian` (joins the fusion): a Gaussian per grid cell over the training images (Ledoit-Wolf
+  covariance of all channels), the image's largest per-cell Mahalanobis distance; it knows where parts
+  belong, for categories whose layout is fixed.
 
 Last stdout line: JSON with `model` (the model's own fusion) and `variants`, each per category and on
 average: the variant alone and fused (image AUROC, logical and structural).
@@ -38,8 +46,10 @@ import torch.nn.functional as F
 import _shared as S
 
 DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank:position=0.5",
-                    "global:standardized", "global:code_histogram")
-SETTINGS = {"memory_bank": ("size", "grid", "position"), "global": ("standardized", "code_histogram")}
+                    "global:standardized", "global:code_histogram", "global:set_cdf", "per_cell:gaussian")
+SETTINGS = {"memory_bank": ("size", "grid", "position"), "global": ("standardized", "code_histogram", "set_cdf"),
+            "per_cell": ("gaussian",)}
+SET_PROJECTIONS, SET_QUANTILES = 128, 4  # per tap; the quantiles split the training patches into 5 equal shares
 
 
 def parse_variant(text: str) -> tuple[str, str, float | None]:
@@ -47,8 +57,8 @@ def parse_variant(text: str) -> tuple[str, str, float | None]:
     branch, _, setting = text.partition(":")
     name, _, value = setting.partition("=")
     if branch not in SETTINGS or name not in SETTINGS[branch] or (branch == "memory_bank") != bool(value):
-        raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE or "
-                         "global:standardized / global:code_histogram")
+        raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE, "
+                         "global:standardized / global:code_histogram / global:set_cdf or per_cell:gaussian")
     try:
         return branch, name, float(value) if value else None
     except ValueError:
@@ -99,6 +109,42 @@ def mahalanobis_scores(train: torch.Tensor, validation: torch.Tensor, test: torc
     for vectors in (validation, test):
         centred = (vectors - mean) / std - train.mean(0)
         out.append(torch.einsum("bi,ij,bj->b", centred, precision, centred).clamp_min(0).sqrt())
+    return out
+
+
+def set_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, tap_channels: list[int],
+                    seed: int) -> list[torch.Tensor]:
+    """Train, validation and test set descriptors `(N, taps * SET_QUANTILES * SET_PROJECTIONS)` of
+    features `(N, C, g, g)`: per tap, the share of an image's patches whose random projection lies below
+    each training quantile of that projection."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.linspace(0, 1, SET_QUANTILES + 2)[1:-1]
+    out: list[list[torch.Tensor]] = [[], [], []]
+    for channels in torch.split(torch.arange(sum(tap_channels)), tap_channels):
+        rows = [f[:, channels].float().flatten(2).transpose(1, 2) for f in (train, validation, test)]  # (N, g*g, c)
+        flat = rows[0].reshape(-1, len(channels))
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        directions = torch.randn(len(channels), SET_PROJECTIONS, generator=generator) / len(channels) ** 0.5
+        projected = [((r - mean) / std) @ directions for r in rows]  # (N, g*g, projections)
+        edges = torch.quantile(projected[0].reshape(-1, SET_PROJECTIONS), levels, dim=0)  # (quantiles, projections)
+        for descriptors, values in zip(out, projected):
+            descriptors.append((values[:, :, None] <= edges).float().mean(1).flatten(1))
+    return [torch.cat(parts, 1) for parts in out]
+
+
+def per_cell_gaussian_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)`: the largest Mahalanobis distance over cells of features
+    `(N, C, g, g)`, each cell under its own Ledoit-Wolf Gaussian of `train`'s features at that cell."""
+    from ladmim_hf.models.branches_ladmim import ledoit_wolf_covariance
+
+    cells = train.float().flatten(2).permute(2, 0, 1)  # (g*g, n, C)
+    means = cells.mean(1)
+    precisions = torch.stack([torch.linalg.inv(ledoit_wolf_covariance(rows)[0]).float() for rows in cells])
+    out = []
+    for features in (validation, test):
+        centred = features.float().flatten(2).permute(2, 0, 1) - means[:, None]
+        squared = torch.einsum("cni,cij,cnj->nc", centred, precisions, centred)
+        out.append(squared.clamp_min(0).sqrt().amax(1))
     return out
 
 
@@ -173,10 +219,16 @@ def main(argv=None) -> None:
                 position = value if setting == "position" else 0.0
                 validation, test = memory_bank_scores(*(features(split, category, grid) for split in ("train", "validation", "test")),
                                                       size, position, args.seed)
+            elif branch == "per_cell":
+                validation, test = per_cell_gaussian_scores(*(features(split, category, model_grid)
+                                                              for split in ("train", "validation", "test")))
             else:
                 if setting == "code_histogram":
                     vectors = [code_counts(model, features(split, category, model_grid), category)
                                for split in ("train", "validation", "test")]
+                elif setting == "set_cdf":
+                    vectors = set_descriptors(*(features(split, category, model_grid) for split in ("train", "validation", "test")),
+                                              backbone.tap_channels, args.seed)
                 else:
                     vectors = [LadmimGlobalBranch.pooled(features(split, category, model_grid))
                                for split in ("train", "validation", "test")]

@@ -55,13 +55,17 @@ def balanced_masks(model, num_masks: int, seed: int, candidates: int) -> torch.T
 
 
 def scores_with_masks(model, features: torch.Tensor, category: str, masks: torch.Tensor,
-                      batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Raw branch scores `{branch: (num_images,)}` with explicit masks `(num_images, M, N)`."""
+                      batch_size: int = 16, with_mask_scores: bool = False) -> dict[str, torch.Tensor]:
+    """Raw branch scores `{branch: (num_images,)}` with explicit masks `(num_images, M, N)`, and each
+    mask's discrepancy `"mask_scores" (num_images, M)` if `with_mask_scores`."""
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(features), batch_size):
         result = model(features=features[start:start + batch_size], category=category,
                        bool_masked_pos=masks[start:start + batch_size])
-        for branch, values in result.branch_scores().items():
+        scores = result.branch_scores()
+        if with_mask_scores:
+            scores["mask_scores"] = result.mask_scores
+        for branch, values in scores.items():
             out.setdefault(branch, []).append(values)
     return {branch: torch.cat(values) for branch, values in out.items()}
 

@@ -218,7 +218,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     branch_variants.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
                           "--feature_cache", str(out / "cache" / "features.pt"), "--threads", "1", "--variants",
                           "memory_bank:size=24", "memory_bank:grid=8", "memory_bank:position=0.5",
-                          "global:standardized", "global:code_histogram"])
+                          "global:standardized", "global:code_histogram", "global:set_cdf", "per_cell:gaussian"])
     probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert probe["fused_branches"] == ["logical", "structural", "memory_bank", "global"] and probe["fusion_rule"] == "max"
     for category in CATEGORIES:
@@ -269,6 +269,25 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     with pytest.raises(SystemExit, match="score_num_masked must be in"):
         scoring_sweep.apply_variant(model, {"score_num_masked": 10_000})
     assert model.config.histogram_distance != "mmd" and model.config.score_num_masked != 10_000
+
+    # experiments/window_masks.py: its reference row (the evaluation's 2 shared masks, raw mean) is the
+    # evaluated logical branch; the 2x1 windows tile the 4x4 grid in 9 masks; a bad window is named.
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import window_masks
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    capsys.readouterr()
+    window_masks.main(["--model", str(model_dir), "--data_root", str(synth_root), "--feature_cache",
+                       str(out / "cache" / "features.pt"), "--num_masks", "2", "--windows", "2x1", "--threads", "1"])
+    windows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["schemes"]
+    assert windows["window2x1"]["num_masks"] == 9
+    for category in CATEGORIES:
+        assert windows["random2_seed0"]["per_category"][category]["mean"]["alone"]["auroc_logical"] == pytest.approx(
+            metrics["categories"][category]["branches"]["logical"]["auroc_logical"], abs=1e-4)
+    assert window_masks.window_masks(4, 2, 1).sum(0).tolist() == [1, 2, 2, 1, 2, 4, 4, 2, 2, 4, 4, 2, 1, 2, 2, 1]
+    with pytest.raises(SystemExit, match="bad window 5x1"):
+        window_masks.window_masks(4, 5, 1)
 
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
