@@ -99,6 +99,17 @@ def load_test_features(model, processor, layout, categories: list[str], path: st
     return out
 
 
+def rescoring_inputs(args) -> tuple:
+    """`(model, categories, validation cache, {category: (test features, anomaly types)})` for a probe that
+    rescores `args.model` on `args.categories` of `args.data_root` (validation features from
+    `args.feature_cache`, test features kept in `args.test_features`)."""
+    model, processor = load_detector(args.model)
+    layout = find_layout(args.data_root)
+    categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
+    validation = torch.load(args.feature_cache, weights_only=True)
+    return model, categories, validation, load_test_features(model, processor, layout, categories, args.test_features)
+
+
 def main(argv=None) -> dict:
     parser = S.parser(__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model folder (OUTPUT_DIR/model)")
@@ -115,11 +126,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     S.use_threads(args.threads)
 
-    model, processor = load_detector(args.model)
-    layout = find_layout(args.data_root)
-    categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
-    validation = torch.load(args.feature_cache, weights_only=True)
-    test = load_test_features(model, processor, layout, categories, args.test_features)
+    model, categories, validation, test = rescoring_inputs(args)
     num_masks = args.num_masks or model.config.num_masks
     schemes = {f"shared_seed{s}": {"seed": s, "num_masks": num_masks} for s in args.shared_seeds}
     schemes["per_image"] = {"first_seed": args.seed, "num_masks": num_masks}

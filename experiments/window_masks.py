@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import _shared as S
-from mask_coverage import load_test_features, scores_with_masks
+from mask_coverage import rescoring_inputs, scores_with_masks
 
 AGGREGATIONS = ("mean", "z_mean", "z_max", "z_top3")
 
@@ -77,16 +77,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     S.use_threads(args.threads)
 
-    from ladmim_hf.data import find_layout, select_categories
-    from ladmim_hf.evaluation import load_detector
     from ladmim_hf.metrics import loco_image_aurocs
     from ladmim_hf.models.branches_ladmim import fuse
 
-    model, processor = load_detector(args.model)
-    layout = find_layout(args.data_root)
-    categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
-    validation = torch.load(args.feature_cache, weights_only=True)
-    test = load_test_features(model, processor, layout, categories, args.test_features)
+    model, categories, validation, test = rescoring_inputs(args)
     grid = model.config.tokenizer_config.grid_size
     num_masks = args.num_masks or model.config.num_masks
     schemes = {f"random{num_masks}_seed{args.seed}": model.mask_generator()(1, num_masks, [args.seed])[0]}
