@@ -12,7 +12,7 @@ model's row: same logical scores, same images.
     python experiments/branch_variants.py --model outputs/synthloco/model --data_root data/synthloco \
         --feature_cache outputs/synthloco/cache/features.pt --scores z.pt \
         --variants memory_bank:grid=28 memory_bank:position=0.5 global:standardized global:code_histogram \
-            global:set_cdf per_cell:gaussian
+            global:set_cdf global:per_tap per_cell:gaussian
 
 Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch, or joins the fusion:
 
@@ -29,6 +29,9 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
   std: per backbone tap, 128 random projections of the standardised patch features, each summarised
   by the share of the image's patches below the training patches' quintiles (a set descriptor that
   can count parts);
+- `global:per_tap`: one Mahalanobis distance per backbone tap (its own pooled mean and std, its own
+  Ledoit-Wolf covariance), each standardised on the validation images, summed: fewer dimensions per
+  covariance than the 2 x 368 of all taps at once, for the same 150 training images;
 - `per_cell:gaussian` (joins the fusion): a Gaussian per grid cell over the training images (Ledoit-Wolf
   covariance of all channels), the image's largest per-cell Mahalanobis distance; it knows where parts
   belong, for categories whose layout is fixed.
@@ -44,10 +47,13 @@ import torch
 import torch.nn.functional as F
 
 import _shared as S
+from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch
 
 DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank:position=0.5",
-                    "global:standardized", "global:code_histogram", "global:set_cdf", "per_cell:gaussian")
-SETTINGS = {"memory_bank": ("size", "grid", "position"), "global": ("standardized", "code_histogram", "set_cdf"),
+                    "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
+                    "per_cell:gaussian")
+SETTINGS = {"memory_bank": ("size", "grid", "position"),
+            "global": ("standardized", "code_histogram", "set_cdf", "per_tap"),
             "per_cell": ("gaussian",)}
 SET_PROJECTIONS, SET_QUANTILES = 128, 4  # per tap; the quantiles split the training patches into 5 equal shares
 
@@ -58,7 +64,7 @@ def parse_variant(text: str) -> tuple[str, str, float | None]:
     name, _, value = setting.partition("=")
     if branch not in SETTINGS or name not in SETTINGS[branch] or (branch == "memory_bank") != bool(value):
         raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE, "
-                         "global:standardized / global:code_histogram / global:set_cdf or per_cell:gaussian")
+                         "global:{standardized,code_histogram,set_cdf,per_tap} or per_cell:gaussian")
     try:
         return branch, name, float(value) if value else None
     except ValueError:
@@ -110,6 +116,19 @@ def mahalanobis_scores(train: torch.Tensor, validation: torch.Tensor, test: torc
         centred = (vectors - mean) / std - train.mean(0)
         out.append(torch.einsum("bi,ij,bj->b", centred, precision, centred).clamp_min(0).sqrt())
     return out
+
+
+def per_tap_global_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor,
+                          tap_channels: list[int]) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)` of features `(N, C, g, g)`: per tap, the Mahalanobis distance of its
+    pooled mean and std (`mahalanobis_scores`), standardised on the validation images; summed over taps."""
+    total = [torch.zeros(len(validation)), torch.zeros(len(test))]
+    for channels in torch.split(torch.arange(sum(tap_channels)), tap_channels):
+        tap_validation, tap_test = mahalanobis_scores(
+            *(LadmimGlobalBranch.pooled(f[:, channels]) for f in (train, validation, test)), standardize=False)
+        mean, std = tap_validation.mean(), tap_validation.std()
+        total = [total[0] + (tap_validation - mean) / std, total[1] + (tap_test - mean) / std]
+    return total
 
 
 def set_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, tap_channels: list[int],
@@ -174,7 +193,7 @@ def main(argv=None) -> None:
     from ladmim_hf.data import evaluation_rows, find_layout, select_categories
     from ladmim_hf.evaluation import load_detector
     from ladmim_hf.metrics import loco_image_aurocs
-    from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse
+    from ladmim_hf.models.branches_ladmim import fuse
     from ladmim_hf.scoring import extract_features
 
     model, processor = load_detector(args.model)
@@ -226,13 +245,19 @@ def main(argv=None) -> None:
                 if setting == "code_histogram":
                     vectors = [code_counts(model, features(split, category, model_grid), category)
                                for split in ("train", "validation", "test")]
+                elif setting == "per_tap":
+                    vectors = None
+                    validation, test = per_tap_global_scores(*(features(split, category, model_grid)
+                                                               for split in ("train", "validation", "test")),
+                                                             backbone.tap_channels)
                 elif setting == "set_cdf":
                     vectors = set_descriptors(*(features(split, category, model_grid) for split in ("train", "validation", "test")),
                                               backbone.tap_channels, args.seed)
                 else:
                     vectors = [LadmimGlobalBranch.pooled(features(split, category, model_grid))
                                for split in ("train", "validation", "test")]
-                validation, test = mahalanobis_scores(*vectors, standardize=setting == "standardized")
+                if vectors is not None:
+                    validation, test = mahalanobis_scores(*vectors, standardize=setting == "standardized")
             standardized = (test - validation.mean()) / validation.std()
             parts = [standardized if b == branch else z[b] for b in fused] + ([] if branch in fused else [standardized])
             results[text][category] = {"alone": aurocs(test, types), "fused": aurocs(fuse(torch.stack(parts, -1), rule), types)}

@@ -218,7 +218,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     branch_variants.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
                           "--feature_cache", str(out / "cache" / "features.pt"), "--threads", "1", "--variants",
                           "memory_bank:size=24", "memory_bank:grid=8", "memory_bank:position=0.5",
-                          "global:standardized", "global:code_histogram", "global:set_cdf", "per_cell:gaussian"])
+                          "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
+                          "per_cell:gaussian"])
     probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert probe["fused_branches"] == ["logical", "structural", "memory_bank", "global"] and probe["fusion_rule"] == "max"
     for category in CATEGORIES:
