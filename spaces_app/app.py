@@ -302,7 +302,8 @@ def _z(raw: float, stats: dict, branch: str) -> float | None:
 def fusion_text(result: Scored) -> str:
     """How the fused score is made, e.g. "sum of z logical, z structural" or "max of z logical, z global"."""
     names = [f"z {BRANCH_TITLES[b].lower().removesuffix(' branch')}" for b in result.fused_branches]
-    return names[0] if len(names) == 1 else f"{result.fusion_rule} of {', '.join(names)}"
+    rule = {"max_mean": "max + mean"}.get(result.fusion_rule, result.fusion_rule)
+    return names[0] if len(names) == 1 else f"{rule} of {', '.join(names)}"
 
 
 def score(model, processor, image: Image.Image, category: str, num_masks: int, threshold: float | None,

@@ -99,18 +99,21 @@ def test_fusion_rules_by_hand():
     z = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
     assert fuse(z, "sum").tolist() == [-0.5, 2.0]
     assert fuse(z, "max").tolist() == [1.0, 3.0]
+    torch.testing.assert_close(fuse(z, "max_mean"), torch.tensor([1.0 - 0.5 / 3, 3.0 + 2.0 / 3]))
     with pytest.raises(ValueError, match="fusion rule"):
         fuse(z, "mean")
 
 
-def test_detector_fuses_standardised_branches_by_the_configured_rule(pixel_values):
-    model = fitted_branch_model(fusion_rule="max", fused_branches=["logical", "memory_bank", "global"])
+@pytest.mark.parametrize("rule", ["max", "max_mean"])
+def test_detector_fuses_standardised_branches_by_the_configured_rule(pixel_values, rule):
+    combine = {"max": lambda z: z.amax(-1), "max_mean": lambda z: z.amax(-1) + z.mean(-1)}[rule]
+    model = fitted_branch_model(fusion_rule=rule, fused_branches=["logical", "memory_bank", "global"])
     assert BRANCH_STATS["memory_bank_std"] == 0.5 and BRANCH_STATS["global_mean"] == 3.0
     out = model(pixel_values, category="pushpins", num_masks=3, seed=[1, 2, 3])
     z = torch.stack([(out.logical_score - 0.1) / 2.0, (out.memory_bank_score - 1.0) / 0.5, (out.global_score - 3.0) / 4.0], -1)
-    torch.testing.assert_close(out.pred_score, z.amax(-1))
+    torch.testing.assert_close(out.pred_score, combine(z))
     maps = torch.stack([(out.logical_map - 0.1) / 2.0, (out.memory_bank_map - 1.0) / 0.5], -1)  # the global branch has no map
-    torch.testing.assert_close(out.anomaly_map, maps.amax(-1))
+    torch.testing.assert_close(out.anomaly_map, combine(maps))
     assert (out.memory_bank_score > 1e-3).all(), "ImageNet features: a real distance, not fp16 zeros"
     assert out.pred_label.tolist() == (out.pred_score > 1.0).tolist()
     assert set(out.branch_scores()) == {"logical", "structural", "memory_bank", "global"}

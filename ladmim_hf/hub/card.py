@@ -116,6 +116,8 @@ def _fusion_phrase(config, raw: bool = False) -> str:
     listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     if len(names) == 1:
         return f"the {'raw ' if raw else ''}{listed} score alone"
+    if config.fusion_rule == "max_mean":
+        return f"the largest plus the mean of the {'raw ' if raw else ''}{listed} scores"
     rule = {"sum": "sum", "max": "maximum"}[config.fusion_rule]
     return f"the {'raw ' if raw else ''}{rule} of the {listed} scores"
 

@@ -280,12 +280,16 @@ def fuse(z_scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Combine standardised branch scores `(..., branches)` into one `(...)`.
 
     `"sum"`: the sum of the z-scores (the paper's rule for its two branches). `"max"`: the largest
-    z-score, so a defect that only one branch sees is not diluted by the others.
+    z-score, so a defect that only one branch sees is not diluted by the others. `"max_mean"`: the
+    largest plus the mean, so evidence spread over several branches still adds up while a defect one
+    branch alone sees keeps its full z-score.
     """
     if rule == "sum":
         return z_scores.sum(-1)
     if rule == "max":
         return z_scores.amax(-1)
+    if rule == "max_mean":
+        return z_scores.amax(-1) + z_scores.mean(-1)
     raise ValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
 
 

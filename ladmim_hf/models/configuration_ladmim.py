@@ -64,7 +64,7 @@ def check_calibration(category: str, stats) -> None:
 BRANCHES = ("logical", "structural", "memory_bank", "global")
 
 # The rules `branches_ladmim.fuse` combines standardised branch scores with.
-FUSION_RULES = ("sum", "max")
+FUSION_RULES = ("sum", "max", "max_mean")
 
 # Class ids of the official code (src/dataset/dataset_loco.py), kept for checkpoint conversion.
 LOCO_CATEGORIES = ["screw_bag", "juice_bottle", "splicing_connectors", "breakfast_box", "pushpins"]
@@ -358,7 +358,8 @@ class LadmimConfig(PretrainedConfig):
             `"logical"`, `"structural"`, `"memory_bank"`, `"global"` (each must be enabled). Default:
             every enabled branch.
         fusion_rule (`str`, *optional*, defaults to `"sum"`): how the standardised branch scores are
-            combined, `"sum"` (the paper) or `"max"`; see `branches_ladmim.fuse`.
+            combined, `"sum"` (the paper), `"max"` or `"max_mean"` (the largest plus the mean); see
+            `branches_ladmim.fuse`.
         scoring_memory_mb (`int`, *optional*, defaults to 512): working memory of the predictor while
             scoring, in MiB: the (image, mask) sequences run in chunks this budget holds
             (`LadmimPredictorModel.inference_bytes_per_sequence`), so memory does not grow with the

@@ -53,7 +53,7 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
 
     Returns, per image, a dict:
         score (`float`): fused score: the branches in `config.fused_branches`, each standardised on
-            normal validation images, combined by `config.fusion_rule` ("sum" or "max").
+            normal validation images, combined by `config.fusion_rule` ("sum", "max" or "max_mean").
         label (`str`): `"anomalous"` if `score > threshold`, else `"good"`.
         logical_score (`float`): mean over the masks of the histogram discrepancy
             (`config.histogram_distance`).
