@@ -99,6 +99,19 @@ def load_test_features(model, processor, layout, categories: list[str], path: st
     return out
 
 
+def rescoring_parser(description: str):
+    """The probe options plus what `rescoring_inputs` reads: `--model`, `--data_root`, `--feature_cache`,
+    `--categories` and `--test_features`."""
+    parser = S.parser(description)
+    parser.add_argument("--model", required=True, help="trained model folder (OUTPUT_DIR/model)")
+    parser.add_argument("--data_root", required=True)
+    parser.add_argument("--feature_cache", required=True,
+                        help="training's feature cache with the validation features (OUTPUT_DIR/cache/features.pt)")
+    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser.add_argument("--test_features", default=None, help="file that keeps the test features between runs")
+    return parser
+
+
 def rescoring_inputs(args) -> tuple:
     """`(model, categories, validation cache, {category: (test features, anomaly types)})` for a probe that
     rescores `args.model` on `args.categories` of `args.data_root` (validation features from
@@ -111,18 +124,12 @@ def rescoring_inputs(args) -> tuple:
 
 
 def main(argv=None) -> dict:
-    parser = S.parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="trained model folder (OUTPUT_DIR/model)")
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--feature_cache", required=True,
-                        help="training's feature cache with the validation features (OUTPUT_DIR/cache/features.pt)")
-    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser = rescoring_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--num_masks", type=int, default=None, help="masks of the seeded schemes (default: the model's)")
     parser.add_argument("--shared_seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--balanced", type=int, nargs="*", default=[10, 20], help="sizes of the balanced mask sets")
     parser.add_argument("--balanced_seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--candidates", type=int, default=1000, help="masks the balanced sets are chosen from")
-    parser.add_argument("--test_features", default=None, help="file that keeps the test features between runs")
     args = parser.parse_args(argv)
     S.use_threads(args.threads)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import _shared as S
-from mask_coverage import rescoring_inputs, scores_with_masks
+from mask_coverage import rescoring_inputs, rescoring_parser, scores_with_masks
 
 AGGREGATIONS = ("mean", "z_mean", "z_max", "z_top3")
 
@@ -65,15 +65,9 @@ def parse_window(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> dict:
-    parser = S.parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="trained model folder (OUTPUT_DIR/model)")
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--feature_cache", required=True,
-                        help="training's feature cache with the validation features (OUTPUT_DIR/cache/features.pt)")
-    parser.add_argument("--categories", nargs="+", default=["all"])
+    parser = rescoring_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--windows", nargs="+", default=["4x2", "3x2"], help="SIZExSTRIDE in cells")
     parser.add_argument("--num_masks", type=int, default=None, help="random masks of the reference row (default: the model's)")
-    parser.add_argument("--test_features", default=None, help="file that keeps the test features between runs")
     args = parser.parse_args(argv)
     S.use_threads(args.threads)
 
@@ -128,11 +122,10 @@ def main(argv=None) -> dict:
             alone, fused = entry[key]["alone"], entry[key]["fused"]
             print(f"| {name} ({entry['num_masks']}) | {key} | {alone['auroc_logical']:.3f} | {fused['auroc_logical']:.3f} / "
                   f"{fused['auroc_structural']:.3f} / {fused['auroc_mean']:.3f} |")
-    S.report("window masks: " + "; ".join(f"{name} z_top3 {entry['z_top3']['fused']['auroc_mean']:.3f}"
-                                          for name, entry in results.items()) + " (fused mean AUROC)",
-             {"experiment": "window_masks", "model": args.model, "fusion": [model.config.fused_branches,
-                                                                            model.config.fusion_rule],
-              "schemes": results})
+    summary = "; ".join(f"{name} z_top3 {entry['z_top3']['fused']['auroc_mean']:.3f}" for name, entry in results.items())
+    S.report(f"window masks: {summary} (fused mean AUROC)",
+             {"experiment": "window_masks", "model": args.model, "fused_branches": model.config.fused_branches,
+              "fusion_rule": model.config.fusion_rule, "schemes": results})
     return results
 
 
