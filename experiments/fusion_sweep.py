@@ -11,8 +11,11 @@ logical, good vs structural) and AU-sPRO@0.05 of the fused map, per category and
         --feature_cache outputs/synthloco/cache/features.pt \
         --variants logical+structural:sum memory_bank+logical+global:max
 
-A variant is `branch+branch+...:rule`. Last stdout line: JSON with one entry per variant and the
-branches alone.
+A variant is `branch+branch+...:rule`. Maps are standardised as the package does, with the mean and
+std of each branch's validation map pixels; `--map_statistics score` uses the branch's image-score
+statistics instead (what the package did before 12-06: a memory-bank map lies far below its image
+score, the map's maximum, and a logical map does not, which hands max-type fused maps to the logical
+map). Last stdout line: JSON with one entry per variant and the branches alone.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ def main(argv=None) -> None:
                         "validation always uses the model's, as training calibrates)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--no_spro", action="store_true", help="skip AU-sPRO (the slow part)")
+    parser.add_argument("--map_statistics", choices=("pixel", "score"), default="pixel",
+                        help="standardise maps with the mean and std of the branch's validation map pixels (the "
+                        "package) or with its image-score statistics (the package before 12-06)")
     parser.add_argument("--save_scores", default=None, help="also save every branch's test z-scores and the anomaly "
                         "types per category to this file (torch.save), for other fusion rules offline")
     args = parser.parse_args(argv)
@@ -112,7 +118,7 @@ def main(argv=None) -> None:
     from ladmim_hf.calibration import calibration_statistics
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import extract_features
+    from ladmim_hf.scoring import branch_scores_and_map_statistics, extract_features
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
@@ -135,16 +141,18 @@ def main(argv=None) -> None:
     alone, saved = {}, {}
     for category in categories:
         S.progress(f"{category}: scoring")
-        val_scores, _ = score(model, cached("validation", category), category, num_masks, args.seed)
         # Training's own calibration statistics (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
-        model.config.calibration[category] = calibration_statistics(val_scores, list(val_scores), "sum", 0.01)
+        val_scores, map_statistics = branch_scores_and_map_statistics(model, cached("validation", category), category,
+                                                                      num_masks, args.seed)
+        model.config.calibration[category] = {**calibration_statistics(val_scores, list(val_scores), "sum", 0.01),
+                                              **(map_statistics if args.map_statistics == "pixel" else {})}
         rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
         test_features = extract_features(model.tokenizer, processor, [r["path"] for r in rows], 16, f"features {category}")
         test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8)
         z = model.standardized_scores(test_scores, [category] * len(types))
-        z_maps = model.standardized_scores(test_maps, [category] * len(types))
+        z_maps = model.standardized_maps(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}
         alone[category] = {b: loco_image_aurocs(v.numpy().astype(np.float64), types) for b, v in test_scores.items()}
         defects = list(load_defects_config(layout.category_root(category)).values()) or None

@@ -25,7 +25,7 @@ from .models.branches_ladmim import fuse
 from .models.configuration_ladmim import check_calibration
 from .metrics import f1_optimal_threshold
 from .models.modeling_ladmim import LadmimForAnomalyDetection
-from .scoring import branch_scores, extract_features
+from .scoring import branch_scores, branch_scores_and_map_statistics, extract_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
 
@@ -87,8 +87,8 @@ def calibration_size_warning(num_images: int, fpr: float) -> str | None:
 def calibrate_category(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
                        seed: int, fpr: float) -> dict[str, float]:
     """Calibration statistics of `category` from the features `(N, C, g, g)` of its normal images."""
-    scores = branch_scores(model, features, category, num_masks, seed)
-    return calibration_statistics(scores, model.config.fused_branches, model.config.fusion_rule, fpr)
+    scores, map_statistics = branch_scores_and_map_statistics(model, features, category, num_masks, seed)
+    return {**calibration_statistics(scores, model.config.fused_branches, model.config.fusion_rule, fpr), **map_statistics}
 
 
 # ----------------------------------------------------------------------------------------- ladmim calibrate
@@ -143,6 +143,7 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
         if labelled:
             stats = labelled_statistics(branch_scores(detector, features, category, num_masks, seed), labels,
                                         detector.config.fused_branches, detector.config.fusion_rule)
+            stats.update(branch_scores_and_map_statistics(detector, features[~labels], category, num_masks, seed)[1])
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:

@@ -177,7 +177,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         order = np.argsort(fused)
         picks = [int(i) for i in list(order[::-1][:report_images]) + list(order[:max(1, report_images // 2)])]
         # Maps in z units (each branch's calibration), so rows and categories share one colour scale.
-        z_maps = detector.standardized_scores({b: result[f"{b}_map"][picks] for b in detector.config.enabled_branches
+        z_maps = detector.standardized_maps({b: result[f"{b}_map"][picks] for b in detector.config.enabled_branches
                                                if f"{b}_map" in result}, [category] * len(picks))
         for row, i in enumerate(picks):
             image = load_image(paths[i]).resize((detector.config.tokenizer_config.image_size,) * 2)

@@ -30,14 +30,34 @@ def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, cate
                   seed: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU, every image scored with
     the mask set of `seed` (so the result does not depend on `batch_size`)."""
+    return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size)[0]
+
+
+def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str,
+                                     num_masks: int | None, seed: int, batch_size: int = 16
+                                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`branch_scores`, and `{branch}_map_mean` / `{branch}_map_std`: the mean and std over every pixel of
+    every image's map, for each branch with a map (what the maps are standardised with before fusion)."""
     device = next(model.parameters()).device
     scores: dict[str, list[torch.Tensor]] = {}
+    moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
     for start in range(0, len(features), batch_size):
         out = model(features=features[start:start + batch_size].to(device), category=category, num_masks=num_masks,
                     seed=seed)
         for branch, values in out.branch_scores().items():
             scores.setdefault(branch, []).append(values.cpu())
-    return {branch: torch.cat(values) for branch, values in scores.items()}
+        for branch, values in out.branch_maps().items():
+            values = values.double()
+            total = moments.setdefault(branch, [0.0, 0.0, 0.0])
+            total[0] += values.numel()
+            total[1] += float(values.sum())
+            total[2] += float((values * values).sum())
+    statistics = {}
+    for branch, (count, total, squares) in moments.items():
+        mean = total / count
+        statistics[f"{branch}_map_mean"] = mean
+        statistics[f"{branch}_map_std"] = max(squares / count - mean * mean, 0.0) ** 0.5
+    return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["branch_scores", "extract_features"]
+__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features"]

@@ -176,3 +176,39 @@ def test_calibration_missing_a_fused_branch_names_it(pixel_values):
                                              "structural_std": 1.0, "threshold": 3.0}}
     with pytest.raises(ValueError, match=r"\['memory_bank', 'global'\]"):
         model(pixel_values, category="pushpins", num_masks=1, seed=0)
+
+
+def test_map_statistics_are_the_pixels_mean_and_std_and_standardise_the_fused_map(pixel_values):
+    """Calibration measures each branch map's pixel mean and std on normal images; the fused map uses them
+    (the image score keeps the score statistics), and a calibration without them falls back to the score's."""
+    from ladmim_hf.calibration import calibrate_category
+    from ladmim_hf.scoring import branch_scores_and_map_statistics
+
+    model = fitted_branch_model(fusion_rule="max_mean", fused_branches=["logical", "memory_bank", "global"])
+    with torch.no_grad():
+        features = model.tokenizer.extract_features(pixel_values)
+    scores, statistics = branch_scores_and_map_statistics(model, features, "pushpins", 2, seed=0, batch_size=2)
+    reference = model(features=features, category="pushpins", num_masks=2, seed=0)
+    for branch, values in reference.branch_maps().items():
+        assert statistics[f"{branch}_map_mean"] == pytest.approx(float(values.double().mean()), rel=1e-5)
+        assert statistics[f"{branch}_map_std"] == pytest.approx(float(values.double().std(unbiased=False)), rel=1e-5)
+    assert set(statistics) == {f"{b}_map_{s}" for b in ("logical", "structural", "memory_bank") for s in ("mean", "std")}
+    torch.testing.assert_close(scores["memory_bank"], reference.memory_bank_score)
+
+    stats = calibrate_category(model, features, "pushpins", 2, seed=0, fpr=0.05)
+    assert stats["memory_bank_map_std"] == pytest.approx(statistics["memory_bank_map_std"], rel=1e-5)
+    assert stats["memory_bank_std"] != stats["memory_bank_map_std"]
+    model.config.calibration["pushpins"] = stats
+    out = model(features=features, category="pushpins", num_masks=2, seed=0)
+    z = {b: (out.branch_maps()[b] - stats[f"{b}_map_mean"]) / stats[f"{b}_map_std"] for b in ("logical", "memory_bank")}
+    maps = torch.stack([z["logical"], z["memory_bank"]], -1)
+    torch.testing.assert_close(out.anomaly_map, maps.amax(-1) + maps.mean(-1))
+    scores_z = torch.stack([(out.branch_scores()[b] - stats[f"{b}_mean"]) / stats[f"{b}_std"]
+                            for b in ("logical", "memory_bank", "global")], -1)
+    torch.testing.assert_close(out.pred_score, scores_z.amax(-1) + scores_z.mean(-1))
+    legacy = {k: v for k, v in stats.items() if "_map_" not in k}
+    torch.testing.assert_close(model.standardized_maps({"memory_bank": out.memory_bank_map}, "pushpins")["memory_bank"],
+                               (out.memory_bank_map - stats["memory_bank_map_mean"]) / stats["memory_bank_map_std"])
+    model.config.calibration["pushpins"] = legacy
+    torch.testing.assert_close(model.standardized_maps({"memory_bank": out.memory_bank_map}, "pushpins")["memory_bank"],
+                               (out.memory_bank_map - legacy["memory_bank_mean"]) / legacy["memory_bank_std"])

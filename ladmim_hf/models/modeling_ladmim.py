@@ -268,20 +268,35 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all)
 
     def standardized_scores(self, scores: dict[str, torch.Tensor], categories: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """z-scores `{branch: (B, ...)}` of raw branch scores or maps `{branch: (B, ...)}` with the
-        calibration statistics of each image's category (`categories`: one name per image, or one
-        name for the whole batch)."""
+        """z-scores `{branch: (B,)}` of raw branch scores `{branch: (B,)}` with the calibration statistics
+        (`{branch}_mean`, `{branch}_std`) of each image's category (`categories`: one name per image, or
+        one name for the whole batch)."""
+        return self._standardized(scores, categories, "")
+
+    def standardized_maps(self, maps: dict[str, torch.Tensor], categories: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """z-maps `{branch: (B, S, S)}` of raw branch maps, standardised with the mean and std of the branch
+        maps' pixels on the validation images (`{branch}_map_mean`, `{branch}_map_std`). A map lies on
+        another scale than its image score (the memory bank's score is its map's maximum), so the score
+        statistics would hand the fused map to whichever branch's map sits nearest its score; models
+        calibrated before these statistics existed fall back to the score statistics."""
+        return self._standardized(maps, categories, "_map")
+
+    def _standardized(self, values_by_branch: dict[str, torch.Tensor], categories: str | Sequence[str],
+                      kind: str) -> dict[str, torch.Tensor]:
+        def statistic(stats: dict, branch: str, name: str, default: float) -> float:
+            return float(stats.get(f"{branch}{kind}_{name}", stats.get(f"{branch}_{name}", default)))
+
         if isinstance(categories, str):  # plain numbers, so an exported graph holds them as constants
             stats = self.calibration_for(categories)
-            return {branch: (values - float(stats.get(f"{branch}_mean", 0.0))) / max(float(stats.get(f"{branch}_std", 1.0)), 1e-12)
-                    for branch, values in scores.items()}
+            return {branch: (values - statistic(stats, branch, "mean", 0.0)) / max(statistic(stats, branch, "std", 1.0), 1e-12)
+                    for branch, values in values_by_branch.items()}
         by_category = {c: self.calibration_for(c) for c in dict.fromkeys(categories)}  # checked once per category
         stats = [by_category[c] for c in categories]
         out = {}
-        for branch, values in scores.items():
+        for branch, values in values_by_branch.items():
             shape = (-1,) + (1,) * (values.dim() - 1)
-            mean = torch.tensor([float(s.get(f"{branch}_mean", 0.0)) for s in stats], device=values.device).view(shape)
-            std = torch.tensor([float(s.get(f"{branch}_std", 1.0)) for s in stats], device=values.device).view(shape)
+            mean = torch.tensor([statistic(s, branch, "mean", 0.0) for s in stats], device=values.device).view(shape)
+            std = torch.tensor([statistic(s, branch, "std", 1.0) for s in stats], device=values.device).view(shape)
             out[branch] = (values - mean) / std.clamp(min=1e-12)
         return out
 
@@ -396,7 +411,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             pred_score = self.fuse_branches(self.standardized_scores(scores, names))
             # Maps are standardised with their branch's image-score statistics, so a cell and an image
             # at the same z are equally unusual.
-            anomaly_map = self.fuse_branches(self.standardized_scores(maps, names))
+            anomaly_map = self.fuse_branches(self.standardized_maps(maps, names))
             if threshold is not None:
                 threshold = float(threshold)
                 if not math.isfinite(threshold):
