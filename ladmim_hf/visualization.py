@@ -142,7 +142,8 @@ FUSED_MAP_LABEL = "fused anomaly score (calibrated z units)"
 def heatmap_scale(threshold: float) -> tuple[float, float]:
     """Fixed colour range ``(vmin, vmax)`` of a category's fused heat maps, from its calibrated threshold.
 
-    The fused map is in calibrated z units (0 = the average normal image's score), so one scale per
+    The fused map is in calibrated z units (each branch map standardised with its pixels' mean and std on
+    normal images, or its score's for models calibrated before those existed), so one scale per
     category makes a normal image look blue and a defective one red, instead of every map stretched
     to its own min-max. The range is centred on the threshold, so the verdict boundary sits at
     mid-colour, with half-width ``max(threshold, 1)``: for a threshold >= 1 that is

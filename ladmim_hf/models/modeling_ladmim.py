@@ -409,8 +409,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                                      "the input or the model's weights hold non-finite values")
             names = [self.categories[c] for c in class_ids.tolist()]
             pred_score = self.fuse_branches(self.standardized_scores(scores, names))
-            # Maps are standardised with their branch's image-score statistics, so a cell and an image
-            # at the same z are equally unusual.
+            # Maps are standardised with their own pixel statistics (`standardized_maps`), so the branch
+            # maps are on one scale before a max-type rule picks between them.
             anomaly_map = self.fuse_branches(self.standardized_maps(maps, names))
             if threshold is not None:
                 threshold = float(threshold)
