@@ -42,6 +42,7 @@ __all__ = [
     "BACKBONE_SPECS",
     "LadmimBackbone",
     "backbone_block_layout",
+    "tap_channels",
 ]
 
 # Stages of EfficientNet-B0: (expand ratio, depthwise kernel, stride of the first block, output channels,
@@ -634,3 +635,11 @@ def _load_transformers_state_dict(name_or_path: str) -> dict:
         ) from error
     model = EfficientNetModel.from_pretrained(name_or_path)
     return model.state_dict()
+
+
+def tap_channels(backbone: str, taps: list[int]) -> list[int]:
+    """Output channels of each tapped block of `backbone` (taps checked as `LadmimBackbone` checks them),
+    e.g. `[24, 40, 112, 192]` for Lite0's default taps: `LadmimBackbone.tap_channels` without building the
+    network, for the configuration to size the predictors."""
+    layout = backbone_block_layout(backbone)
+    return [layout[t]["out_channels"] for t in LadmimBackbone._validate_taps(backbone, taps, len(layout))]

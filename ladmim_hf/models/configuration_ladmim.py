@@ -18,16 +18,6 @@ BACKBONE_DEFAULTS = {
     "efficientnet_lite0": {"taps": [2, 4, 10, 14], "channels": 368},
 }
 
-def tap_channels(backbone: str, taps: list[int]) -> list[int]:
-    """Channels of each tapped block of `backbone`, e.g. `[24, 40, 112, 192]` for Lite0's default taps."""
-    from .backbone_ladmim import backbone_block_layout  # torch-backed; only needed when taps are chosen
-
-    layout = backbone_block_layout(backbone)
-    if any(not 0 <= t < len(layout) for t in taps):
-        raise ValueError(f"taps {taps} out of range: {backbone} has blocks 0..{len(layout) - 1}")
-    return [layout[t]["out_channels"] for t in taps]
-
-
 def checked_predictor_taps(predictor_taps, backbone_taps: list[int]) -> list[int]:
     """`predictor_taps` as a list in backbone order, or a ValueError naming the field and the choices."""
     if (isinstance(predictor_taps, (str, bool)) or not isinstance(predictor_taps, (list, tuple)) or not predictor_taps
@@ -399,6 +389,8 @@ class LadmimConfig(PretrainedConfig):
         predictor_channels = tokenizer_config.feature_channels
         if predictor_taps is not None:
             predictor_taps = checked_predictor_taps(predictor_taps, tokenizer_config.backbone_taps)
+            from .backbone_ladmim import tap_channels  # torch-backed; only needed when taps are chosen
+
             predictor_channels = sum(tap_channels(tokenizer_config.backbone, predictor_taps))
         if not isinstance(predictor_config, LadmimPredictorConfig):
             predictor_config = dict(predictor_config or {})

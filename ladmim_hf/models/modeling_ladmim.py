@@ -23,7 +23,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
-from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration, tap_channels
+from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration
 from .masking import BlockMaskGenerator
 from .modeling_ladmim_predictor import LadmimPredictorModel
 from .modeling_ladmim_tokenizer import LadmimTokenizerModel
@@ -139,17 +139,11 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         # Plain numbers rather than a buffer: they follow from the config, and an exported graph slices.
         self.predictor_channel_ranges: list[tuple[int, int]] | None = None
         if config.predictor_taps is not None:
-            taps = config.tokenizer_config.backbone_taps
-            widths = tap_channels(config.tokenizer_config.backbone, taps)
-            ranges: list[tuple[int, int]] = []
-            for tap, start, width in zip(taps, (sum(widths[:i]) for i in range(len(taps))), widths):
-                if tap not in config.predictor_taps:
-                    continue
-                if ranges and ranges[-1][1] == start:  # adjacent taps: one slice
-                    ranges[-1] = (ranges[-1][0], start + width)
-                else:
-                    ranges.append((start, start + width))
-            self.predictor_channel_ranges = ranges
+            backbone = self.tokenizer.backbone
+            starts = [sum(backbone.tap_channels[:i]) for i in range(len(backbone.taps))]
+            self.predictor_channel_ranges = [(start, start + width) for tap, start, width
+                                             in zip(backbone.taps, starts, backbone.tap_channels)
+                                             if tap in config.predictor_taps]
         self._warned_uncalibrated: set[str] = set()
         self.post_init()
 
