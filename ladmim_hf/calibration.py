@@ -25,7 +25,7 @@ from .models.branches_ladmim import fuse
 from .models.configuration_ladmim import check_calibration
 from .metrics import f1_optimal_threshold
 from .models.modeling_ladmim import LadmimForAnomalyDetection
-from .scoring import branch_scores, branch_scores_and_map_statistics, extract_features
+from .scoring import branch_scores_and_map_statistics, extract_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
 
@@ -141,9 +141,10 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
                 logger.warning("%s: %s", category, warning)
         features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {data_category}")
         if labelled:
-            stats = labelled_statistics(branch_scores(detector, features, category, num_masks, seed), labels,
-                                        detector.config.fused_branches, detector.config.fusion_rule)
-            stats.update(branch_scores_and_map_statistics(detector, features[~labels], category, num_masks, seed)[1])
+            scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
+                                                                      normal=~labels)
+            stats = {**labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule),
+                     **map_statistics}
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:

@@ -34,10 +34,12 @@ def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, cate
 
 
 def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str,
-                                     num_masks: int | None, seed: int, batch_size: int = 16
+                                     num_masks: int | None, seed: int, batch_size: int = 16,
+                                     normal: torch.Tensor | None = None
                                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`branch_scores`, and `{branch}_map_mean` / `{branch}_map_std`: the mean and std over every pixel of
-    every image's map, for each branch with a map (what the maps are standardised with before fusion)."""
+    the maps, for each branch with a map (what the maps are standardised with before fusion). `normal`
+    `(num_images,)` bool: only those images' maps count (default: every image)."""
     device = next(model.parameters()).device
     scores: dict[str, list[torch.Tensor]] = {}
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
@@ -46,8 +48,11 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
                     seed=seed)
         for branch, values in out.branch_scores().items():
             scores.setdefault(branch, []).append(values.cpu())
+        counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)
         for branch, values in out.branch_maps().items():
-            values = values.double()
+            values = values.double().cpu()
+            if counted is not None:
+                values = values[counted]
             total = moments.setdefault(branch, [0.0, 0.0, 0.0])
             total[0] += values.numel()
             total[1] += float(values.sum())

@@ -194,6 +194,13 @@ def test_map_statistics_are_the_pixels_mean_and_std_and_standardise_the_fused_ma
         assert statistics[f"{branch}_map_std"] == pytest.approx(float(values.double().std(unbiased=False)), rel=1e-5)
     assert set(statistics) == {f"{b}_map_{s}" for b in ("logical", "structural", "memory_bank") for s in ("mean", "std")}
     torch.testing.assert_close(scores["memory_bank"], reference.memory_bank_score)
+    # `normal`: only the chosen images' maps count, the scores still cover every image
+    picked_scores, picked = branch_scores_and_map_statistics(model, features, "pushpins", 2, seed=0, batch_size=2,
+                                                             normal=torch.tensor([True, False, True]))
+    assert picked_scores["memory_bank"].shape == (3,)
+    for branch, values in reference.branch_maps().items():
+        assert picked[f"{branch}_map_mean"] == pytest.approx(float(values[[0, 2]].double().mean()), rel=1e-5)
+        assert picked[f"{branch}_map_std"] == pytest.approx(float(values[[0, 2]].double().std(unbiased=False)), rel=1e-5)
 
     stats = calibrate_category(model, features, "pushpins", 2, seed=0, fpr=0.05)
     assert stats["memory_bank_map_std"] == pytest.approx(statistics["memory_bank_map_std"], rel=1e-5)
