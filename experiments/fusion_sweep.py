@@ -115,10 +115,10 @@ def main(argv=None) -> None:
     variants = [parse_variant(v) for v in args.variants]
 
     from ladmim_hf.models.branches_ladmim import fuse
-    from ladmim_hf.calibration import calibration_statistics
+    from ladmim_hf.calibration import calibrate_category
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import branch_scores_and_map_statistics, extract_features
+    from ladmim_hf.scoring import extract_features
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
@@ -141,12 +141,12 @@ def main(argv=None) -> None:
     alone, saved = {}, {}
     for category in categories:
         S.progress(f"{category}: scoring")
-        # Training's own calibration statistics (the threshold is not used here), then the model's own
+        # Training's own calibration (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
-        val_scores, map_statistics = branch_scores_and_map_statistics(model, cached("validation", category), category,
-                                                                      num_masks, args.seed)
-        model.config.calibration[category] = {**calibration_statistics(val_scores, list(val_scores), "sum", 0.01),
-                                              **(map_statistics if args.map_statistics == "pixel" else {})}
+        stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01)
+        if args.map_statistics == "score":  # without map statistics, maps fall back to the score's
+            stats = {key: value for key, value in stats.items() if "_map_" not in key}
+        model.config.calibration[category] = stats
         rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
         test_features = extract_features(model.tokenizer, processor, [r["path"] for r in rows], 16, f"features {category}")
