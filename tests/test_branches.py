@@ -15,6 +15,7 @@ from ladmim_hf.models.branches_ladmim import (
     fuse,
     gaussian_blur,
     greedy_coreset,
+    kmeans,
     ledoit_wolf_covariance,
 )
 
@@ -85,6 +86,59 @@ def test_global_branch_is_the_mahalanobis_distance_of_pooled_features_by_hand():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
 
 
+def test_kmeans_finds_separated_clusters_and_is_deterministic_by_seed():
+    generator = torch.Generator().manual_seed(9)
+    truth = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    rows = torch.cat([c + 0.1 * torch.randn(40, 2, generator=generator) for c in truth])
+    centres = kmeans(rows, 3, seed=0)
+    for c in truth:  # every true centre has a found centre within the noise
+        assert float((centres - c).norm(dim=1).min()) < 0.1
+    torch.testing.assert_close(sorted(centres.tolist()), sorted([rows[i * 40:(i + 1) * 40].mean(0).tolist() for i in range(3)]))
+    many = torch.randn(300, 4, generator=generator)
+    assert torch.equal(kmeans(many, 8, seed=1), kmeans(many, 8, seed=1))
+    assert not torch.equal(kmeans(many, 8, seed=1), kmeans(many, 8, seed=2))
+    with pytest.raises(ValueError, match="clusters"):
+        kmeans(many, 301)
+
+
+def test_part_histogram_global_branch_by_hand():
+    """Cells standardised with the training cells' statistics, soft-assigned to the k-means centres at the
+    median nearest-centre distance, averaged per image; then the Mahalanobis distance of that histogram."""
+    train, test = _features(12, c=3, g=4, seed=5), _features(2, c=3, g=4, seed=6)
+    branch = LadmimGlobalBranch(1, 3, descriptor="part_histogram", parts=5)
+    branch.fit(train, 0, seed=3)
+
+    cells = train.double().permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    mean, std = cells.mean(0), cells.std(0, ddof=1)
+    centres = kmeans(torch.from_numpy((cells - mean) / std).float(), 5, seed=3).double().numpy()
+    squared = lambda x: (((x[:, None, :] - centres[None]) ** 2).sum(-1))  # noqa: E731
+    nearest = np.sort(squared((cells - mean) / std).min(1))
+    temperature = nearest[(len(nearest) - 1) // 2]  # torch's median of an even count: the lower middle value
+
+    def histogram(features):
+        rows = features.double().permute(0, 2, 3, 1).reshape(len(features), -1, 3).numpy()
+        out = []
+        for image in rows:
+            logits = -squared((image - mean) / std) / temperature
+            weights = np.exp(logits - logits.max(1, keepdims=True))
+            out.append((weights / weights.sum(1, keepdims=True)).mean(0))
+        return np.array(out)
+
+    train_histograms, test_histograms = histogram(train), histogram(test)
+    np.testing.assert_allclose(train_histograms.sum(1), 1.0, rtol=1e-9)
+    reference = LedoitWolf().fit(train_histograms)
+    centred = test_histograms - train_histograms.mean(0)
+    expected = np.sqrt(np.einsum("bi,ij,bj->b", centred, np.linalg.inv(reference.covariance_), centred))
+    np.testing.assert_allclose(branch.descriptor(test, torch.zeros(2, dtype=torch.long)).numpy(), test_histograms, rtol=1e-4)
+    np.testing.assert_allclose(branch(test, torch.zeros(2, dtype=torch.long), ["only"]).numpy(), expected, rtol=1e-3)
+
+
+def test_part_histogram_needs_as_many_training_cells_as_parts():
+    branch = LadmimGlobalBranch(1, 3, descriptor="part_histogram", parts=20)
+    with pytest.raises(ValueError, match="global_parts"):
+        branch.fit(_features(1, c=3, g=4), 0)  # 16 cells
+
+
 def test_gaussian_blur_matches_scipy():
     maps = torch.rand(2, 40, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     got = gaussian_blur(maps, 2.0)
@@ -126,13 +180,16 @@ def test_detector_without_the_new_branches_leaves_them_none(tiny_model, pixel_va
     torch.testing.assert_close(out.pred_score, out.logical_score + out.structural_score)
 
 
-def test_branch_buffers_survive_a_save_and_load_round_trip(tmp_path, pixel_values):
+@pytest.mark.parametrize("descriptor", ["moments", "part_histogram"])
+def test_branch_buffers_survive_a_save_and_load_round_trip(tmp_path, pixel_values, descriptor):
     from ladmim_hf import LadmimForAnomalyDetection
 
-    model = fitted_branch_model()
+    model = fitted_branch_model(global_descriptor=descriptor, global_parts=8)
     model.save_pretrained(tmp_path)
     loaded = LadmimForAnomalyDetection.from_pretrained(tmp_path).eval()
-    for name in ("memory_bank.bank", "memory_bank.fitted", "global_branch.mean", "global_branch.precision"):
+    names = [n for n in model.state_dict() if n.startswith(("memory_bank.", "global_branch."))]
+    assert ("global_branch.part_centres" in names) == (descriptor == "part_histogram")
+    for name in names:
         assert torch.equal(model.state_dict()[name], loaded.state_dict()[name]), name
     assert loaded.memory_bank.bank.dtype == torch.float16
     a = model(pixel_values, category="breakfast_box", num_masks=2, seed=0)
@@ -159,6 +216,9 @@ def test_unfitted_branch_warns_once_naming_the_category(pixel_values, caplog):
     ({"memory_bank_neighbourhood": 2}, "memory_bank_neighbourhood"),
     ({"memory_bank_smoothing_sigma": float("nan")}, "memory_bank_smoothing_sigma"),
     ({"global_branch": "yes"}, "global_branch"),
+    ({"global_descriptor": "histogram"}, "global_descriptor"),
+    ({"global_parts": 1}, "global_parts"),
+    ({"global_parts": 8.0}, "global_parts"),
     ({"fusion_rule": "mean"}, "fusion_rule"),
     ({"fused_branches": ["logical", "memory_bank"]}, "memory_bank_size > 0"),
     ({"fused_branches": ["global"]}, "global_branch: true"),

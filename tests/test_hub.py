@@ -344,8 +344,8 @@ def test_model_card_shows_every_branch_baseline_and_the_fusion(tmp_path):
 
     from ladmim_hf import LadmimForAnomalyDetection
 
-    config = tiny_config(memory_bank_size=8, global_branch=True, fusion_rule="max",
-                         fused_branches=["logical", "memory_bank", "global"])
+    config = tiny_config(memory_bank_size=8, global_branch=True, fusion_rule="max", global_descriptor="part_histogram",
+                         global_parts=8, fused_branches=["logical", "memory_bank", "global"])
     LadmimForAnomalyDetection(config).save_pretrained(tmp_path / "model")
     metrics = json.loads(json.dumps(FAKE_METRICS))
     for entry in metrics["categories"].values():
@@ -365,7 +365,8 @@ def test_model_card_shows_every_branch_baseline_and_the_fusion(tmp_path):
     assert ("| **mean** | 0.790 | 0.920 | 0.855 | 0.410 | 0.690 / 0.520 | n/a | 0.610 / 0.930 | n/a | 0.550 / 0.675 | "
             "0.750 / 0.450 |") in card
     assert "memory bank (log/str) | global (log/str) | kNN baseline (log/str) | global baseline (log/str) |" in card
-    assert "global is the Mahalanobis distance of pooled features" in card
+    assert "global is the Mahalanobis distance of mean- and std-pooled features" in card  # the baseline
+    assert "image's part histogram (the share of its feature cells in each of 8 k-means clusters" in card
     assert "the fused score is the maximum of the logical, memory-bank and global scores (fusion rule `max`)" in card
     assert "PatchCore memory bank" in card and "- memory bank: 8 patches per category" in card
     assert "out.logical_score, out.structural_score, out.memory_bank_score, out.global_score)" in card

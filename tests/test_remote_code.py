@@ -63,7 +63,7 @@ def test_remote_code_local_folder_and_offline_hub_cache(tmp_path):
 
     # every branch, so the shipped branches_ladmim.py is exercised too, and predictors that read one tap,
     # so the config's tap lookup runs from the shipped files
-    tiny_model = fitted_branch_model(predictor_taps=[2])
+    tiny_model = fitted_branch_model(predictor_taps=[2], global_descriptor="part_histogram", global_parts=8)
 
     save_dir = tmp_path / "saved"
     tiny_model.save_pretrained(save_dir)

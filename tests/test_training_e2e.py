@@ -31,6 +31,8 @@ TINY_SETTINGS = {
         "num_masks": 3,
         "memory_bank_size": 24,
         "global_branch": True,
+        "global_descriptor": "part_histogram",
+        "global_parts": 8,
         "fusion_rule": "max",
     },
     "tokenizer": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 1e-3},
@@ -110,8 +112,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     bank = LadmimMemoryBank(1, 64, 24)
     bank.fit(cache["train/pushpins"], 0, seed=0)
     assert torch.equal(model.memory_bank.bank[pushpins], bank.bank[0])
-    global_branch = LadmimGlobalBranch(1, 64)
-    global_branch.fit(cache["train/pushpins"], 0)
+    global_branch = LadmimGlobalBranch(1, 64, "part_histogram", 8)
+    global_branch.fit(cache["train/pushpins"], 0, seed=0)
+    torch.testing.assert_close(model.global_branch.part_centres[pushpins], global_branch.part_centres[0])
     torch.testing.assert_close(model.global_branch.precision[pushpins], global_branch.precision[0])
     assert model.memory_bank.fitted.all() and model.global_branch.fitted.all()
     calibration = model.config.calibration
@@ -219,7 +222,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
                           "--feature_cache", str(out / "cache" / "features.pt"), "--threads", "1", "--variants",
                           "memory_bank:size=24", "memory_bank:grid=8", "memory_bank:position=0.5",
                           "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
-                          "per_cell:gaussian"])
+                          "global:clusters=8", "global:moments", "global:knn=2", "parts:clusters=4", "per_cell:gaussian"])
     probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert probe["fused_branches"] == ["logical", "structural", "memory_bank", "global"] and probe["fusion_rule"] == "max"
     for category in CATEGORIES:
@@ -227,6 +230,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
             assert probe["model"][category]["fused"][key] == pytest.approx(trained[category][key])
             assert probe["variants"]["memory_bank:size=24"][category]["alone"][key] == pytest.approx(
                 metrics["categories"][category]["branches"]["memory_bank"][key], abs=0.02)
+            # the model's own global descriptor, refitted with the same seed, scores as the model's branch
+            assert probe["variants"]["global:clusters=8"][category]["alone"][key] == pytest.approx(
+                metrics["categories"][category]["branches"]["global"][key], abs=0.02)
         for variant in probe["variants"].values():
             assert all(0.0 <= v <= 1.0 for part in variant[category].values() for v in part.values())
     with pytest.raises(SystemExit, match="bad variant 'memory_bank:grid'"):

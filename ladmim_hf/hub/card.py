@@ -123,7 +123,7 @@ def _fusion_phrase(config, raw: bool = False) -> str:
 
 
 _BASELINE_TEXT = {"knn": "kNN is a PatchCore-style nearest-neighbour score with every training patch in its bank",
-                  "global": "global is the Mahalanobis distance of pooled features"}
+                  "global": "global is the Mahalanobis distance of mean- and std-pooled features"}
 
 
 def _eval_results(metrics: dict, dataset: dict):
@@ -225,8 +225,12 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
                             f"{config.memory_bank_neighbourhood} neighbourhood, map smoothing sigma "
                             f"{config.memory_bank_smoothing_sigma:g} px")
     if config.global_branch:
-        branch_text += (" The global score is the Mahalanobis distance of the image's pooled backbone features "
-                        "(per-channel mean and standard deviation) under a Ledoit-Wolf covariance of the training images.")
+        descriptor = ("pooled backbone features (per-channel mean and standard deviation)"
+                      if config.global_descriptor == "moments" else
+                      f"part histogram (the share of its feature cells in each of {config.global_parts} k-means clusters "
+                      "of the training images' cells, soft-assigned)")
+        branch_text += (f" The global score is the Mahalanobis distance of the image's {descriptor} under a "
+                        "Ledoit-Wolf covariance of the training images.")
     pipeline_scores = ", ".join(f'result["{b}_score"]' for b in branches)
     losses = {"l1": "the L1 histogram loss (the paper)", "kl": "a KL histogram loss",
               "token_ce": "a cross-entropy on each masked cell's code (the histogram is the mean of the cells' predictions)",

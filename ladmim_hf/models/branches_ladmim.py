@@ -6,14 +6,15 @@ sibling ``configuration_ladmim``.
 - **Memory bank** (PatchCore, Roth et al., CVPR 2022): per category, a greedy k-center coreset of
   the training images' patch features; a test cell's score is the Euclidean distance to its nearest
   bank patch, the map is that grid upsampled and Gaussian-smoothed, the image score its maximum.
-- **Global** (a PUAD-style global score, Sugawara et al. 2024): per category, the Mahalanobis distance
-  of an image's pooled features (per-channel mean and standard deviation over the grid) under a
-  Ledoit-Wolf shrinkage covariance fitted on the training images. It sees counts and combinations
-  that no single patch shows.
+- **Global**: per category, the Mahalanobis distance of an image descriptor under a Ledoit-Wolf
+  shrinkage covariance fitted on the training images: the per-channel mean and standard deviation of
+  the grid (a PUAD-style global score, Sugawara et al. 2024), or a soft histogram of the cells over
+  k-means part clusters (the counting idea of CSAD, Hsieh and Lai 2024). It sees counts and
+  combinations that no single patch shows.
 - **Fusion**: each branch standardised on normal validation images (a z-score), then combined by a
   rule (`fuse`).
 
-Shapes: B = batch, C = feature channels, g = grid side, P = bank patches per category, D = 2C.
+Shapes: B = batch, C = feature channels, g = grid side, P = bank patches per category, D = descriptor size.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_ladmim import FUSION_RULES
+from .configuration_ladmim import FUSION_RULES, GLOBAL_DESCRIPTORS
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,33 @@ def greedy_coreset(rows: torch.Tensor, n_select: int, projection_dim: int | None
         selected[k] = chosen
         last = x[chosen:chosen + 1]
     return selected
+
+
+def kmeans(rows: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 30) -> torch.Tensor:
+    """Centres `(clusters, C)` of rows `(M, C)`: k-means++ seeding drawn from `seed`, then Lloyd iterations
+    (a centre that loses all its rows stays where it is)."""
+    m = rows.shape[0]
+    if not 1 <= clusters <= m:
+        raise ValueError(f"clusters must be in 1..{m}, got {clusters}")
+    generator = torch.Generator().manual_seed(int(seed))
+    x = rows.float()
+    centres = torch.empty(clusters, x.shape[1], device=x.device)
+    centres[0] = x[int(torch.randint(m, (1,), generator=generator))]
+    nearest = squared_distances(x, centres[:1])[:, 0]
+    for k in range(1, clusters):
+        weights = nearest.double().cpu()
+        index = int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0 else k % m
+        centres[k] = x[index]
+        nearest = torch.minimum(nearest, squared_distances(x, centres[k:k + 1])[:, 0])
+    for _ in range(iterations):
+        assignment = squared_distances(x, centres).argmin(1)
+        counts = torch.bincount(assignment, minlength=clusters)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, x)
+        moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    return centres
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -235,17 +263,34 @@ class LadmimMemoryBank(_PerCategoryBranch):
 
 
 class LadmimGlobalBranch(_PerCategoryBranch):
-    """Mahalanobis distance of pooled features per category: `mean (categories, D)` and
-    `precision (categories, D, D)` with D = 2C (per-channel mean and std over the grid)."""
+    """Mahalanobis distance of an image descriptor per category: `mean (categories, D)` and
+    `precision (categories, D, D)` under a Ledoit-Wolf covariance of the training images' descriptors.
+
+    Descriptors (`descriptor`):
+        `"moments"`: per-channel mean and standard deviation over the grid, D = 2C (PUAD-style).
+        `"part_histogram"`: the share of the image's cells in each of D = `parts` part clusters, a
+            k-means of the category's standardised training cells; each cell is soft-assigned with
+            `softmax(-squared distance / temperature)`, the temperature being the median squared distance
+            of a training cell to its nearest centre. A missing, extra or resized part changes how many
+            cells look like it, wherever it lies (CSAD counts segmented components the same way).
+    """
 
     name = "global"
 
-    def __init__(self, num_categories: int, channels: int):
+    def __init__(self, num_categories: int, channels: int, descriptor: str = "moments", parts: int = 128):
         super().__init__(num_categories)
-        dim = 2 * channels
+        if descriptor not in GLOBAL_DESCRIPTORS:
+            raise ValueError(f"global descriptor must be one of {GLOBAL_DESCRIPTORS}, got {descriptor!r}")
+        self.descriptor_kind = descriptor
+        dim = 2 * channels if descriptor == "moments" else parts
         self.register_buffer("mean", torch.zeros(num_categories, dim))
         self.register_buffer("precision", torch.eye(dim).repeat(num_categories, 1, 1))
         self.register_buffer("shrinkage", torch.zeros(num_categories))
+        if descriptor == "part_histogram":
+            self.register_buffer("cell_mean", torch.zeros(num_categories, channels))
+            self.register_buffer("cell_std", torch.ones(num_categories, channels))
+            self.register_buffer("part_centres", torch.zeros(num_categories, parts, channels))
+            self.register_buffer("temperature", torch.ones(num_categories))
 
     @staticmethod
     def pooled(features: torch.Tensor) -> torch.Tensor:
@@ -253,12 +298,40 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         flat = features.float().flatten(2)
         return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
 
+    def part_histogram(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` -> `(B, parts)`: each image's mean soft assignment of its cells to the part centres."""
+        cells = features.float().flatten(2).transpose(1, 2)  # (B, g*g, C)
+        cells = (cells - self.cell_mean[class_ids][:, None]) / self.cell_std[class_ids][:, None]
+        centres = self.part_centres[class_ids]  # (B, parts, C)
+        squared = ((cells * cells).sum(-1, keepdim=True) - 2.0 * cells @ centres.transpose(1, 2)
+                   + (centres * centres).sum(-1)[:, None, :]).clamp_min(0.0)
+        return torch.softmax(-squared / self.temperature[class_ids][:, None, None], dim=-1).mean(1)
+
+    def descriptor(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` raw features -> `(B, D)` descriptors."""
+        if self.descriptor_kind == "moments":
+            return self.pooled(features)
+        return self.part_histogram(features, class_ids)
+
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, class_id: int) -> None:
-        """Fit one category from its training features `(num_images, C, g, g)`."""
-        pooled = self.pooled(features)
-        covariance, shrinkage = ledoit_wolf_covariance(pooled)
-        self.mean[class_id] = pooled.double().mean(0).to(self.mean)
+    def fit(self, features: torch.Tensor, class_id: int, seed: int = 0) -> None:
+        """Fit one category from its training features `(num_images, C, g, g)`; `seed` seeds the k-means."""
+        if self.descriptor_kind == "part_histogram":
+            cells = features.float().flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+            parts = self.part_centres.shape[1]
+            if cells.shape[0] < parts:
+                raise ValueError(f"global_parts ({parts}) exceeds the {cells.shape[0]} training cells of category "
+                                 f"{class_id}; lower global_parts or add training images")
+            mean, std = cells.mean(0), cells.std(0).clamp_min(1e-6)
+            standardized = (cells - mean) / std
+            centres = kmeans(standardized, parts, seed=seed)
+            self.cell_mean[class_id], self.cell_std[class_id] = mean, std
+            self.part_centres[class_id] = centres
+            self.temperature[class_id] = squared_distances(standardized, centres).amin(1).median().clamp_min(1e-6)
+        ids = torch.full((features.shape[0],), class_id, dtype=torch.long, device=features.device)
+        descriptors = self.descriptor(features, ids)
+        covariance, shrinkage = ledoit_wolf_covariance(descriptors)
+        self.mean[class_id] = descriptors.double().mean(0).to(self.mean)
         self.precision[class_id] = torch.linalg.inv(covariance).to(self.precision)
         self.shrinkage[class_id] = shrinkage
         self.fitted[class_id] = True
@@ -266,7 +339,7 @@ class LadmimGlobalBranch(_PerCategoryBranch):
     def forward(self, features: torch.Tensor, class_ids: torch.Tensor, categories: list[str]) -> torch.Tensor:
         """Mahalanobis distances `(B,)` for raw features `(B, C, g, g)`."""
         self._check_fitted(class_ids, categories)
-        centred = self.pooled(features) - self.mean[class_ids]
+        centred = self.descriptor(features, class_ids) - self.mean[class_ids]
         squared = torch.einsum("bi,bij,bj->b", centred, self.precision[class_ids], centred)
         return squared.clamp_min(0).sqrt()
 
@@ -295,11 +368,13 @@ def fuse(z_scores: torch.Tensor, rule: str) -> torch.Tensor:
 
 __all__ = [
     "FUSION_RULES",
+    "GLOBAL_DESCRIPTORS",
     "LadmimGlobalBranch",
     "LadmimMemoryBank",
     "fuse",
     "gaussian_blur",
     "greedy_coreset",
+    "kmeans",
     "ledoit_wolf_covariance",
     "nearest_distances",
     "squared_distances",

@@ -55,6 +55,7 @@ BRANCHES = ("logical", "structural", "memory_bank", "global")
 
 # The rules `branches_ladmim.fuse` combines standardised branch scores with.
 FUSION_RULES = ("sum", "max", "max_mean")
+GLOBAL_DESCRIPTORS = ("moments", "part_histogram")
 
 # Class ids of the official code (src/dataset/dataset_loco.py), kept for checkpoint conversion.
 LOCO_CATEGORIES = ["screw_bag", "juice_bottle", "splicing_connectors", "breakfast_box", "pushpins"]
@@ -342,8 +343,13 @@ class LadmimConfig(PretrainedConfig):
         memory_bank_smoothing_sigma (`float`, *optional*, defaults to 4.0): Gaussian sigma in pixels of
             the upsampled memory-bank map (PatchCore's); 0 = no smoothing.
         global_branch (`bool`, *optional*, defaults to `False`): the global branch, a Mahalanobis
-            distance of per-channel mean- and std-pooled backbone features under a Ledoit-Wolf
-            covariance fitted on the training images.
+            distance of an image descriptor of the backbone features under a Ledoit-Wolf covariance
+            fitted on the training images.
+        global_descriptor (`str`, *optional*, defaults to `"moments"`): the global branch's descriptor,
+            `"moments"` (per-channel mean and std over the grid) or `"part_histogram"` (the image's
+            share of cells in each of `global_parts` k-means clusters of the training cells, soft-assigned).
+        global_parts (`int`, *optional*, defaults to 128): k-means part clusters per category of the
+            `"part_histogram"` descriptor.
         fused_branches (`list[str]`, *optional*): the branches the fused score and map combine, from
             `"logical"`, `"structural"`, `"memory_bank"`, `"global"` (each must be enabled). Default:
             every enabled branch.
@@ -379,6 +385,8 @@ class LadmimConfig(PretrainedConfig):
         memory_bank_neighbourhood: int = 1,
         memory_bank_smoothing_sigma: float = 4.0,
         global_branch: bool = False,
+        global_descriptor: str = "moments",
+        global_parts: int = 128,
         fused_branches: list[str] | None = None,
         fusion_rule: str = "sum",
         scoring_memory_mb: int = 512,
@@ -463,12 +471,18 @@ class LadmimConfig(PretrainedConfig):
             raise ValueError(f"memory_bank_smoothing_sigma must be a number >= 0, got {memory_bank_smoothing_sigma!r}")
         if not isinstance(global_branch, bool):
             raise ValueError(f"global_branch must be true or false, got {global_branch!r}")
+        if global_descriptor not in GLOBAL_DESCRIPTORS:
+            raise ValueError(f"global_descriptor must be one of {list(GLOBAL_DESCRIPTORS)}, got {global_descriptor!r}")
+        if isinstance(global_parts, bool) or not isinstance(global_parts, int) or global_parts < 2:
+            raise ValueError(f"global_parts must be a whole number >= 2, got {global_parts!r}")
         if fusion_rule not in FUSION_RULES:
             raise ValueError(f"fusion_rule must be one of {list(FUSION_RULES)}, got {fusion_rule!r}")
         self.memory_bank_size = memory_bank_size
         self.memory_bank_neighbourhood = memory_bank_neighbourhood
         self.memory_bank_smoothing_sigma = float(memory_bank_smoothing_sigma)
         self.global_branch = global_branch
+        self.global_descriptor = global_descriptor
+        self.global_parts = global_parts
         self.fusion_rule = fusion_rule
         self.scoring_memory_mb = scoring_memory_mb
         enabled = self.enabled_branches

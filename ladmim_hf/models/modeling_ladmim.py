@@ -46,7 +46,7 @@ class LadmimAnomalyOutput(ModelOutput):
         logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`.
         structural_score: HVQ-Trans image score `(B,)`.
         memory_bank_score: largest nearest-neighbour patch distance to the category's memory bank `(B,)`.
-        global_score: Mahalanobis distance of the image's pooled features `(B,)`.
+        global_score: Mahalanobis distance of the image's descriptor (`config.global_descriptor`) `(B,)`.
         anomaly_map: fused map of the fused branches that have one `(B, S, S)`.
         logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)`.
         structural_map: HVQ-Trans reconstruction map `(B, S, S)`.
@@ -106,8 +106,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     map), all masks of all images go through the predictor in one batched forward, and the logical
     score is the mean over masks of the distance between predicted and true code histograms. With
     `config.memory_bank_size > 0` a PatchCore memory bank scores the same backbone features, and with
-    `config.global_branch` a Mahalanobis distance of their pooled statistics; both are fitted on the
-    training images (`fit_feature_branches`). Each branch is standardised with the category's
+    `config.global_branch` a Mahalanobis distance of an image descriptor (`config.global_descriptor`);
+    both are fitted on the training images (`fit_feature_branches`). Each branch is standardised with the category's
     calibration statistics (normal validation images) and the branches in `config.fused_branches`
     are combined by `config.fusion_rule`.
 
@@ -134,7 +134,9 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         if config.memory_bank_size > 0:
             self.memory_bank = LadmimMemoryBank(cats, channels, config.memory_bank_size, config.memory_bank_neighbourhood,
                                                 config.memory_bank_smoothing_sigma)
-        self.global_branch = LadmimGlobalBranch(cats, channels) if config.global_branch else None
+        self.global_branch = None
+        if config.global_branch:
+            self.global_branch = LadmimGlobalBranch(cats, channels, config.global_descriptor, config.global_parts)
         # (start, stop) channel ranges of `config.predictor_taps` in the feature grid; None = every channel.
         # Plain numbers rather than a buffer: they follow from the config, and an exported graph slices.
         self.predictor_channel_ranges: list[tuple[int, int]] | None = None
@@ -194,7 +196,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         if self.memory_bank is not None:
             self.memory_bank.fit(features, class_id, seed=seed)
         if self.global_branch is not None:
-            self.global_branch.fit(features, class_id)
+            self.global_branch.fit(features, class_id, seed=seed)
 
     def predictor_inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The feature channels the predictors read (`config.predictor_taps`): `(B, C, g, g)` -> `(B, C', g, g)`."""

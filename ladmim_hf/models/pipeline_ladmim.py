@@ -60,7 +60,7 @@ class LadmimAnomalyDetectionPipeline(Pipeline):
         structural_score (`float`): HVQ-Trans reconstruction score.
         memory_bank_score (`float`, only with a memory bank): largest distance of a patch to its
             nearest normal training patch.
-        global_score (`float`, only with the global branch): Mahalanobis distance of the pooled features.
+        global_score (`float`, only with the global branch): Mahalanobis distance of the image descriptor.
         anomaly_map (`PIL.Image.Image`): the fused anomaly map at the original image size, mode `"F"`
             (32-bit float values; `numpy.asarray(result["anomaly_map"])` gives the array).
 
