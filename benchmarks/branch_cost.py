@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
         "cpu_s_per_image_with": round(C.median(times["with"]), 5),
         "cpu_s_per_image_without": round(C.median(times["without"]), 5),
         "memory_bank_size": config.memory_bank_size, "global_branch": config.global_branch,
+        "global_descriptor": config.global_descriptor,
         "num_masks": config.num_masks, "images": args.images, "rounds": args.rounds,
         "config": "tiny" if args.tiny else "synthloco-cpu",
     }

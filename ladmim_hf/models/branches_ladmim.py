@@ -105,16 +105,21 @@ def kmeans(rows: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 3
         raise ValueError(f"clusters must be in 1..{m}, got {clusters}")
     generator = torch.Generator().manual_seed(int(seed))
     x = rows.float()
+    norms = (x * x).sum(1)  # once: every distance below is norms - 2 x.c + |c|^2
+
+    def to_centre(centre: torch.Tensor) -> torch.Tensor:
+        return (norms - 2.0 * (x @ centre) + centre @ centre).clamp_min(0.0)
+
     centres = torch.empty(clusters, x.shape[1], device=x.device)
     centres[0] = x[int(torch.randint(m, (1,), generator=generator))]
-    nearest = squared_distances(x, centres[:1])[:, 0]
+    nearest = to_centre(centres[0])
     for k in range(1, clusters):
         weights = nearest.double().cpu()
         index = int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0 else k % m
         centres[k] = x[index]
-        nearest = torch.minimum(nearest, squared_distances(x, centres[k:k + 1])[:, 0])
+        nearest = torch.minimum(nearest, to_centre(centres[k]))
     for _ in range(iterations):
-        assignment = squared_distances(x, centres).argmin(1)
+        assignment = ((centres * centres).sum(1)[None, :] - 2.0 * (x @ centres.T)).argmin(1)
         counts = torch.bincount(assignment, minlength=clusters)
         sums = torch.zeros_like(centres).index_add_(0, assignment, x)
         moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
