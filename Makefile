@@ -31,7 +31,8 @@ test: $(STAMP) browser-deps
 
 # The main job: generate synthloco, train with configs/synthloco-cpu.yaml, evaluate, print the table.
 demo: $(STAMP)
-	test -f $(DATA)/synthloco.json || $(BIN)/python -m ladmim_hf.data.synthetic --out $(DATA) --seed 0
+	@# readme.txt is the generator's last write: present only when every category is complete
+	test -f $(DATA)/readme.txt || $(BIN)/python -m ladmim_hf.data.synthetic --out $(DATA) --seed 0
 	$(BIN)/python scripts/train.py --config configs/synthloco-cpu.yaml --data_root $(DATA) --output_dir $(RUN) --resume
 	$(BIN)/python scripts/evaluate.py --model $(RUN)/model --data_root $(DATA) --categories all \
 		--output_dir $(RUN)/eval --feature_cache $(RUN)/cache/features.pt

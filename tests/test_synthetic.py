@@ -176,3 +176,21 @@ def test_cli(tmp_path, capsys):
     assert (out / "screw_bag" / "train" / "good" / "000.png").is_file()
     assert synthetic.main(["--out", str(out), "--small", "--categories", "bogus", "--no-progress"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_make_demo_skips_generation_only_when_the_set_is_complete(tmp_path, monkeypatch):
+    """`make demo` regenerates unless the file its guard names exists; the generator writes that file last
+    and removes it first, so an interrupted run is regenerated and a complete one is not."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    guard = next(line.split("test -f $(DATA)/")[1].split()[0] for line in makefile.splitlines() if "test -f $(DATA)/" in line)
+    root = generate_synthloco(tmp_path / "s", categories=["juice_bottle"], image_size=64,
+                              counts={"train": 1, "validation": 1, "good": 1, "logical": 1, "structural": 1})
+    assert (root / guard).is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic.writer, "_prepare_category_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthloco(root, categories=["juice_bottle"], image_size=64)
+    assert not (root / guard).exists()

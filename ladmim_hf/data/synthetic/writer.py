@@ -118,6 +118,7 @@ def generate_synthloco(out_dir, seed: int = 0, small: bool = False, categories: 
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "readme.txt").unlink(missing_ok=True)  # written last: its presence means the set is complete
     tasks = []
     for category in categories:
         _prepare_category_dir(out / category)
