@@ -499,17 +499,23 @@ BRANCH_INTRO = {
     "memory_bank": "The **memory bank** compares every local patch with the patches of normal training images.",
     "global": "The **global** branch checks the image's overall feature statistics.",
 }
+# The global branch's sentence for each `config.global_descriptor` other than the moments above.
+GLOBAL_INTRO = {"part_histogram": "The **global** branch counts how much of the image looks like each kind of part "
+                                  "in normal images, so too many, too few or the wrong mix of parts stand out."}
+RULE_WORDS = {"sum": "sum", "max": "largest", "max_mean": "largest plus the mean"}  # config.fusion_rule in words
 
 
-def intro(branches: list[str], fused: list[str], rule: str) -> str:
+def intro(branches: list[str], fused: list[str], rule: str, global_descriptor: str = "moments") -> str:
     """INTRO, plus the optional branches the model has and how its verdict combines them."""
-    extra = [BRANCH_INTRO[b] for b in branches if b in BRANCH_INTRO]
+    sentences = {**BRANCH_INTRO, "global": GLOBAL_INTRO.get(global_descriptor, BRANCH_INTRO["global"])}
+    extra = [sentences[b] for b in branches if b in sentences]
     text = INTRO.format(ways={2: "two", 3: "three", 4: "four"}.get(len(branches), len(branches)))
     if not extra:
         return text
     names = [BRANCH_TITLES[b].lower().removesuffix(" branch") for b in fused]
     listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-    how = f"the {rule} of the standardised {listed} scores" if len(names) > 1 else f"the {listed} score"
+    how = (f"the {RULE_WORDS.get(rule, rule)} of the standardised {listed} scores" if len(names) > 1
+           else f"the {listed} score")
     return text.rstrip() + " " + " ".join(extra) + f" The verdict uses {how}.\n"
 
 
@@ -565,7 +571,7 @@ def build_demo(model_path: str | os.PathLike | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="LADMIM logical anomaly detection", analytics_enabled=False) as demo:
         gr.Markdown(intro(branches, list(getattr(config, "fused_branches", None) or branches[:2]),
-                          getattr(config, "fusion_rule", "sum")))
+                          getattr(config, "fusion_rule", "sum"), getattr(config, "global_descriptor", "moments")))
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=280,

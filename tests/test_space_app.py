@@ -461,3 +461,15 @@ def test_a_model_with_every_branch_shows_each_one(tmp_path):
     assert "| Memory bank (not fused) |" in text and "no statistics" in text
     assert "**Fused** (sum of z logical, z structural)" in text
     assert app.render(result, view)[2] is not None and app.summary(result, [])["z_global"] is None
+
+
+def test_intro_names_the_fusion_rule_in_words_and_what_the_global_branch_looks_at():
+    app = load_app_module()
+    branches = ["logical", "structural", "memory_bank", "global"]
+    text = app.intro(branches, ["logical", "memory_bank", "global"], "max_mean", "part_histogram")
+    assert "The verdict uses the largest plus the mean of the standardised logical, memory bank and global scores." in text
+    assert "counts how much of the image looks like each kind of part" in text and "max_mean" not in text
+    moments = app.intro(branches, ["logical", "memory_bank"], "sum")
+    assert "overall feature statistics" in moments and "the sum of the standardised logical and memory bank" in moments
+    assert "the largest of the standardised" in app.intro(branches, ["logical", "global"], "max")
+    assert "memory bank" not in app.intro(["logical", "structural"], ["logical", "structural"], "sum")
