@@ -162,11 +162,11 @@ def set_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.T
     return [torch.cat(parts, 1) for parts in out]
 
 
-def global_branch_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, descriptor: str,
-                         parts: int, seed: int) -> list[torch.Tensor]:
-    """Validation and test scores `(N,)` of the package's global branch with `descriptor`, fitted on `train`
-    (features `(N, C, g, g)`)."""
-    branch = LadmimGlobalBranch(1, train.shape[1], descriptor, parts)
+def global_branch_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, seed: int,
+                         **settings) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)` of the package's global branch (`settings`: its `descriptor` and
+    `parts`), fitted on `train` (features `(N, C, g, g)`) with k-means seed `seed`."""
+    branch = LadmimGlobalBranch(1, train.shape[1], **settings)
     branch.fit(train, 0, seed=seed)
     return [branch(f, torch.zeros(len(f), dtype=torch.long), ["category"]) for f in (validation, test)]
 
@@ -269,35 +269,25 @@ def main(argv=None) -> None:
                 position = value if setting == "position" else 0.0
                 validation, test = memory_bank_scores(*(features(split, category, grid) for split in ("train", "validation", "test")),
                                                       size, position, args.seed)
-            elif branch == "per_cell":
-                validation, test = per_cell_gaussian_scores(*(features(split, category, model_grid)
-                                                              for split in ("train", "validation", "test")))
-            else:
-                if setting == "code_histogram":
-                    vectors = [code_counts(model, features(split, category, model_grid), category)
-                               for split in ("train", "validation", "test")]
+            else:  # every other variant reads the features at the model's grid
+                grids = [features(split, category, model_grid) for split in ("train", "validation", "test")]
+                if branch == "per_cell":
+                    validation, test = per_cell_gaussian_scores(*grids)
                 elif setting == "per_tap":
-                    vectors = None
-                    validation, test = per_tap_global_scores(*(features(split, category, model_grid)
-                                                               for split in ("train", "validation", "test")),
-                                                             backbone.tap_channels)
-                elif setting in ("clusters", "moments"):
-                    vectors = None
-                    validation, test = global_branch_scores(*(features(split, category, model_grid)
-                                                              for split in ("train", "validation", "test")),
-                                                            "moments" if setting == "moments" else "part_histogram",
-                                                            int(value or 2), args.seed)
+                    validation, test = per_tap_global_scores(*grids, backbone.tap_channels)
+                elif setting == "moments":
+                    validation, test = global_branch_scores(*grids, args.seed, descriptor="moments")
+                elif setting == "clusters":
+                    validation, test = global_branch_scores(*grids, args.seed, descriptor="part_histogram", parts=int(value))
                 elif setting == "knn":
-                    vectors = None
-                    validation, test = knn_image_scores(*(LadmimGlobalBranch.pooled(features(split, category, model_grid))
-                                                          for split in ("train", "validation", "test")), int(value))
-                elif setting == "set_cdf":
-                    vectors = set_descriptors(*(features(split, category, model_grid) for split in ("train", "validation", "test")),
-                                              backbone.tap_channels, args.seed)
-                else:
-                    vectors = [LadmimGlobalBranch.pooled(features(split, category, model_grid))
-                               for split in ("train", "validation", "test")]
-                if vectors is not None:
+                    validation, test = knn_image_scores(*(LadmimGlobalBranch.pooled(f) for f in grids), int(value))
+                else:  # a descriptor per image, under one Ledoit-Wolf Gaussian
+                    if setting == "code_histogram":
+                        vectors = [code_counts(model, f, category) for f in grids]
+                    elif setting == "set_cdf":
+                        vectors = set_descriptors(*grids, backbone.tap_channels, args.seed)
+                    else:
+                        vectors = [LadmimGlobalBranch.pooled(f) for f in grids]
                     validation, test = mahalanobis_scores(*vectors, standardize=setting == "standardized")
             standardized = (test - validation.mean()) / validation.std()
             parts = [standardized if b == branch else z[b] for b in fused] + ([] if branch in fused else [standardized])
