@@ -230,6 +230,48 @@ def test_quality_probe_defect_cells_by_hand():
     assert not defect_cells([], 4).any() and defect_cells([], 4).shape == (16,)
 
 
+def test_neighbour_predictor_scores_by_hand():
+    """`experiments/neighbour_predictor.py`: each mask's score against a slow loop over images, masks and
+    training images, for both rules, both distances and k = 2 or all."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from neighbour_predictor import neighbour_scores
+
+    generator = torch.Generator().manual_seed(0)
+    assignments = torch.rand(3, 16, 5, generator=generator).softmax(-1)
+    train = torch.rand(6, 16, 5, generator=generator).softmax(-1)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, :6], masks[1, 10:] = True, True
+    kernel = torch.exp(-torch.cdist(torch.arange(5.0)[:, None], torch.arange(5.0)[:, None]) ** 2)
+
+    def distance(a, b, g):
+        d = a - b
+        return float(d.abs().sum()) if g is None else float((d @ g @ d).sqrt())
+
+    for k, rule, g in [(2, "predict", kernel), (None, "predict", None), (2, "nearest", None), (None, "nearest", kernel)]:
+        scores = neighbour_scores(assignments, train, masks, k, rule, g)
+        for b in range(3):
+            for m in range(2):
+                hidden, visible = masks[m], ~masks[m]
+                near = sorted(range(6), key=lambda t: distance(assignments[b, visible].mean(0), train[t, visible].mean(0), g))
+                near = near[:k] if k else near
+                if rule == "predict":
+                    expected = distance(assignments[b, hidden].mean(0), torch.stack([train[t, hidden].mean(0) for t in near]).mean(0), g)
+                else:
+                    expected = min(distance(assignments[b, hidden].mean(0), train[t, hidden].mean(0), g) for t in near)
+                assert float(scores[b, m]) == pytest.approx(expected, abs=1e-5), (k, rule, b, m)
+
+
+def test_neighbour_predictor_refuses_bad_variants():
+    sys.path.insert(0, str(EXPERIMENTS))
+    from neighbour_predictor import DEFAULTS, parse_variant
+
+    assert parse_variant("k=all,rule=nearest") == {**DEFAULTS, "k": "all", "rule": "nearest"}
+    for text in ("neighbours=5", "k=five", "rule=median", "masks=0", "distance=l2", "soft=yes", "k"):
+        with pytest.raises(SystemExit, match="bad variant"):
+            parse_variant(text)
+
+
 def test_run_all_times_each_script_and_collects_its_result(runs):
     out = last_json(runs, "run_all")
     assert list(out["scripts"]) == ["roofline"]

@@ -297,6 +297,27 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     with pytest.raises(SystemExit, match="bad window 5x1"):
         window_masks.window_masks(4, 5, 1)
 
+    # experiments/neighbour_predictor.py on the same saved scores: its first row is the model's own
+    # logical branch and fusion; the model's 8-part histogram is reused, another part count is fitted.
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import neighbour_predictor
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    capsys.readouterr()
+    neighbours = neighbour_predictor.main([
+        "--model", str(model_dir), "--data_root", str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"),
+        "--scores", str(out / "z.pt"), "--threads", "1", "--variants", "k=all,masks=2,cells=4,block=1,parts=8",
+        "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"])["variants"]
+    for category in CATEGORIES:
+        own = neighbours["model"]["per_category"][category]
+        assert own["alone"]["auroc_logical"] == pytest.approx(
+            metrics["categories"][category]["branches"]["logical"]["auroc_logical"], abs=1e-4)
+        assert own["fused"]["auroc_logical"] == pytest.approx(trained[category]["auroc_logical"], abs=1e-4)
+        for name in ("k=all,masks=2,cells=4,block=1,parts=8", "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"):
+            entry = neighbours[name]["per_category"][category]
+            assert all(0.0 <= v <= 1.0 for part in entry.values() for v in part.values())
+
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
     out = tmp_path / "run"

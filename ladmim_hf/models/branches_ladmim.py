@@ -303,14 +303,19 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         flat = features.float().flatten(2)
         return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
 
-    def part_histogram(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """`(B, C, g, g)` -> `(B, parts)`: each image's mean soft assignment of its cells to the part centres."""
+    def part_assignments(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` -> `(B, g*g, parts)`: each cell's soft assignment to its category's part centres
+        (`"part_histogram"` only)."""
         cells = features.float().flatten(2).transpose(1, 2)  # (B, g*g, C)
         cells = (cells - self.cell_mean[class_ids][:, None]) / self.cell_std[class_ids][:, None]
         centres = self.part_centres[class_ids]  # (B, parts, C)
         squared = ((cells * cells).sum(-1, keepdim=True) - 2.0 * cells @ centres.transpose(1, 2)
                    + (centres * centres).sum(-1)[:, None, :]).clamp_min(0.0)
-        return torch.softmax(-squared / self.temperature[class_ids][:, None, None], dim=-1).mean(1)
+        return torch.softmax(-squared / self.temperature[class_ids][:, None, None], dim=-1)
+
+    def part_histogram(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, C, g, g)` -> `(B, parts)`: each image's mean soft assignment of its cells to the part centres."""
+        return self.part_assignments(features, class_ids).mean(1)
 
     def descriptor(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """`(B, C, g, g)` raw features -> `(B, D)` descriptors."""

@@ -1,0 +1,206 @@
+"""A training-free masked predictor: the training images whose visible cells look most alike say what the hidden cells should hold.
+
+The logical branch asks a trained transformer what lies under each mask. This probe asks the
+training images instead, to tell how much of the branch's limit is the predictor and how much is
+what the visible cells can say at all. Every cell is described by its soft assignment to K part
+clusters (`LadmimGlobalBranch.part_assignments`: the model's own global part histogram, or a k-means
+of the category's training cells fitted here). For each scoring mask and image:
+
+- the histogram of the *visible* cells picks the `k` training images whose visible cells are closest;
+- `rule=predict`: the score is the distance from the image's *hidden*-cell histogram to the mean of
+  those neighbours' hidden-cell histograms under the same mask (a prediction, like the transformer's);
+- `rule=nearest`: the smallest distance to any one neighbour's hidden-cell histogram.
+
+`k=all` drops the conditioning: the hidden cells are then compared with every training image's
+cells at the same place, whatever the context. The gap between `k=all` and a small `k` is what the
+visible cells tell about the hidden ones. The image score is the mean over masks. Distances are
+the kernel distance (an RBF over the part centres, bandwidth the median squared distance between
+centres, as `histogram_distance: codebook_mmd` does over codes) or L1.
+
+Variants are comma-separated settings: `k` (a number or `all`), `rule` (`predict` / `nearest`),
+`masks` (per image, one shared set drawn from `--seed`), `cells` and `block` (masked cells and the
+smallest block, as `score_num_masked` / `score_min_block`), `parts` (K), `soft` (1: soft assignments,
+0: the nearest part only), `distance` (`kernel` / `l1`). Unset settings take `DEFAULTS`.
+
+    python experiments/fusion_sweep.py --model M --data_root data/synthloco --feature_cache C \
+        --variants logical+memory_bank+global:max_mean --no_spro --save_scores z.pt
+    python experiments/neighbour_predictor.py --model M --data_root data/synthloco --feature_cache C \
+        --scores z.pt --test_features test.pt
+
+Each variant is reported alone and, with `--scores` (`fusion_sweep.py --save_scores`), fused in place
+of the model's logical branch (standardised on `validation/good`, the model's `fusion_rule`). The
+first row is the model's own logical branch. Last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import _shared as S
+from mask_coverage import rescoring_inputs, rescoring_parser
+from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse, squared_distances
+from ladmim_hf.models.masking import BlockMaskGenerator
+
+DEFAULTS = {"k": "5", "rule": "predict", "masks": "40", "cells": "20", "block": "8", "parts": "128", "soft": "1",
+            "distance": "kernel"}
+DEFAULT_VARIANTS = ("k=all", "k=5", "k=all,rule=nearest", "k=15,rule=nearest", "k=5,soft=0",
+                    "k=5,masks=10,cells=44,block=16", "k=15,rule=nearest,distance=l1")
+
+
+def parse_variant(text: str) -> dict:
+    """`"k=15,rule=nearest"` -> every setting, the unset ones from `DEFAULTS`; a bad one exits naming it."""
+    settings = dict(DEFAULTS)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS or not value:
+            raise SystemExit(f"bad variant {text!r}: settings are {', '.join(f'{k}=...' for k in DEFAULTS)}")
+        settings[key] = value
+    ok = (settings["rule"] in ("predict", "nearest") and settings["distance"] in ("kernel", "l1")
+          and settings["soft"] in ("0", "1") and (settings["k"] == "all" or settings["k"].isdigit())
+          and all(settings[key].isdigit() and int(settings[key]) > 0 for key in ("masks", "cells", "block", "parts")))
+    if not ok:
+        raise SystemExit(f"bad variant {text!r}: rule=predict|nearest, distance=kernel|l1, soft=0|1, k=N|all, "
+                         "masks/cells/block/parts positive whole numbers")
+    return settings
+
+
+def masked_histograms(assignments: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean part assignment over each mask's cells: `(B, N, P)` and `(M, N)` bool -> `(B, M, P)`."""
+    weights = masks.to(assignments.dtype)
+    return torch.einsum("bnp,mn->bmp", assignments, weights) / weights.sum(1).clamp_min(1)[None, :, None]
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor, kernel: torch.Tensor | None) -> torch.Tensor:
+    """Distances between histograms `(A, P)` and `(T, P)` -> `(A, T)`: the kernel distance
+    `sqrt((a - b)^T G (a - b))` with `kernel` G `(P, P)`, or L1 when it is None."""
+    if kernel is None:
+        return torch.cdist(a, b, p=1)
+    ka, kb = a @ kernel, b @ kernel
+    squared = (ka * a).sum(1)[:, None] + (kb * b).sum(1)[None] - 2.0 * ka @ b.T
+    return squared.clamp_min(0.0).sqrt()
+
+
+def neighbour_scores(assignments: torch.Tensor, train_assignments: torch.Tensor, masks: torch.Tensor,
+                     k: int | None, rule: str, kernel: torch.Tensor | None) -> torch.Tensor:
+    """Per-mask scores `(B, M)` of images against the training images, for hidden cells `masks (M, N)`.
+
+    Args:
+        assignments: `(B, N, P)` part assignments of the scored images' cells; train_assignments: `(T, N, P)`.
+        k: neighbours chosen by the visible cells' histogram (None: all T training images).
+        rule: `"predict"` (distance to the neighbours' mean hidden histogram) or `"nearest"` (to the
+            closest neighbour's hidden histogram).
+        kernel: `(P, P)` similarity of the parts for the kernel distance; None: L1.
+    """
+    hidden = masked_histograms(assignments, masks)
+    visible = masked_histograms(assignments, ~masks)
+    train_hidden = masked_histograms(train_assignments, masks)
+    train_visible = masked_histograms(train_assignments, ~masks)
+    count = train_assignments.shape[0] if k is None else min(k, train_assignments.shape[0])
+    scores = torch.empty(assignments.shape[0], masks.shape[0])
+    for m in range(masks.shape[0]):
+        neighbours = pairwise_distances(visible[:, m], train_visible[:, m], kernel).topk(count, 1, largest=False).indices
+        if rule == "predict":
+            predicted = train_hidden[neighbours, m].mean(1)  # (B, P)
+            difference = hidden[:, m] - predicted
+            scores[:, m] = (pairwise_distances(difference, torch.zeros_like(difference[:1]), kernel)[:, 0])
+        else:
+            distances = pairwise_distances(hidden[:, m], train_hidden[:, m], kernel)
+            scores[:, m] = distances.gather(1, neighbours).amin(1)
+    return scores
+
+
+def part_model(model, train: torch.Tensor, category: str, parts: int, seed: int) -> tuple[LadmimGlobalBranch, int]:
+    """The model's global part histogram when it has `parts` parts, else one fitted on `train` here;
+    returns the branch and the category's row in it."""
+    branch = model.global_branch
+    if branch is not None and branch.descriptor_kind == "part_histogram" and branch.part_centres.shape[1] == parts:
+        return branch, int(model.tokenizer.category_ids(category, 1)[0])
+    fitted = LadmimGlobalBranch(1, train.shape[1], "part_histogram", parts)
+    fitted.fit(train, 0, seed=seed)
+    return fitted, 0
+
+
+def main(argv=None) -> dict:
+    parser = rescoring_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--scores", default=None, help="the model's test z-scores (fusion_sweep.py --save_scores FILE)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    args = parser.parse_args(argv)
+    S.use_threads(args.threads)
+    variants = {text: parse_variant(text) for text in args.variants}
+
+    from ladmim_hf.metrics import loco_image_aurocs
+
+    model, categories, cache, test = rescoring_inputs(args)
+    saved = torch.load(args.scores, weights_only=False) if args.scores else None
+    fused_branches, rule = list(model.config.fused_branches), model.config.fusion_rule
+    grid = model.config.tokenizer_config.grid_size
+
+    def aurocs(scores: torch.Tensor, types: list[str]) -> dict:
+        values = loco_image_aurocs(scores.double().numpy(), types)
+        return {k: round(float(values[k]), 4) for k in ("auroc_logical", "auroc_structural")}
+
+    results: dict[str, dict] = {"model": {}, **{text: {} for text in variants}}
+    for category in categories:
+        features, types = test[category]
+        train, validation = cache[f"train/{category}"], cache[f"validation/{category}"]
+        z = None
+        if saved is not None:
+            if category not in saved or len(saved[category]["types"]) != len(types):
+                raise SystemExit(f"{args.scores} holds no scores for the {len(types)} test images of {category}: "
+                                 "run fusion_sweep.py --save_scores on this model and data root")
+            z = saved[category]["z"]
+            results["model"][category] = {"alone": aurocs(z["logical"], types),
+                                          "fused": aurocs(fuse(torch.stack([z[b] for b in fused_branches], -1), rule), types)}
+        assignments = {}
+        for text, settings in variants.items():
+            S.progress(f"{category}: {text}")
+            parts, soft = int(settings["parts"]), settings["soft"] == "1"
+            if (parts, soft) not in assignments:
+                branch, row = part_model(model, train, category, parts, args.seed)
+                with torch.no_grad():
+                    values = [branch.part_assignments(f, torch.full((len(f),), row)) for f in (train, validation, features)]
+                if not soft:
+                    values = [torch.nn.functional.one_hot(v.argmax(-1), parts).float() for v in values]
+                centres = branch.part_centres[row]
+                squared = squared_distances(centres, centres)
+                assignments[parts, soft] = (values, torch.exp(-squared / squared[squared > 0].median()))
+            (train_a, validation_a, test_a), kernel = assignments[parts, soft]
+            masks = BlockMaskGenerator(grid, int(settings["cells"]), int(settings["block"]), model.config.min_aspect)(
+                1, int(settings["masks"]), [args.seed])[0]
+            k = None if settings["k"] == "all" else int(settings["k"])
+            distance_kernel = kernel if settings["distance"] == "kernel" else None
+            validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
+                                              for a in (validation_a, test_a))
+            entry = {"alone": aurocs(test_scores, types)}
+            if z is not None:
+                # a constant validation score (a tiny grid, hard assignments) must not divide by zero
+                standardized = (test_scores - validation_scores.mean()) / validation_scores.std().clamp_min(1e-12)
+                stacked = torch.stack([standardized if b == "logical" else z[b] for b in fused_branches], -1)
+                entry["fused"] = aurocs(fuse(stacked, rule), types)
+            results[text][category] = entry
+
+    def mean(per: dict, part: str, key: str) -> float:
+        return float(np.mean([entry[part][key] for entry in per.values()]))
+
+    if saved is None:
+        results.pop("model")
+    lines = [f"each variant in place of the logical branch; fused: {' + '.join(fused_branches)} ({rule})",
+             "| logical branch | alone: logical / structural | alone, logical per category | fused: logical / structural |",
+             "|---|---|---|---|"]
+    for name, per in results.items():
+        fused_text = (f"{mean(per, 'fused', 'auroc_logical'):.3f} / {mean(per, 'fused', 'auroc_structural'):.3f}"
+                      if saved is not None else "-")
+        lines.append(f"| {'the model (trained predictor)' if name == 'model' else name} | "
+                     f"{mean(per, 'alone', 'auroc_logical'):.3f} / {mean(per, 'alone', 'auroc_structural'):.3f} | "
+                     + " / ".join(f"{per[c]['alone']['auroc_logical']:.2f}" for c in categories)
+                     + f" | {fused_text} |")
+    payload = {"experiment": "neighbour_predictor", "model": args.model, "categories": categories,
+               "fusion": [fused_branches, rule], "variants": {name: {"settings": variants.get(name, {}), "per_category": per}
+                                                              for name, per in results.items()}}
+    S.report("\n".join(lines), payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
