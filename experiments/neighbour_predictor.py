@@ -29,7 +29,9 @@ smallest block, as `score_num_masked` / `score_min_block`), `parts` (K), `soft` 
 
 Each variant is reported alone and, with `--scores` (`fusion_sweep.py --save_scores`), fused in place
 of the model's logical branch (standardised on `validation/good`, the model's `fusion_rule`). The
-first row is the model's own logical branch. Last stdout line: JSON.
+first row is the model's own logical branch. A second table gives each logical defect type's AUROC
+against the good images: the model's fused score, its logical branch and each variant alone. Last
+stdout line: JSON.
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ def main(argv=None) -> dict:
     S.use_threads(args.threads)
     variants = {text: parse_variant(text) for text in args.variants}
 
+    from ladmim_hf.data import evaluation_rows, find_layout
+    from ladmim_hf.evaluation import per_defect_aurocs
     from ladmim_hf.metrics import loco_image_aurocs
 
     model, categories, cache, test = rescoring_inputs(args)
@@ -140,9 +144,13 @@ def main(argv=None) -> dict:
         values = loco_image_aurocs(scores.double().numpy(), types)
         return {k: round(float(values[k]), 4) for k in ("auroc_logical", "auroc_structural")}
 
+    layout = find_layout(args.data_root)
     results: dict[str, dict] = {"model": {}, **{text: {} for text in variants}}
+    per_defect: dict[str, dict] = {}
     for category in categories:
         features, types = test[category]
+        defects = [row["defect_type"] for row in evaluation_rows(layout, category)]
+        alone_scores: dict[str, np.ndarray] = {}
         train, validation = cache[f"train/{category}"], cache[f"validation/{category}"]
         z = None
         if saved is not None:
@@ -150,8 +158,9 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"{args.scores} holds no scores for the {len(types)} test images of {category}: "
                                  "run fusion_sweep.py --save_scores on this model and data root")
             z = saved[category]["z"]
-            results["model"][category] = {"alone": aurocs(z["logical"], types),
-                                          "fused": aurocs(fuse(torch.stack([z[b] for b in fused_branches], -1), rule), types)}
+            own_fused = fuse(torch.stack([z[b] for b in fused_branches], -1), rule)
+            results["model"][category] = {"alone": aurocs(z["logical"], types), "fused": aurocs(own_fused, types)}
+            alone_scores.update({"model fused": own_fused.numpy(), "model": z["logical"].numpy()})
         assignments = {}
         for text, settings in variants.items():
             S.progress(f"{category}: {text}")
@@ -173,12 +182,16 @@ def main(argv=None) -> dict:
             validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
                                               for a in (validation_a, test_a))
             entry = {"alone": aurocs(test_scores, types)}
+            alone_scores[text] = test_scores.numpy()
             if z is not None:
                 # a constant validation score (a tiny grid, hard assignments) must not divide by zero
                 standardized = (test_scores - validation_scores.mean()) / validation_scores.std().clamp_min(1e-12)
                 stacked = torch.stack([standardized if b == "logical" else z[b] for b in fused_branches], -1)
                 entry["fused"] = aurocs(fuse(stacked, rule), types)
             results[text][category] = entry
+        per_defect[category] = {name: {key: value for key, value in values.items() if key not in ("anomaly_type", "count")}
+                                for name, values in per_defect_aurocs(alone_scores, types, defects).items()
+                                if values["anomaly_type"] == "logical"}
 
     def mean(per: dict, part: str, key: str) -> float:
         return float(np.mean([entry[part][key] for entry in per.values()]))
@@ -195,7 +208,13 @@ def main(argv=None) -> dict:
                      f"{mean(per, 'alone', 'auroc_logical'):.3f} / {mean(per, 'alone', 'auroc_structural'):.3f} | "
                      + " / ".join(f"{per[c]['alone']['auroc_logical']:.2f}" for c in categories)
                      + f" | {fused_text} |")
-    payload = {"experiment": "neighbour_predictor", "model": args.model, "categories": categories,
+    columns = list(next(iter(next(iter(per_defect.values())).values()), {}))
+    lines += ["", "AUROC per logical defect type (alone; `model fused`: the model's fused score)",
+              "| category | defect | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for category, defects_of in per_defect.items():
+        for defect, values in defects_of.items():
+            lines.append(f"| {category} | {defect} | " + " | ".join(f"{values[c]:.2f}" for c in columns) + " |")
+    payload = {"experiment": "neighbour_predictor", "model": args.model, "categories": categories, "per_defect": per_defect,
                "fusion": [fused_branches, rule], "variants": {name: {"settings": variants.get(name, {}), "per_category": per}
                                                               for name, per in results.items()}}
     S.report("\n".join(lines), payload)

@@ -305,10 +305,18 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     finally:
         sys.path.remove(str(ROOT / "experiments"))
     capsys.readouterr()
-    neighbours = neighbour_predictor.main([
+    payload = neighbour_predictor.main([
         "--model", str(model_dir), "--data_root", str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"),
         "--scores", str(out / "z.pt"), "--threads", "1", "--variants", "k=all,masks=2,cells=4,block=1,parts=8",
-        "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"])["variants"]
+        "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"])
+    neighbours = payload["variants"]
+    # per logical defect type: the model's own logical branch as the evaluation's per_defect reports it
+    assert all(payload["per_defect"][category] for category in CATEGORIES)
+    for category in CATEGORIES:
+        for defect, values in payload["per_defect"][category].items():
+            assert metrics["per_defect"][category][defect]["anomaly_type"] == "logical"
+            assert values["model"] == pytest.approx(metrics["per_defect"][category][defect]["logical_branch"], abs=1e-6)
+            assert all(0.0 <= v <= 1.0 for v in values.values())
     for category in CATEGORIES:
         own = neighbours["model"]["per_category"][category]
         assert own["alone"]["auroc_logical"] == pytest.approx(
