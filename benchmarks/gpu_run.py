@@ -489,6 +489,7 @@ class GpuRun:
             metrics = json.loads(metrics_file.read_text())
             scored = (eval_dir / "scores.csv").read_text().count("\n") - 1
             entry["metrics"] = {"mean": metrics["mean"], "branches_mean": metrics.get("branches_mean"),
+                                "without_mean": metrics.get("without_mean"),
                                 "categories": {c: {k: v for k, v in m.items() if k.startswith(("auroc", "spro"))}
                                                for c, m in metrics["categories"].items()},
                                 "num_masks": metrics["num_masks"], "images": scored, "seconds": metrics["seconds"]}

@@ -78,6 +78,20 @@ def _branch_aurocs(scores: np.ndarray, types: list[str]) -> dict[str, float]:
     return {"auroc_logical": out["auroc_logical"], "auroc_structural": out["auroc_structural"]}
 
 
+def fused_without_each_branch(detector: LadmimForAnomalyDetection, branch_scores: dict[str, np.ndarray], category: str,
+                              types: list[str]) -> dict[str, dict[str, float]]:
+    """What each fused branch adds: `{branch: image AUROCs}` of the fused score with that branch left out,
+    the others standardised and combined as the model does (`standardized_scores`, `fuse_branches`).
+    Empty when fewer than two branches are fused. `branch_scores`: raw scores `(N,)` per branch."""
+    fused = detector.config.fused_branches
+    if len(fused) < 2:
+        return {}
+    z_scores = detector.standardized_scores({b: torch.from_numpy(np.asarray(branch_scores[b], dtype=np.float64)) for b in fused},
+                                            category)
+    return {left_out: _branch_aurocs(detector.fuse_branches({b: z for b, z in z_scores.items() if b != left_out}).numpy(), types)
+            for left_out in fused}
+
+
 def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: str = "outputs/eval", num_masks: int | None = None,
              seed: int = 0, batch_size: int = 8, knn_baseline: bool = True, dataset_format: str = "auto",
              feature_cache: str | None = None, report_images: int = 3, predictor_dtype: str | None = None,
@@ -144,6 +158,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
         if defects is not None and any(regions):
             entry["spro_0.05"] = loco_au_spro(maps, regions, spro_types, defects, max_fpr=0.05)["au_spro_mean"]
         entry["branches"] = {b: _branch_aurocs(v, types) for b, v in branch_scores.items()}
+        entry["without"] = fused_without_each_branch(detector, branch_scores, category, types)
         metrics["categories"][category] = entry
         metrics["per_defect"][category] = per_defect_aurocs(
             {"fused": fused, **{f"{b}_branch": v for b, v in branch_scores.items()}}, types, [r["defect_type"] for r in rows])
@@ -202,6 +217,10 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
     metrics["branches_mean"] = {
         branch: {k: _nanmean([metrics["categories"][c]["branches"][branch][k] for c in wanted]) for k in ("auroc_logical", "auroc_structural")}
         for branch in detector.config.enabled_branches
+    }
+    metrics["without_mean"] = {
+        branch: {k: _nanmean([metrics["categories"][c]["without"][branch][k] for c in wanted]) for k in ("auroc_logical", "auroc_structural")}
+        for branch in (detector.config.fused_branches if len(detector.config.fused_branches) > 1 else [])
     }
     metrics["seconds"] = round(time.time() - started, 1)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
@@ -331,6 +350,24 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def branch_ablation_section(metrics: dict) -> list[str]:
+    """Report lines: per category, the fused AUROCs and those with each fused branch left out in turn
+    (empty when fewer than two branches are fused)."""
+    left_out = list(metrics.get("without_mean") or {})
+    if not left_out:
+        return []
+    header = ["category", "fused (log/str)"] + [f"without the {BRANCH_TITLES[b]} (log/str)" for b in left_out]
+    lines = ["## What each fused branch adds", "",
+             "The fused score's image AUROCs with each branch left out in turn (the others standardised and combined "
+             "by the same rule). Where leaving a branch out does not lower them, it does not earn its scoring cost "
+             "on these images.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in list(metrics["categories"].items()) + [("**mean**", None)]:
+        fused = metrics["mean"] if entry is None else entry
+        without = metrics["without_mean"] if entry is None else entry.get("without", {})
+        lines.append("| " + " | ".join([name, _pair(fused)] + [_pair(without.get(b)) for b in left_out]) + " |")
+    return lines + [""]
+
+
 OPERATING_POINTS_INTRO = (
     "An image is predicted anomalous when its fused score is above the threshold (the model's `pred_label`); "
     "positives are all anomalous test images, logical and structural. **calibrated** is the threshold stored in "
@@ -419,6 +456,7 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
     if any(metrics.get("per_defect", {}).values()):
         report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",
                    per_defect_table(metrics), ""]
+    report += branch_ablation_section(metrics)
     report += operating_points_section(metrics)
     for title, path in figures:
         report += [f"## {title}", "", f"![{title}]({path})", ""]

@@ -193,7 +193,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "fusion_sweep.py"), "--model", str(model_dir), "--data_root",
          str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"), "--num_masks", "2", "--threads", "1",
-         "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "--no_spro",
+         "--variants", "logical+structural+memory_bank+global:max", "memory_bank:sum", "logical+structural+global:max",
+         "structural+memory_bank+global:max", "--no_spro",
          "--save_scores", str(out / "z.pt")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )
@@ -205,6 +206,15 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
             assert trained[category][key] == pytest.approx(metrics["categories"][category][key]), (category, key)
             assert sweep["variants"]["memory_bank (sum)"][category][key] == pytest.approx(
                 metrics["categories"][category]["branches"]["memory_bank"][key])
+            # the evaluation's "what each fused branch adds" is the fusion without that branch
+            without = metrics["categories"][category]["without"]
+            assert list(without) == ["logical", "structural", "memory_bank", "global"]
+            assert without["memory_bank"][key] == pytest.approx(sweep["variants"]["logical + structural + global (max)"][category][key])
+            assert without["logical"][key] == pytest.approx(
+                sweep["variants"]["structural + memory_bank + global (max)"][category][key])
+    assert metrics["without_mean"]["logical"]["auroc_logical"] == pytest.approx(
+        sum(metrics["categories"][c]["without"]["logical"]["auroc_logical"] for c in CATEGORIES) / len(CATEGORIES))
+    assert "## What each fused branch adds" in report and "without the logical branch (log/str)" in report
     assert (eval_dir / "figures" / "roc_pushpins.png").stat().st_size > 1000
 
     # experiments/branch_variants.py on the sweep's saved scores: its "model" row is the trained fusion;
