@@ -356,7 +356,8 @@ def branch_ablation_section(metrics: dict) -> list[str]:
     left_out = list(metrics.get("without_mean") or {})
     if not left_out:
         return []
-    header = ["category", "fused (log/str)"] + [f"without the {BRANCH_TITLES[b]} (log/str)" for b in left_out]
+    titles = {**BRANCH_TITLES, "global": "global branch"}
+    header = ["category", "fused (log/str)"] + [f"without the {titles[b]} (log/str)" for b in left_out]
     lines = ["## What each fused branch adds", "",
              "The fused score's image AUROCs with each branch left out in turn (the others standardised and combined "
              "by the same rule). Where leaving a branch out does not lower them, it does not earn its scoring cost "
