@@ -481,3 +481,20 @@ def test_per_defect_aurocs_by_hand():
     assert result["b"]["anomaly_type"] == "structural"
     table = per_defect_table({"per_defect": {"widget": result}})
     assert "| widget | a | logical | 3 | 0.667 | 0.333 | 0.667 |" in table
+
+
+def test_branch_ablation_section_lists_the_fusion_without_each_branch():
+    from ladmim_hf.evaluation import branch_ablation_section
+
+    def pair(logical, structural):
+        return {"auroc_logical": logical, "auroc_structural": structural}
+
+    metrics = {"categories": {"widget": {**pair(0.9, 0.8), "without": {"logical": pair(0.7, 0.85), "global": pair(0.88, 0.6)}}},
+               "mean": pair(0.9, 0.8), "without_mean": {"logical": pair(0.7, 0.85), "global": pair(0.88, 0.6)}}
+    lines = branch_ablation_section(metrics)
+    assert lines[0] == "## What each fused branch adds"
+    assert ("| category | fused (log/str) | without the logical branch (log/str) | without the global branch (log/str) |"
+            in lines)
+    assert "| widget | 0.900 / 0.800 | 0.700 / 0.850 | 0.880 / 0.600 |" in lines
+    assert "| **mean** | 0.900 / 0.800 | 0.700 / 0.850 | 0.880 / 0.600 |" in lines
+    assert branch_ablation_section({**metrics, "without_mean": {}}) == []  # one fused branch: nothing to leave out
