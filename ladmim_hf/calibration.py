@@ -6,6 +6,11 @@ without retraining, and saves it into the model folder atomically::
 
     ladmim calibrate --model outputs/widget/model --data_root my_images/widget --fpr 0.01
     ladmim calibrate --model outputs/widget/model --data_root my_labelled_images --labelled
+
+``--fused_branches`` / ``--fusion_rule`` refit it for another fusion, e.g. without a branch that the
+evaluation report's "What each fused branch adds" shows does not help on your images::
+
+    ladmim calibrate --model outputs/widget/model --data_root my_images/widget --fused_branches memory_bank global
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .models.branches_ladmim import fuse
-from .models.configuration_ladmim import check_calibration
+from .models.branches_ladmim import FUSION_RULES, fuse
+from .models.configuration_ladmim import BRANCHES, check_calibration
 from .metrics import f1_optimal_threshold
 from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .scoring import branch_scores_and_map_statistics, extract_features
@@ -94,16 +99,35 @@ def calibrate_category(model: LadmimForAnomalyDetection, features: torch.Tensor,
 # ----------------------------------------------------------------------------------------- ladmim calibrate
 
 
+def set_fusion(detector: LadmimForAnomalyDetection, fused_branches: list[str] | None, fusion_rule: str | None,
+               calibrating: list[str]) -> None:
+    """Give `detector` another fusion (`fused_branches`, `fusion_rule`; None keeps the current one), checked as
+    the config checks it. Every category's threshold was fitted for the old fusion, so all of them must be
+    recalibrated (`calibrating`): otherwise a ValueError naming the ones left out."""
+    if fused_branches is None and fusion_rule is None:
+        return
+    left_out = [c for c in detector.categories if c not in calibrating]
+    if left_out:
+        raise ValueError(f"a new fusion changes every category's threshold, but {left_out} would keep the old one: "
+                         "calibrate all of the model's categories (--categories all)")
+    config = detector.config
+    checked = type(config).from_dict({**config.to_dict(), "fused_branches": fused_branches or config.fused_branches,
+                                      "fusion_rule": fusion_rule or config.fusion_rule})
+    config.fused_branches, config.fusion_rule = checked.fused_branches, checked.fusion_rule
+
+
 def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 0.01, labelled: bool = False,
               num_masks: int | None = None, seed: int = 0, holdout_fraction: float | None = None,
-              dataset_format: str = "auto", batch_size: int = 16) -> dict[str, dict]:
+              dataset_format: str = "auto", batch_size: int = 16, fused_branches: list[str] | None = None,
+              fusion_rule: str | None = None) -> dict[str, dict]:
     """Re-fit the calibration of a local model folder and save it there; returns `{category: stats}`.
 
     Normal images (default): each category's ``validation/good``, else the hold-out of its training
     images that training used (fraction and seed from the folder's ``training_summary.json``, or
     `holdout_fraction` / `seed`), so training images never set a threshold. `labelled`: the category's
     test images (``test/`` or ``good/`` next to defect folders); z statistics from its good images, the
-    threshold with the best F1.
+    threshold with the best F1. `fused_branches` / `fusion_rule` change the model's fusion first (every
+    category must then be calibrated, see `set_fusion`).
     """
     from .data import find_layout, normal_split, evaluation_rows
     from .data.layout import pair_categories
@@ -117,6 +141,7 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
     detector, processor = load_detector(str(folder))
     layout = find_layout(data_root, dataset_format)
     pairs = pair_categories(layout, categories, detector.categories)
+    set_fusion(detector, fused_branches, fusion_rule, list(pairs.values()))
     summary_path = folder / "training_summary.json"
     summary = _read_json(summary_path)
     holdout = summary.get("holdout", {})
@@ -172,7 +197,8 @@ def _save(folder: Path, detector: LadmimForAnomalyDetection, results: dict, sour
     atomic_write_text(folder / "config.json", detector.config.to_json_string())
     summary.setdefault("calibration", {}).update(results)
     summary.setdefault("validation", {}).update(sources)
-    summary["recalibrated"] = {"categories": sorted(results), "fpr": fpr, "labelled": fpr is None}
+    summary["recalibrated"] = {"categories": sorted(results), "fpr": fpr, "labelled": fpr is None,
+                               "fused_branches": detector.config.fused_branches, "fusion_rule": detector.config.fusion_rule}
     atomic_write_json(folder / "training_summary.json", summary)
 
 
@@ -188,6 +214,10 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--labelled", action="store_true",
                      help="set the threshold with the best F1 on labelled test images (good/ and defect folders)")
     add_scoring_options(parser, predictor_dtype=False)
+    parser.add_argument("--fused_branches", nargs="+", choices=BRANCHES, default=None,
+                        help="fuse these branches from now on (default: as trained); all categories are recalibrated")
+    parser.add_argument("--fusion_rule", choices=FUSION_RULES, default=None,
+                        help="combine them by this rule from now on (default: as trained)")
     add_holdout_option(parser, "as trained")
     add_batch_size_option(parser, 16)
 
@@ -207,15 +237,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     categories = "all" if args.categories == ["all"] else args.categories
     try:
         results = calibrate(args.model, args.data_root, categories, args.fpr, args.labelled, args.num_masks,
-                            args.seed, args.holdout_fraction, args.dataset_format, args.batch_size)
+                            args.seed, args.holdout_fraction, args.dataset_format, args.batch_size,
+                            args.fused_branches, args.fusion_rule)
     except (DataLayoutError, ModelFolderError, ImageDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for category, stats in results.items():
         print(f"{category}: threshold {stats['threshold']:.3f} ({stats['num_images']} normal images)")
+    if args.fused_branches or args.fusion_rule:
+        config = json.loads((Path(args.model) / "config.json").read_text())
+        print(f"fused: {' + '.join(config['fused_branches'])} ({config['fusion_rule']})")
     print(f"saved: {Path(args.model) / 'config.json'}")
     return 0
 
 
-__all__ = ["calibrate", "calibrate_category", "calibration_size_warning", "calibration_statistics",
+__all__ = ["calibrate", "calibrate_category", "set_fusion", "calibration_size_warning", "calibration_statistics",
            "labelled_statistics"]

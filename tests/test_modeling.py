@@ -401,6 +401,24 @@ def test_calibrated_fusion_and_threshold(tiny_model, pixel_values):
     assert not forced.pred_label.any()
 
 
+def test_set_fusion_checks_the_branches_and_needs_every_category(tiny_model):
+    from ladmim_hf.calibration import set_fusion
+
+    config = tiny_model.config
+    before = (list(config.fused_branches), config.fusion_rule)
+    set_fusion(tiny_model, None, None, [])  # nothing asked: nothing changes, no category needed
+    assert (config.fused_branches, config.fusion_rule) == before
+    with pytest.raises(ValueError, match=r"\['pushpins'\] would keep the old one.*--categories all"):
+        set_fusion(tiny_model, ["logical"], "max", ["breakfast_box"])
+    with pytest.raises(ValueError, match="lists a branch twice"):
+        set_fusion(tiny_model, ["logical", "logical"], None, ["breakfast_box", "pushpins"])
+    with pytest.raises(ValueError, match="fusion_rule must be one of"):
+        set_fusion(tiny_model, None, "median", ["breakfast_box", "pushpins"])
+    assert (config.fused_branches, config.fusion_rule) == before, "a refused fusion leaves the model as it was"
+    set_fusion(tiny_model, ["structural"], "max", ["breakfast_box", "pushpins"])
+    assert (config.fused_branches, config.fusion_rule) == (["structural"], "max")
+
+
 def test_scoring_runs_in_eval_mode_and_restores_training_mode(tiny_model, pixel_values):
     tiny_model.train()
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}

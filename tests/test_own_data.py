@@ -177,7 +177,29 @@ def test_predict_output_jsonl_and_calibrate(own_run, tmp_path, capsys, caplog):
     assert saved["global_mean"] == pytest.approx(before["global_mean"], abs=1e-5), "same images, same z statistics"
     assert not list(model_dir.glob("*.tmp*")), "written atomically, no temporaries left"
     summary = json.loads((model_dir / "training_summary.json").read_text())
-    assert summary["recalibrated"] == {"categories": ["widget"], "fpr": 0.2, "labelled": False}
+    trained_fusion = (detector.config.fused_branches, detector.config.fusion_rule)
+    assert summary["recalibrated"] == {"categories": ["widget"], "fpr": 0.2, "labelled": False,
+                                       "fused_branches": trained_fusion[0], "fusion_rule": trained_fusion[1]}
+
+    # Another fusion without retraining: the logical branch left out, the other two summed. The threshold is
+    # training's formula for that fusion, and the detector's fused score is now that sum of z-scores.
+    code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]), "--fpr", "0.2",
+                         "--fused_branches", "memory_bank", "global", "--fusion_rule", "sum"], capsys)
+    assert code == 0, output
+    assert "fused: memory_bank + global (sum)" in output
+    refit = _load(model_dir)[0]
+    assert (refit.config.fused_branches, refit.config.fusion_rule) == (["memory_bank", "global"], "sum")
+    expected = calibration_statistics(branch_scores(refit, features, "widget", None, 0), ["memory_bank", "global"], "sum", 0.2)
+    stats = refit.config.calibration["widget"]
+    assert stats["threshold"] == pytest.approx(expected["threshold"], abs=1e-5)
+    out = refit(features=features, category="widget")
+    by_hand = ((out.memory_bank_score - stats["memory_bank_mean"]) / stats["memory_bank_std"]
+               + (out.global_score - stats["global_mean"]) / stats["global_std"])
+    torch.testing.assert_close(out.pred_score, by_hand)
+    assert json.loads((model_dir / "training_summary.json").read_text())["recalibrated"]["fusion_rule"] == "sum"
+    code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]), "--fpr", "0.2",
+                         "--fused_branches", *trained_fusion[0], "--fusion_rule", trained_fusion[1]], capsys)
+    assert code == 0, output  # back to the trained fusion for the tests that follow
 
     code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["labelled"]), "--labelled"],
                         capsys)
@@ -269,6 +291,8 @@ def test_newcomer_mistakes_are_one_line_errors(own_run, tmp_path, capsys):
         (["calibrate", "--model", str(tmp_path / "nowhere"), "--data_root", str(own_run["images"])],
          ["is not a local model folder"]),
         (["calibrate", "--model", model, "--data_root", str(own_run["images"]), "--fpr", "2"], ["--fpr must be between"]),
+        (["calibrate", "--model", model, "--data_root", str(own_run["images"]), "--fused_branches", "global", "global"],
+         ["fused_branches lists a branch twice"]),
         (["calibrate", "--model", model, "--data_root", str(own_run["images"]), "--labelled"],
          ["no test images in"]),
         (["predict", str(one / "a.png"), "--model", model, "--output", str(tmp_path / "x.txt")], ["--output"]),
