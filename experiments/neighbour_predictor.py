@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import _shared as S
 from mask_coverage import rescoring_inputs, rescoring_parser
@@ -161,20 +162,21 @@ def main(argv=None) -> dict:
             own_fused = fuse(torch.stack([z[b] for b in fused_branches], -1), rule)
             results["model"][category] = {"alone": aurocs(z["logical"], types), "fused": aurocs(own_fused, types)}
             alone_scores.update({"model fused": own_fused.numpy(), "model": z["logical"].numpy()})
-        assignments = {}
+        soft_parts = {}  # parts -> (soft assignments of train, validation, test; kernel): one k-means per part count
+        assignments = {}  # (parts, soft) -> assignments, the nearest part's one-hot when not soft
         for text, settings in variants.items():
             S.progress(f"{category}: {text}")
             parts, soft = int(settings["parts"]), settings["soft"] == "1"
-            if (parts, soft) not in assignments:
+            if parts not in soft_parts:
                 branch, row = part_model(model, train, category, parts, args.seed)
                 with torch.no_grad():
                     values = [branch.part_assignments(f, torch.full((len(f),), row)) for f in (train, validation, features)]
-                if not soft:
-                    values = [torch.nn.functional.one_hot(v.argmax(-1), parts).float() for v in values]
-                centres = branch.part_centres[row]
-                squared = squared_distances(centres, centres)
-                assignments[parts, soft] = (values, torch.exp(-squared / squared[squared > 0].median()))
-            (train_a, validation_a, test_a), kernel = assignments[parts, soft]
+                squared = squared_distances(branch.part_centres[row], branch.part_centres[row])
+                soft_parts[parts] = (values, torch.exp(-squared / squared[squared > 0].median()))
+            values, kernel = soft_parts[parts]
+            if (parts, soft) not in assignments:
+                assignments[parts, soft] = values if soft else [F.one_hot(v.argmax(-1), parts).float() for v in values]
+            train_a, validation_a, test_a = assignments[parts, soft]
             masks = BlockMaskGenerator(grid, int(settings["cells"]), int(settings["block"]), model.config.min_aspect)(
                 1, int(settings["masks"]), [args.seed])[0]
             k = None if settings["k"] == "all" else int(settings["k"])
