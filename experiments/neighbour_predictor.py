@@ -20,15 +20,19 @@ centres, as `histogram_distance: codebook_mmd` does over codes) or L1.
 Variants are comma-separated settings: `k` (a number or `all`), `rule` (`predict` / `nearest`),
 `masks` (per image, one shared set drawn from `--seed`), `cells` and `block` (masked cells and the
 smallest block, as `score_num_masked` / `score_min_block`), `parts` (K), `soft` (1: soft assignments,
-0: the nearest part only), `distance` (`kernel` / `l1`). Unset settings take `DEFAULTS`.
+0: the nearest part only), `distance` (`kernel` / `l1`), and `combine`, how the variant meets the trained
+predictor in the fusion: `replace` (in place of the model's logical branch), `mean` (the logical
+branch becomes the mean of the two z-scores; "alone" is then that mean's AUROC) or `join` (one more
+fused branch beside the model's own). Unset settings take `DEFAULTS`.
 
     python experiments/fusion_sweep.py --model M --data_root data/synthloco --feature_cache C \
         --variants logical+memory_bank+global:max_mean --no_spro --save_scores z.pt
     python experiments/neighbour_predictor.py --model M --data_root data/synthloco --feature_cache C \
         --scores z.pt --test_features test.pt
 
-Each variant is reported alone and, with `--scores` (`fusion_sweep.py --save_scores`), fused in place
-of the model's logical branch (standardised on `validation/good`, the model's `fusion_rule`). The
+Each variant is reported alone and, with `--scores` (`fusion_sweep.py --save_scores`), fused as its
+`combine` says (standardised on `validation/good`, the model's `fusion_rule`; `mean` and `join` need
+`--scores`). The
 first row is the model's own logical branch. A second table gives each logical defect type's AUROC
 against the good images: the model's fused score, its logical branch and each variant alone. Last
 stdout line: JSON.
@@ -46,7 +50,8 @@ from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse, squared_d
 from ladmim_hf.models.masking import BlockMaskGenerator
 
 DEFAULTS = {"k": "5", "rule": "predict", "masks": "40", "cells": "20", "block": "8", "parts": "128", "soft": "1",
-            "distance": "kernel"}
+            "distance": "kernel", "combine": "replace"}
+COMBINE = ("replace", "mean", "join")
 DEFAULT_VARIANTS = ("k=all", "k=5", "k=all,rule=nearest", "k=15,rule=nearest", "k=5,soft=0",
                     "k=5,masks=10,cells=44,block=16", "k=15,rule=nearest,distance=l1")
 
@@ -60,12 +65,24 @@ def parse_variant(text: str) -> dict:
             raise SystemExit(f"bad variant {text!r}: settings are {', '.join(f'{k}=...' for k in DEFAULTS)}")
         settings[key] = value
     ok = (settings["rule"] in ("predict", "nearest") and settings["distance"] in ("kernel", "l1")
+          and settings["combine"] in COMBINE
           and settings["soft"] in ("0", "1") and (settings["k"] == "all" or settings["k"].isdigit())
           and all(settings[key].isdigit() and int(settings[key]) > 0 for key in ("masks", "cells", "block", "parts")))
     if not ok:
         raise SystemExit(f"bad variant {text!r}: rule=predict|nearest, distance=kernel|l1, soft=0|1, k=N|all, "
-                         "masks/cells/block/parts positive whole numbers")
+                         f"combine={'|'.join(COMBINE)}, masks/cells/block/parts positive whole numbers")
     return settings
+
+
+def fused_with_variant(z: dict, variant_z: torch.Tensor, fused_branches: list[str], rule: str,
+                       combine: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The fused score `(N,)` when a variant's standardised score `variant_z (N,)` meets the model's z-scores
+    `z` (`{branch: (N,)}`) as `combine` says, and the logical branch it makes (None unless `mean`)."""
+    if combine == "join":
+        return None, fuse(torch.stack([z[b] for b in fused_branches] + [variant_z], -1), rule)
+    logical = (variant_z + z["logical"]) / 2 if combine == "mean" else variant_z
+    fused = fuse(torch.stack([logical if b == "logical" else z[b] for b in fused_branches], -1), rule)
+    return (logical if combine == "mean" else None), fused
 
 
 def masked_histograms(assignments: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -138,6 +155,8 @@ def main(argv=None) -> dict:
 
     model, categories, cache, test = rescoring_inputs(args)
     saved = torch.load(args.scores, weights_only=False) if args.scores else None
+    if saved is None and any(v["combine"] != "replace" for v in variants.values()):
+        raise SystemExit("combine=mean and combine=join need the model's z-scores: pass --scores (fusion_sweep.py --save_scores)")
     fused_branches, rule = list(model.config.fused_branches), model.config.fusion_rule
     grid = model.config.tokenizer_config.grid_size
 
@@ -183,13 +202,16 @@ def main(argv=None) -> dict:
             distance_kernel = kernel if settings["distance"] == "kernel" else None
             validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
                                               for a in (validation_a, test_a))
-            entry = {"alone": aurocs(test_scores, types)}
-            alone_scores[text] = test_scores.numpy()
+            alone = test_scores
+            entry = {}
             if z is not None:
                 # a constant validation score (a tiny grid, hard assignments) must not divide by zero
                 standardized = (test_scores - validation_scores.mean()) / validation_scores.std().clamp_min(1e-12)
-                stacked = torch.stack([standardized if b == "logical" else z[b] for b in fused_branches], -1)
-                entry["fused"] = aurocs(fuse(stacked, rule), types)
+                logical, fused = fused_with_variant(z, standardized, fused_branches, rule, settings["combine"])
+                alone = alone if logical is None else logical
+                entry["fused"] = aurocs(fused, types)
+            entry = {"alone": aurocs(alone, types), **entry}
+            alone_scores[text] = alone.numpy()
             results[text][category] = entry
         per_defect[category] = {name: {key: value for key, value in values.items() if key not in ("anomaly_type", "count")}
                                 for name, values in per_defect_aurocs(alone_scores, types, defects).items()

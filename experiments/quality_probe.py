@@ -37,6 +37,13 @@ if they are high and `logical` is low, the predictor is the bottleneck.
     python experiments/quality_probe.py --data_root data/synthloco --set model.tokenizer_config.codebook_size=16
     python experiments/quality_probe.py --tiny                                           # seconds, for tests
 
+`--shift_copies N` adds N translated copies of every training image to the predictor's training set
+(the tokenizer still trains on the originals): each copy is the image moved by a whole number of
+pixels, up to `--max_shift` along each axis (drawn from `--seed`), its border cells repeated, and
+its features extracted again. A small translation keeps every logical rule true, so this tests
+whether the predictor gains from more views of the same 150 scenes; `predictor_training_grids`
+records the set's size.
+
 Predictor-only comparisons can reuse one trained tokenizer: `--tokenizer_cache FILE` saves its
 weights with the settings that produced them and loads them on the next run with the same settings
 (a run with other tokenizer settings retrains and overwrites the file).
@@ -68,6 +75,34 @@ from ladmim_hf.training import build_model, load_settings
 from ladmim_hf.training.pipeline import open_run, train_predictors, train_tokenizer
 
 import _shared as S
+
+
+def translate(pixel_values: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Images `(B, 3, H, W)` moved `dx` pixels right and `dy` down; the pixels that enter repeat the border."""
+    pad = max(abs(dx), abs(dy))
+    if pad == 0:
+        return pixel_values
+    height, width = pixel_values.shape[-2:]
+    padded = torch.nn.functional.pad(pixel_values, (pad,) * 4, mode="replicate")
+    return padded[..., pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+
+
+@torch.no_grad()
+def shifted_features(model, paths: list[str], copies: int, max_shift: int, seed: int, batch_size: int = 32) -> torch.Tensor:
+    """Backbone features `(copies * len(paths), C, g, g)` of `copies` translations of each image (up to
+    `max_shift` pixels along each axis, drawn from `seed`), copy-major: the first `len(paths)` rows are
+    the first copy of every image."""
+    processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    moves = torch.randint(-max_shift, max_shift + 1, (copies, len(paths), 2), generator=generator).tolist()
+    rows = []
+    for copy in range(copies):
+        for start in range(0, len(paths), batch_size):
+            pixel_values = processor(paths[start:start + batch_size])["pixel_values"]
+            moved = torch.cat([translate(image[None], dx, dy)
+                               for image, (dx, dy) in zip(pixel_values, moves[copy][start:start + batch_size])])
+            rows.append(model.tokenizer.extract_features(moved.to(model.device)).float().cpu())
+    return torch.cat(rows)
 
 
 def defect_cells(regions: list[np.ndarray], grid: int) -> torch.Tensor:
@@ -249,8 +284,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="reuse a tokenizer trained with the same settings (saved here after training)")
     parser.add_argument("--num_masks", type=int, default=10)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings, as in train.py")
+    parser.add_argument("--shift_copies", type=int, default=0,
+                        help="translated copies of each training image added to the predictor's training set")
+    parser.add_argument("--max_shift", type=int, default=8, help="largest translation of a copy, in input pixels")
     parser.add_argument("--tiny", action="store_true", help="generate --small data and run a few steps (tests)")
     args = parser.parse_args(argv)
+    if args.shift_copies < 0 or args.max_shift < 0:
+        parser.error("--shift_copies and --max_shift must be 0 or more")
     # The uncalibrated-category warning is expected here; in-process callers (tests) get their
     # logging back afterwards.
     previous = logging.root.manager.disable
@@ -299,6 +339,11 @@ def _probe(args) -> dict:
     train_features = torch.cat([stage_cache[f"train/{c}"] for c in categories])
     class_ids = torch.cat([torch.full((len(stage_cache[f"train/{c}"]),), i) for i, c in enumerate(categories)])
     reconstruction = reconstruction_loss(model.tokenizer, train_features, class_ids)
+    if args.shift_copies > 0:
+        for c in categories:
+            moved = shifted_features(model, find_layout(settings.data_root).paths(c, "train"), args.shift_copies,
+                                     args.max_shift, args.seed)
+            stage_cache[f"train/{c}"] = torch.cat([stage_cache[f"train/{c}"], moved])
     train_predictors(run, model, stage_cache)
     per_category = {}
     for c in categories:
@@ -311,7 +356,9 @@ def _probe(args) -> dict:
             "logical_mmd", "logical_on_structural", "defect_mask_logical"]
     mean = {k: float(np.nanmean([per_category[c][k] for c in categories])) for k in keys}
     result = {"categories": per_category, "mean": mean, "tokenizer_reconstruction_loss": reconstruction,
-              "tokenizer_steps": args.tokenizer_steps, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
+              "tokenizer_steps": args.tokenizer_steps,
+              "predictor_training_grids": {c: len(stage_cache[f"train/{c}"]) for c in categories},
+              "shift_copies": args.shift_copies, "max_shift": args.max_shift, "predictor_steps": args.predictor_steps, "num_masks": args.num_masks,
               "predictor_batch_size": settings.predictor.batch_size,
               "stages": {"tokenizer": settings.tokenizer.__dict__, "predictor": settings.predictor.__dict__},
               "predictor_loss_type": model.config.predictor_config.loss_type,

@@ -262,12 +262,33 @@ def test_neighbour_predictor_scores_by_hand():
                 assert float(scores[b, m]) == pytest.approx(expected, abs=1e-5), (k, rule, b, m)
 
 
+def test_neighbour_predictor_combines_with_the_trained_predictor_by_hand():
+    """`combine=replace|mean|join`: a variant's z-score in place of, averaged with, or fused beside the
+    model's logical branch (fusion by the sum, computed by hand)."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from neighbour_predictor import fused_with_variant
+
+    z = {"logical": torch.tensor([0.0, 2.0]), "memory_bank": torch.tensor([1.0, 1.0]), "global": torch.tensor([5.0, 5.0])}
+    variant = torch.tensor([2.0, 0.0])
+    branches = ["logical", "memory_bank"]  # the global branch is not fused, so it never counts
+    logical, fused = fused_with_variant(z, variant, branches, "sum", "replace")
+    assert logical is None and fused.tolist() == [3.0, 1.0]
+    logical, fused = fused_with_variant(z, variant, branches, "sum", "mean")
+    assert logical.tolist() == [1.0, 1.0] and fused.tolist() == [2.0, 2.0]
+    logical, fused = fused_with_variant(z, variant, branches, "sum", "join")
+    assert logical is None and fused.tolist() == [3.0, 3.0]
+    _, fused = fused_with_variant(z, variant, branches, "max", "join")
+    assert fused.tolist() == [2.0, 2.0]
+
+
 def test_neighbour_predictor_refuses_bad_variants():
     sys.path.insert(0, str(EXPERIMENTS))
     from neighbour_predictor import DEFAULTS, parse_variant
 
     assert parse_variant("k=all,rule=nearest") == {**DEFAULTS, "k": "all", "rule": "nearest"}
-    for text in ("neighbours=5", "k=five", "rule=median", "masks=0", "distance=l2", "soft=yes", "k"):
+    assert parse_variant("combine=join")["combine"] == "join"
+    for text in ("neighbours=5", "k=five", "rule=median", "masks=0", "distance=l2", "soft=yes", "k", "combine=max"):
         with pytest.raises(SystemExit, match="bad variant"):
             parse_variant(text)
 
@@ -278,6 +299,46 @@ def test_run_all_times_each_script_and_collects_its_result(runs):
     entry = out["scripts"]["roofline"]
     assert entry["seconds"] > 0 and out["total_seconds"] >= entry["seconds"]
     assert entry["result"]["benchmark"] == "roofline" and 0 < entry["result"]["efficiency"]
+
+
+def test_quality_probe_translate_by_hand():
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from quality_probe import translate
+
+    image = torch.arange(12.0).view(1, 1, 3, 4)  # rows [0 1 2 3], [4 5 6 7], [8 9 10 11]
+    right_up = torch.tensor([[4.0, 4, 5, 6], [8, 8, 9, 10], [8, 8, 9, 10]])  # 1 right, 1 up: border repeated
+    assert torch.equal(translate(image, 1, -1)[0, 0], right_up)
+    left_down = torch.tensor([[2.0, 3, 3, 3], [2, 3, 3, 3], [6, 7, 7, 7]])  # 2 left, 1 down
+    assert torch.equal(translate(image, -2, 1)[0, 0], left_down)
+    assert torch.equal(translate(image, 0, 0), image)
+
+
+def test_quality_probe_shifted_features_follow_the_drawn_moves(tmp_path, tiny_model):
+    """Copy-major rows; each row is the features of its image moved as drawn, checked image by image
+    against the package's own extraction; no move at all gives the plain features."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from data_fixtures import write_image
+    from quality_probe import shifted_features, translate
+
+    from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
+    from ladmim_hf.scoring import extract_features
+
+    paths = [str(write_image(tmp_path / f"{i}.png", size=(40, 40), seed=i)) for i in range(3)]
+    processor = LadmimImageProcessor(size=tiny_model.config.tokenizer_config.image_size)
+    plain = extract_features(tiny_model.tokenizer, processor, paths, 2, "plain", disable=True)
+    assert torch.allclose(shifted_features(tiny_model, paths, 1, 0, seed=0, batch_size=2), plain, atol=1e-6)
+    rows = shifted_features(tiny_model, paths, 2, 5, seed=3, batch_size=2)
+    assert rows.shape == (6,) + plain.shape[1:]
+    moves = torch.randint(-5, 6, (2, 3, 2), generator=torch.Generator().manual_seed(3)).tolist()
+    pixel_values = processor(paths)["pixel_values"]
+    for copy in range(2):
+        for i, (dx, dy) in enumerate(moves[copy]):
+            with torch.no_grad():
+                expected = tiny_model.tokenizer.extract_features(translate(pixel_values[i:i + 1], dx, dy))
+            assert torch.allclose(rows[copy * 3 + i], expected[0], atol=1e-5)
+    assert any(m != [0, 0] for copy in moves for m in copy), "the seed draws at least one real move"
 
 
 def test_quality_probe_reuses_a_cached_tokenizer_only_for_the_same_settings(tmp_path, capsys):
@@ -292,6 +353,12 @@ def test_quality_probe_reuses_a_cached_tokenizer_only_for_the_same_settings(tmp_
     assert again["tokenizer_reconstruction_loss"] == first["tokenizer_reconstruction_loss"]
     assert again["categories"]["pushpins"]["structural"] == first["categories"]["pushpins"]["structural"]
     assert again["predictor_batch_size"] == 2 and first["predictor_batch_size"] == 4
+    shifted = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache), "--shift_copies", "2", "--max_shift", "3"])
+    assert cache.read_bytes() == saved, "shifted copies train the predictor only, never the tokenizer"
+    assert shifted["tokenizer_reconstruction_loss"] == first["tokenizer_reconstruction_loss"]
+    originals = first["predictor_training_grids"]["pushpins"]
+    assert originals > 0 and shifted["predictor_training_grids"] == {"pushpins": 3 * originals}
+    assert shifted["shift_copies"] == 2 and shifted["max_shift"] == 3
     other = quality_probe.main(["--tiny", "--tokenizer_cache", str(cache), "--seed", "1"])
     assert cache.read_bytes() != saved, "another seed retrains the tokenizer and replaces the cache"
     assert other["tokenizer_reconstruction_loss"] != first["tokenizer_reconstruction_loss"]

@@ -318,7 +318,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
     payload = neighbour_predictor.main([
         "--model", str(model_dir), "--data_root", str(synth_root), "--feature_cache", str(out / "cache" / "features.pt"),
         "--scores", str(out / "z.pt"), "--threads", "1", "--variants", "k=all,masks=2,cells=4,block=1,parts=8",
-        "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"])
+        "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1", "k=2,masks=2,cells=4,block=1,parts=8,combine=mean"])
     neighbours = payload["variants"]
     # per logical defect type: the model's own logical branch as the evaluation's per_defect reports it
     assert all(payload["per_defect"][category] for category in CATEGORIES)
@@ -332,7 +332,8 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
         assert own["alone"]["auroc_logical"] == pytest.approx(
             metrics["categories"][category]["branches"]["logical"]["auroc_logical"], abs=1e-4)
         assert own["fused"]["auroc_logical"] == pytest.approx(trained[category]["auroc_logical"], abs=1e-4)
-        for name in ("k=all,masks=2,cells=4,block=1,parts=8", "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1"):
+        for name in ("k=all,masks=2,cells=4,block=1,parts=8", "k=2,rule=nearest,masks=2,cells=4,block=1,parts=4,soft=0,distance=l1",
+                     "k=2,masks=2,cells=4,block=1,parts=8,combine=mean"):
             entry = neighbours[name]["per_category"][category]
             assert all(0.0 <= v <= 1.0 for part in entry.values() for v in part.values())
 
