@@ -39,8 +39,8 @@ if they are high and `logical` is low, the predictor is the bottleneck.
 
 `--shift_copies N` adds N translated copies of every training image to the predictor's training set
 (the tokenizer still trains on the originals): each copy is the image moved by a whole number of
-pixels, up to `--max_shift` along each axis (drawn from `--seed`), its border cells repeated, and
-its features extracted again. A small translation keeps every logical rule true, so this tests
+pixels, up to `--max_shift` along each axis (drawn from `--seed`; the pixels that enter repeat the
+border), and its features extracted again. A small translation keeps every logical rule true, so this tests
 whether the predictor gains from more views of the same 150 scenes; `predictor_training_grids`
 records the set's size.
 
@@ -95,14 +95,14 @@ def shifted_features(model, paths: list[str], copies: int, max_shift: int, seed:
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
     generator = torch.Generator().manual_seed(seed)
     moves = torch.randint(-max_shift, max_shift + 1, (copies, len(paths), 2), generator=generator).tolist()
-    rows = []
-    for copy in range(copies):
-        for start in range(0, len(paths), batch_size):
-            pixel_values = processor(paths[start:start + batch_size])["pixel_values"]
+    rows = [[] for _ in range(copies)]
+    for start in range(0, len(paths), batch_size):
+        pixel_values = processor(paths[start:start + batch_size])["pixel_values"]  # each image read once
+        for copy in range(copies):
             moved = torch.cat([translate(image[None], dx, dy)
                                for image, (dx, dy) in zip(pixel_values, moves[copy][start:start + batch_size])])
-            rows.append(model.tokenizer.extract_features(moved.to(model.device)).float().cpu())
-    return torch.cat(rows)
+            rows[copy].append(model.tokenizer.extract_features(moved.to(model.device)).float().cpu())
+    return torch.cat([row for copy_rows in rows for row in copy_rows])
 
 
 def defect_cells(regions: list[np.ndarray], grid: int) -> torch.Tensor:
