@@ -314,6 +314,18 @@ def test_quality_probe_translate_by_hand():
     assert torch.equal(translate(image, 0, 0), image)
 
 
+def test_pose_shifts_moves_and_refusals():
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from pose_shifts import AGGREGATIONS, main, pose_moves
+
+    assert pose_moves(4) == [(0, 0), (4, 0), (-4, 0), (0, 4), (0, -4)]
+    scores = torch.tensor([[3.0, 1.0, 2.0, 5.0, 4.0]])  # one image, five poses, the unmoved one first
+    assert [float(AGGREGATIONS[name](scores)[0]) for name in ("centre", "min", "mean")] == [3.0, 1.0, 3.0]
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--data_root", "d", "--scores", "z.pt", "--step", "0"])
+
+
 def test_quality_probe_shifted_features_follow_the_drawn_moves(tmp_path, tiny_model):
     """Copy-major rows; each row is the features of its image moved as drawn, checked image by image
     against the package's own extraction; no move at all gives the plain features."""

@@ -337,6 +337,24 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
             entry = neighbours[name]["per_category"][category]
             assert all(0.0 <= v <= 1.0 for part in entry.values() for v in part.values())
 
+    # experiments/pose_shifts.py: the unmoved pose, scored from the image files, is the evaluation's
+    # logical branch (scored from its own feature extraction).
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import pose_shifts
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    capsys.readouterr()
+    poses = pose_shifts.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
+                              "--step", "3", "--num_masks", "2", "--threads", "1"])
+    assert poses["moves"] == [(0, 0), (3, 0), (-3, 0), (0, 3), (0, -3)]
+    for category in CATEGORIES:
+        assert poses["variants"]["centre"]["per_category"][category]["alone"]["auroc_logical"] == pytest.approx(
+            metrics["categories"][category]["branches"]["logical"]["auroc_logical"], abs=1e-4)
+        for name in ("min", "mean"):
+            entry = poses["variants"][name]["per_category"][category]
+            assert all(0.0 <= v <= 1.0 for part in entry.values() for v in part.values())
+
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
     out = tmp_path / "run"
