@@ -3,7 +3,10 @@
 On a fixed layout, a tray shifted by a few pixels moves its content across cell borders. On
 synthloco's pushpins the logical score of good test images follows the photo's shift
 (docs/experiments.md). This probe scores every image at its own pose and moved by `--step` pixels
-right, left, down and up (5 poses; the pixels that enter repeat the border, `quality_probe.translate`).
+right, left, down and up (5 poses; the pixels that enter repeat the border, `quality_probe.translate`). With
+`--level features` the backbone's feature grid is moved instead, by the same distance in cells
+(`step / (image_size / grid_size)`, bilinear, the border repeated): a move that cached features
+allow, so calibration and export could use it.
 The image's logical score is then the smallest of the five (`min`: the pose that fits the rules best)
 or their mean. The validation images get the same treatment, so each variant is standardised on
 them. It is then fused in place of the model's logical branch with the model's other z-scores
@@ -36,16 +39,34 @@ def pose_moves(step: int) -> list[tuple[int, int]]:
     return [(0, 0), (step, 0), (-step, 0), (0, step), (0, -step)]
 
 
+def move_features(features: torch.Tensor, dx_cells: float, dy_cells: float) -> torch.Tensor:
+    """Feature grids `(B, C, g, g)` moved `dx_cells` right and `dy_cells` down, by bilinear sampling
+    (fractions of a cell allowed); the cells that enter repeat the border."""
+    grid = features.shape[-1]
+    theta = torch.tensor([[1.0, 0.0, -2.0 * dx_cells / grid], [0.0, 1.0, -2.0 * dy_cells / grid]],
+                         dtype=features.dtype, device=features.device)
+    sampling = torch.nn.functional.affine_grid(theta.expand(len(features), 2, 3), list(features.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(features, sampling, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @torch.no_grad()
 def logical_at_poses(model, processor, paths: list[str], category: str, moves: list[tuple[int, int]], seed: int,
-                     num_masks: int | None = None, batch_size: int = 16) -> torch.Tensor:
-    """Raw logical scores `(len(paths), len(moves))` of each image moved by each `(dx, dy)`, every image
-    scored with the shared mask set of `seed` (as the evaluation scores; `num_masks`: the model's when None)."""
+                     num_masks: int | None = None, level: str = "pixels", batch_size: int = 16) -> torch.Tensor:
+    """Raw logical scores `(len(paths), len(moves))` of each image moved by each `(dx, dy)` pixels (`level`:
+    the image's `"pixels"`, or its backbone `"features"` by the same distance in cells), every image scored
+    with the shared mask set of `seed` (as the evaluation scores; `num_masks`: the model's when None)."""
+    config = model.config.tokenizer_config
+    stride = config.image_size / config.grid_size  # input pixels per cell
     rows = []
     for start in range(0, len(paths), batch_size):
         pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(model.device)
-        per_move = [model(features=model.tokenizer.extract_features(translate(pixel_values, dx, dy)), category=category,
-                          num_masks=num_masks, seed=seed).logical_score.float().cpu() for dx, dy in moves]
+        if level == "pixels":
+            moved = [model.tokenizer.extract_features(translate(pixel_values, dx, dy)) for dx, dy in moves]
+        else:
+            features = model.tokenizer.extract_features(pixel_values)
+            moved = [move_features(features, dx / stride, dy / stride) for dx, dy in moves]
+        per_move = [model(features=f, category=category, num_masks=num_masks, seed=seed).logical_score.float().cpu()
+                    for f in moved]
         rows.append(torch.stack(per_move, 1))
     return torch.cat(rows)
 
@@ -57,6 +78,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--scores", required=True, help="the model's test z-scores (fusion_sweep.py --save_scores FILE)")
     parser.add_argument("--categories", nargs="+", default=["all"])
     parser.add_argument("--num_masks", type=int, default=None, help="test masks per image (default: the model's)")
+    parser.add_argument("--level", choices=("pixels", "features"), default="pixels",
+                        help="move the image's pixels, or its backbone feature grid by the same distance")
     parser.add_argument("--step", type=int, default=6, help="pixels each pose is moved by, at the model's input size")
     args = parser.parse_args(argv)
     if args.step < 1:
@@ -88,8 +111,9 @@ def main(argv=None) -> dict:
         z = saved[category]["z"]
         S.progress(f"{category}: {len(moves)} poses")
         validation = logical_at_poses(model, processor, layout.paths(category, "validation"), category, moves, args.seed,
-                                      args.num_masks)
-        test = logical_at_poses(model, processor, [row["path"] for row in rows], category, moves, args.seed, args.num_masks)
+                                      args.num_masks, args.level)
+        test = logical_at_poses(model, processor, [row["path"] for row in rows], category, moves, args.seed, args.num_masks,
+                                args.level)
         for name, aggregate in AGGREGATIONS.items():
             reference, scores = aggregate(validation), aggregate(test)
             standardized = (scores - reference.mean()) / reference.std().clamp_min(1e-12)
@@ -99,14 +123,14 @@ def main(argv=None) -> dict:
     def mean(per: dict, part: str, key: str) -> float:
         return float(np.mean([entry[part][key] for entry in per.values()]))
 
-    lines = [f"logical branch at {len(moves)} poses ({args.step} px); fused: {' + '.join(fused_branches)} ({rule})",
+    lines = [f"logical branch at {len(moves)} poses ({args.step} px, moving the {args.level}); fused: {' + '.join(fused_branches)} ({rule})",
              "| logical score | alone: logical / structural | alone, logical per category | fused: logical / structural |",
              "|---|---|---|---|"]
     for name, per in results.items():
         lines.append(f"| {name} | {mean(per, 'alone', 'auroc_logical'):.3f} / {mean(per, 'alone', 'auroc_structural'):.3f} | "
                      + " / ".join(f"{per[c]['alone']['auroc_logical']:.2f}" for c in categories)
                      + f" | {mean(per, 'fused', 'auroc_logical'):.3f} / {mean(per, 'fused', 'auroc_structural'):.3f} |")
-    payload = {"experiment": "pose_shifts", "model": args.model, "step": args.step, "moves": moves,
+    payload = {"experiment": "pose_shifts", "model": args.model, "step": args.step, "level": args.level, "moves": moves,
                "categories": categories, "fusion": [fused_branches, rule],
                "variants": {name: {"per_category": per} for name, per in results.items()}}
     S.report("\n".join(lines), payload)

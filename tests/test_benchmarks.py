@@ -326,6 +326,22 @@ def test_pose_shifts_moves_and_refusals():
         main(["--model", "m", "--data_root", "d", "--scores", "z.pt", "--step", "0"])
 
 
+def test_pose_shifts_moves_feature_grids_by_hand():
+    """`move_features`: whole cells move like `translate` moves pixels (border repeated); half a cell
+    is the mean of the two neighbouring cells."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    import torch
+    from pose_shifts import move_features
+    from quality_probe import translate
+
+    grid = torch.arange(32.0).view(2, 1, 4, 4)
+    for dx, dy in [(1, 0), (-2, 1), (0, -1), (0, 0)]:
+        assert torch.allclose(move_features(grid, dx, dy), translate(grid, dx, dy), atol=1e-5), (dx, dy)
+    half = move_features(grid, 0.5, 0.0)[0, 0]
+    assert torch.allclose(half[:, 1:], (grid[0, 0, :, 1:] + grid[0, 0, :, :-1]) / 2, atol=1e-5)
+    assert torch.allclose(half[:, 0], grid[0, 0, :, 0], atol=1e-5)  # the border cell repeats
+
+
 def test_quality_probe_shifted_features_follow_the_drawn_moves(tmp_path, tiny_model):
     """Copy-major rows; each row is the features of its image moved as drawn, checked image by image
     against the package's own extraction; no move at all gives the plain features."""

@@ -354,6 +354,12 @@ def test_train_then_evaluate_end_to_end(tmp_path, synth_root, capsys):
         for name in ("min", "mean"):
             entry = poses["variants"][name]["per_category"][category]
             assert all(0.0 <= v <= 1.0 for part in entry.values() for v in part.values())
+    # moving the feature grid instead: its unmoved pose is the same scoring
+    moved = pose_shifts.main(["--model", str(model_dir), "--data_root", str(synth_root), "--scores", str(out / "z.pt"),
+                              "--step", "3", "--num_masks", "2", "--level", "features", "--threads", "1"])
+    assert moved["level"] == "features"
+    for category in CATEGORIES:
+        assert moved["variants"]["centre"]["per_category"][category] == poses["variants"]["centre"]["per_category"][category]
 
 
 def test_resume_after_sigkill_keeps_checkpoints_and_step_count(tmp_path, synth_root):
