@@ -35,6 +35,11 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def category_mean(per_category: dict, part: str, key: str) -> float:
+    """The mean over categories of `per_category[category][part][key]` (e.g. part "fused", key "auroc_logical")."""
+    return sum(entry[part][key] for entry in per_category.values()) / len(per_category)
+
+
 def report(summary: str, payload: dict) -> None:
     """Print `summary`, then `payload` (with the torch version and thread count) as the last stdout line."""
     print(summary, flush=True)

@@ -50,7 +50,6 @@ average: the variant alone and fused (image AUROC, logical and structural).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -293,8 +292,7 @@ def main(argv=None) -> None:
             parts = [standardized if b == branch else z[b] for b in fused] + ([] if branch in fused else [standardized])
             results[text][category] = {"alone": aurocs(test, types), "fused": aurocs(fuse(torch.stack(parts, -1), rule), types)}
 
-    def mean(per: dict, part: str, key: str) -> float:
-        return float(np.mean([entry[part][key] for entry in per.values()]))
+    mean = S.category_mean
 
     lines = [f"fused branches of the model: {' + '.join(fused)} ({rule}); each variant replaces its branch (or joins)",
              "| variant | alone: logical / structural | fused: logical / structural / mean | fused logical per category |",

@@ -217,8 +217,7 @@ def main(argv=None) -> dict:
                                 for name, values in per_defect_aurocs(alone_scores, types, defects).items()
                                 if values["anomaly_type"] == "logical"}
 
-    def mean(per: dict, part: str, key: str) -> float:
-        return float(np.mean([entry[part][key] for entry in per.values()]))
+    mean = S.category_mean
 
     if saved is None:
         results.pop("model")

@@ -23,7 +23,6 @@ line: JSON.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import _shared as S
@@ -120,8 +119,7 @@ def main(argv=None) -> dict:
             fused = fuse(torch.stack([standardized if b == "logical" else z[b] for b in fused_branches], -1), rule)
             results[name][category] = {"alone": aurocs(scores, types), "fused": aurocs(fused, types)}
 
-    def mean(per: dict, part: str, key: str) -> float:
-        return float(np.mean([entry[part][key] for entry in per.values()]))
+    mean = S.category_mean
 
     lines = [f"logical branch at {len(moves)} poses ({args.step} px, moving the {args.level}); fused: {' + '.join(fused_branches)} ({rule})",
              "| logical score | alone: logical / structural | alone, logical per category | fused: logical / structural |",
