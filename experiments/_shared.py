@@ -40,6 +40,14 @@ def category_mean(per_category: dict, part: str, key: str) -> float:
     return sum(entry[part][key] for entry in per_category.values()) / len(per_category)
 
 
+def image_aurocs(scores: torch.Tensor, types: list[str]) -> dict:
+    """`{"auroc_logical", "auroc_structural"}` of image scores `(N,)` against anomaly types, to 4 decimals."""
+    from ladmim_hf.metrics import loco_image_aurocs
+
+    values = loco_image_aurocs(scores.double().numpy(), types)
+    return {k: round(float(values[k]), 4) for k in ("auroc_logical", "auroc_structural")}
+
+
 def report(summary: str, payload: dict) -> None:
     """Print `summary`, then `payload` (with the torch version and thread count) as the last stdout line."""
     print(summary, flush=True)

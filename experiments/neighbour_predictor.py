@@ -151,7 +151,6 @@ def main(argv=None) -> dict:
 
     from ladmim_hf.data import evaluation_rows, find_layout
     from ladmim_hf.evaluation import per_defect_aurocs
-    from ladmim_hf.metrics import loco_image_aurocs
 
     model, categories, cache, test = rescoring_inputs(args)
     saved = torch.load(args.scores, weights_only=False) if args.scores else None
@@ -160,9 +159,7 @@ def main(argv=None) -> dict:
     fused_branches, rule = list(model.config.fused_branches), model.config.fusion_rule
     grid = model.config.tokenizer_config.grid_size
 
-    def aurocs(scores: torch.Tensor, types: list[str]) -> dict:
-        values = loco_image_aurocs(scores.double().numpy(), types)
-        return {k: round(float(values[k]), 4) for k in ("auroc_logical", "auroc_structural")}
+    aurocs = S.image_aurocs
 
     layout = find_layout(args.data_root)
     results: dict[str, dict] = {"model": {}, **{text: {} for text in variants}}

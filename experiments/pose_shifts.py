@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 import _shared as S
+from neighbour_predictor import fused_with_variant
 from quality_probe import translate
-from ladmim_hf.models.branches_ladmim import fuse
 
 AGGREGATIONS = {"centre": lambda scores: scores[:, 0], "min": lambda scores: scores.amin(1),
                 "mean": lambda scores: scores.mean(1)}
@@ -87,7 +87,6 @@ def main(argv=None) -> dict:
 
     from ladmim_hf.data import evaluation_rows, find_layout, select_categories
     from ladmim_hf.evaluation import load_detector
-    from ladmim_hf.metrics import loco_image_aurocs
 
     model, processor = load_detector(args.model)
     layout = find_layout(args.data_root)
@@ -96,9 +95,7 @@ def main(argv=None) -> dict:
     fused_branches, rule = list(model.config.fused_branches), model.config.fusion_rule
     moves = pose_moves(args.step)
 
-    def aurocs(scores: torch.Tensor, types: list[str]) -> dict:
-        values = loco_image_aurocs(scores.double().numpy(), types)
-        return {k: round(float(values[k]), 4) for k in ("auroc_logical", "auroc_structural")}
+    aurocs = S.image_aurocs
 
     results: dict[str, dict] = {name: {} for name in AGGREGATIONS}
     for category in categories:
@@ -116,7 +113,7 @@ def main(argv=None) -> dict:
         for name, aggregate in AGGREGATIONS.items():
             reference, scores = aggregate(validation), aggregate(test)
             standardized = (scores - reference.mean()) / reference.std().clamp_min(1e-12)
-            fused = fuse(torch.stack([standardized if b == "logical" else z[b] for b in fused_branches], -1), rule)
+            _, fused = fused_with_variant(z, standardized, fused_branches, rule, "replace")
             results[name][category] = {"alone": aurocs(scores, types), "fused": aurocs(fused, types)}
 
     mean = S.category_mean
