@@ -76,13 +76,15 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
     return full.eval()
 
 
-def score(model, features: torch.Tensor, category: str, num_masks: int, seed: int, batch_size: int = 16):
+def score(model, features: torch.Tensor, category: str, num_masks: int, seed: int, batch_size: int = 16,
+          moved_features: torch.Tensor | None = None):
     """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}`, every image with the mask set of `seed`
-    (as training's calibration and `evaluate` score)."""
+    (as training's calibration and `evaluate` score; `moved_features` for a model with `logical_pose_step`)."""
     scores, maps = {}, {}
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
-        out = model(features=chunk, category=category, num_masks=num_masks, seed=seed)
+        moved = None if moved_features is None else moved_features[start:start + batch_size]
+        out = model(features=chunk, moved_features=moved, category=category, num_masks=num_masks, seed=seed)
         for name, value in out.branch_scores().items():
             scores.setdefault(name, []).append(value)
         for name, value in out.branch_maps().items():
@@ -118,7 +120,8 @@ def main(argv=None) -> None:
     from ladmim_hf.calibration import calibrate_category
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import extract_features
+    from ladmim_hf.scoring import extract_features, extract_moved_features
+    from ladmim_hf.training.pipeline import moved_cache_key
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
@@ -133,6 +136,17 @@ def main(argv=None) -> None:
             cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
         return cache[key]
 
+    def moved(category: str, paths: list[str], key: str | None = None) -> torch.Tensor | None:
+        """The moved images' features when the model scores moved poses (from the cache when it holds them)."""
+        if not model.config.logical_pose_moves:
+            return None
+        if key not in cache:
+            found = extract_moved_features(model, processor, paths, 16, f"features {category}")
+            if key is None:
+                return found
+            cache[key] = found
+        return cache[key]
+
     model = with_all_branches(model, {c: cached("train", c) for c in categories}, args.seed, args.memory_bank_size,
                               args.memory_bank_neighbourhood)
     num_masks = model.config.num_masks
@@ -143,14 +157,18 @@ def main(argv=None) -> None:
         S.progress(f"{category}: scoring")
         # Training's own calibration (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
-        stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01)
+        moved_validation = moved(category, layout.paths(category, "validation"),
+                                 moved_cache_key(category, model.config.logical_pose_step))
+        stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01,
+                                   moved_validation)
         if args.map_statistics == "score":  # without map statistics, maps fall back to the score's
             stats = {key: value for key, value in stats.items() if "_map_" not in key}
         model.config.calibration[category] = stats
         rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
         test_features = extract_features(model.tokenizer, processor, [r["path"] for r in rows], 16, f"features {category}")
-        test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8)
+        test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8,
+                                       moved_features=moved(category, [r["path"] for r in rows]))
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_maps(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}

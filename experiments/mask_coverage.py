@@ -10,7 +10,8 @@ The package scores every image of a category with the same mask set, drawn from 
   about equally often: each step adds the candidate that keeps the per-cell counts flattest (the
   smallest sum of squared counts); the JSON records the smallest and largest count.
 
-Each scheme is recalibrated on the validation features (training's feature cache) with
+The logical branch scores the image as it is (a model's `logical_pose_step` is set to 0). Each
+scheme is recalibrated on the validation features (training's feature cache) with
 `ladmim_hf.calibration.calibration_statistics`, as training stage 3 does, then the test images are
 scored with the same scheme. Reported per scheme, as a mean over categories: the logical branch's
 AUROC on logical anomalies, and the fused score's (the model's branches and fusion rule) on logical
@@ -117,6 +118,7 @@ def rescoring_inputs(args) -> tuple:
     rescores `args.model` on `args.categories` of `args.data_root` (validation features from
     `args.feature_cache`, test features kept in `args.test_features`)."""
     model, processor = load_detector(args.model)
+    model.config.logical_pose_step = 0  # cached features: the logical branch scores the image as it is
     layout = find_layout(args.data_root)
     categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
     validation = torch.load(args.feature_cache, weights_only=True)

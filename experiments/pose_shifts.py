@@ -3,12 +3,12 @@
 On a fixed layout, a tray shifted by a few pixels moves its content across cell borders. On
 synthloco's pushpins the logical score of good test images follows the photo's shift
 (docs/experiments.md). This probe scores every image at its own pose and moved by `--step` pixels
-right, left, down and up (5 poses; the pixels that enter repeat the border, `quality_probe.translate`). With
+right, left, down and up (5 poses; the pixels that enter repeat the border, `modeling_ladmim_utils.translate`). With
 `--level features` the backbone's feature grid is moved instead, by the same distance in cells
 (`step / (image_size / grid_size)`, bilinear, the border repeated): a move that cached features
 allow, so calibration and export could use it.
-The image's logical score is then the smallest of the five (`min`: the pose that fits the rules best)
-or their mean. The validation images get the same treatment, so each variant is standardised on
+The image's logical score is then the smallest of the five (`min`: the pose that fits the rules best,
+what the package does with `logical_pose_step`) or their mean. The validation images get the same treatment, so each variant is standardised on
 them. It is then fused in place of the model's logical branch with the model's other z-scores
 (`fusion_sweep.py --save_scores`, the model's `fusion_rule`). The first row, `centre`, is the
 unmoved image: the package's own logical branch, standardised by this probe.
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from ladmim_hf.models.modeling_ladmim_utils import translate
+
 import _shared as S
 from neighbour_predictor import fused_with_variant
-from quality_probe import translate
 
 AGGREGATIONS = {"centre": lambda scores: scores[:, 0], "min": lambda scores: scores.amin(1),
                 "mean": lambda scores: scores.mean(1)}
@@ -89,6 +90,7 @@ def main(argv=None) -> dict:
     from ladmim_hf.evaluation import load_detector
 
     model, processor = load_detector(args.model)
+    model.config.logical_pose_step = 0  # each pose is scored alone; the probe aggregates them itself
     layout = find_layout(args.data_root)
     categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
     saved = torch.load(args.scores, weights_only=False)

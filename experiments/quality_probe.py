@@ -69,22 +69,12 @@ from ladmim_hf.data import evaluation_rows, find_layout
 from ladmim_hf.evaluation import per_defect_aurocs
 from ladmim_hf.metrics import loco_image_aurocs
 from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
-from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance
+from ladmim_hf.models.modeling_ladmim_utils import code_histograms, kernel_histogram_distance, translate
 from ladmim_hf.scoring import extract_features
 from ladmim_hf.training import build_model, load_settings
 from ladmim_hf.training.pipeline import open_run, train_predictors, train_tokenizer
 
 import _shared as S
-
-
-def translate(pixel_values: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """Images `(B, 3, H, W)` moved `dx` pixels right and `dy` down; the pixels that enter repeat the border."""
-    pad = max(abs(dx), abs(dy))
-    if pad == 0:
-        return pixel_values
-    height, width = pixel_values.shape[-2:]
-    padded = torch.nn.functional.pad(pixel_values, (pad,) * 4, mode="replicate")
-    return padded[..., pad - dy:pad - dy + height, pad - dx:pad - dx + width]
 
 
 @torch.no_grad()
@@ -327,6 +317,7 @@ def _probe(args) -> dict:
     categories = run.categories
     torch.manual_seed(args.seed)
     model = build_model(settings, categories).eval()
+    model.config.logical_pose_step = 0  # the probe scores cached features: the image as it is
     cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"
     if args.tiny:
         cache_path = Path(workdir.name) / "features.pt"

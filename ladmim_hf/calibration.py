@@ -30,7 +30,7 @@ from .models.branches_ladmim import FUSION_RULES, fuse
 from .models.configuration_ladmim import BRANCHES, check_calibration
 from .metrics import f1_optimal_threshold
 from .models.modeling_ladmim import LadmimForAnomalyDetection
-from .scoring import branch_scores_and_map_statistics, extract_features
+from .scoring import branch_scores_and_map_statistics, extract_features, extract_moved_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
 
@@ -90,44 +90,49 @@ def calibration_size_warning(num_images: int, fpr: float) -> str | None:
 
 
 def calibrate_category(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
-                       seed: int, fpr: float) -> dict[str, float]:
-    """Calibration statistics of `category` from the features `(N, C, g, g)` of its normal images."""
-    scores, map_statistics = branch_scores_and_map_statistics(model, features, category, num_masks, seed)
+                       seed: int, fpr: float, moved_features: torch.Tensor | None = None) -> dict[str, float]:
+    """Calibration statistics of `category` from the features `(N, C, g, g)` of its normal images (and
+    their `moved_features` `(N, 4, C, g, g)` when the model scores moved poses)."""
+    scores, map_statistics = branch_scores_and_map_statistics(model, features, category, num_masks, seed,
+                                                              moved_features=moved_features)
     return {**calibration_statistics(scores, model.config.fused_branches, model.config.fusion_rule, fpr), **map_statistics}
 
 
 # ----------------------------------------------------------------------------------------- ladmim calibrate
 
 
-def set_fusion(detector: LadmimForAnomalyDetection, fused_branches: list[str] | None, fusion_rule: str | None,
-               calibrating: list[str]) -> None:
-    """Give `detector` another fusion (`fused_branches`, `fusion_rule`; None keeps the current one), checked as
-    the config checks it. Every category's threshold was fitted for the old fusion, so all of them must be
-    recalibrated (`calibrating`): otherwise a ValueError naming the ones left out."""
-    if fused_branches is None and fusion_rule is None:
+def set_scoring(detector: LadmimForAnomalyDetection, calibrating: list[str], fused_branches: list[str] | None = None,
+                fusion_rule: str | None = None, logical_pose_step: int | None = None) -> None:
+    """Give `detector` another fusion (`fused_branches`, `fusion_rule`) or `logical_pose_step` (None keeps
+    the current one), checked as the config checks them. Neither needs retraining, but every category's
+    statistics were measured with the old setting, so all of them must be recalibrated (`calibrating`):
+    otherwise a ValueError naming the ones left out."""
+    changes = {name: value for name, value in (("fused_branches", fused_branches), ("fusion_rule", fusion_rule),
+                                               ("logical_pose_step", logical_pose_step)) if value is not None}
+    if not changes:
         return
     left_out = [c for c in detector.categories if c not in calibrating]
     if left_out:
-        raise ValueError(f"a new fusion changes every category's threshold, but {left_out} would keep the old one: "
-                         "calibrate all of the model's categories (--categories all)")
+        raise ValueError(f"a new {' and '.join(changes)} changes every category's statistics, but {left_out} would keep "
+                         "the old ones: calibrate all of the model's categories (--categories all)")
     config = detector.config
-    checked = type(config).from_dict({**config.to_dict(), "fused_branches": fused_branches or config.fused_branches,
-                                      "fusion_rule": fusion_rule or config.fusion_rule})
-    config.fused_branches, config.fusion_rule = checked.fused_branches, checked.fusion_rule
+    checked = type(config).from_dict({**config.to_dict(), **changes})
+    for name in changes:
+        setattr(config, name, getattr(checked, name))
 
 
 def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 0.01, labelled: bool = False,
               num_masks: int | None = None, seed: int = 0, holdout_fraction: float | None = None,
               dataset_format: str = "auto", batch_size: int = 16, fused_branches: list[str] | None = None,
-              fusion_rule: str | None = None) -> dict[str, dict]:
+              fusion_rule: str | None = None, logical_pose_step: int | None = None) -> dict[str, dict]:
     """Re-fit the calibration of a local model folder and save it there; returns `{category: stats}`.
 
     Normal images (default): each category's ``validation/good``, else the hold-out of its training
     images that training used (fraction and seed from the folder's ``training_summary.json``, or
     `holdout_fraction` / `seed`), so training images never set a threshold. `labelled`: the category's
     test images (``test/`` or ``good/`` next to defect folders); z statistics from its good images, the
-    threshold with the best F1. `fused_branches` / `fusion_rule` change the model's fusion first (every
-    category must then be calibrated, see `set_fusion`).
+    threshold with the best F1. `fused_branches` / `fusion_rule` / `logical_pose_step` change the model's
+    fusion or poses first (every category must then be calibrated, see `set_scoring`).
     """
     from .data import find_layout, normal_split, evaluation_rows
     from .data.layout import pair_categories
@@ -141,7 +146,7 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
     detector, processor = load_detector(str(folder))
     layout = find_layout(data_root, dataset_format)
     pairs = pair_categories(layout, categories, detector.categories)
-    set_fusion(detector, fused_branches, fusion_rule, list(pairs.values()))
+    set_scoring(detector, list(pairs.values()), fused_branches, fusion_rule, logical_pose_step)
     summary_path = folder / "training_summary.json"
     summary = _read_json(summary_path)
     holdout = summary.get("holdout", {})
@@ -165,15 +170,16 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
             if warning:
                 logger.warning("%s: %s", category, warning)
         features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {data_category}")
+        moved = extract_moved_features(detector, processor, paths, batch_size, f"features {data_category}")
         if labelled:
             scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
-                                                                      normal=~labels)
+                                                                      normal=~labels, moved_features=moved)
             stats = {**labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule),
                      **map_statistics}
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:
-            stats = calibrate_category(detector, features, category, num_masks, seed, fpr)
+            stats = calibrate_category(detector, features, category, num_masks, seed, fpr, moved)
         check_calibration(category, stats)
         results[category], sources[category] = stats, source
         logger.info("%s: threshold %.3f from %s", category, stats["threshold"], source)
@@ -198,7 +204,8 @@ def _save(folder: Path, detector: LadmimForAnomalyDetection, results: dict, sour
     summary.setdefault("calibration", {}).update(results)
     summary.setdefault("validation", {}).update(sources)
     summary["recalibrated"] = {"categories": sorted(results), "fpr": fpr, "labelled": fpr is None,
-                               "fused_branches": detector.config.fused_branches, "fusion_rule": detector.config.fusion_rule}
+                               "fused_branches": detector.config.fused_branches, "fusion_rule": detector.config.fusion_rule,
+                               "logical_pose_step": detector.config.logical_pose_step}
     atomic_write_json(folder / "training_summary.json", summary)
 
 
@@ -218,6 +225,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fuse these branches from now on (default: as trained); all categories are recalibrated")
     parser.add_argument("--fusion_rule", choices=FUSION_RULES, default=None,
                         help="combine them by this rule from now on (default: as trained)")
+    parser.add_argument("--logical_pose_step", type=int, default=None, metavar="PIXELS",
+                        help="score the logical branch at the best-fitting of five poses moved by this many pixels "
+                        "from now on (0: the image as it is; default: as trained); all categories are recalibrated")
     add_holdout_option(parser, "as trained")
     add_batch_size_option(parser, 16)
 
@@ -238,18 +248,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         results = calibrate(args.model, args.data_root, categories, args.fpr, args.labelled, args.num_masks,
                             args.seed, args.holdout_fraction, args.dataset_format, args.batch_size,
-                            args.fused_branches, args.fusion_rule)
+                            args.fused_branches, args.fusion_rule, args.logical_pose_step)
     except (DataLayoutError, ModelFolderError, ImageDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for category, stats in results.items():
         print(f"{category}: threshold {stats['threshold']:.3f} ({stats['num_images']} normal images)")
-    if args.fused_branches or args.fusion_rule:
+    if args.fused_branches or args.fusion_rule or args.logical_pose_step is not None:
         config = json.loads((Path(args.model) / "config.json").read_text())
-        print(f"fused: {' + '.join(config['fused_branches'])} ({config['fusion_rule']})")
+        print(f"fused: {' + '.join(config['fused_branches'])} ({config['fusion_rule']}); "
+              f"logical poses: {config.get('logical_pose_step', 0)} px")
     print(f"saved: {Path(args.model) / 'config.json'}")
     return 0
 
 
-__all__ = ["calibrate", "calibrate_category", "set_fusion", "calibration_size_warning", "calibration_statistics",
+__all__ = ["calibrate", "calibrate_category", "set_scoring", "calibration_size_warning", "calibration_statistics",
            "labelled_statistics"]

@@ -1,10 +1,13 @@
-"""Scoring many image files with a detector: backbone features once, then every branch's raw scores.
+"""Scoring many image files with a detector: backbone features once (and, for a detector that scores
+moved poses, the moved images' features), then every branch's raw scores.
 
 Training's calibration, `ladmim calibrate` and `ladmim evaluate` all go through these two functions,
 so a threshold is always set on scores computed the way they are used.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -14,28 +17,47 @@ from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .models.modeling_ladmim_tokenizer import LadmimTokenizerModel
 
 
+def _features_of_files(extract: Callable[[torch.Tensor], torch.Tensor], device, processor: LadmimImageProcessor,
+                       paths: list[str], batch_size: int, description: str, disable: bool) -> torch.Tensor:
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", disable=disable, leave=False):
+        pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(device)
+        chunks.append(extract(pixel_values).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
 @torch.no_grad()
 def extract_features(tokenizer: LadmimTokenizerModel, processor: LadmimImageProcessor, paths: list[str],
                      batch_size: int, description: str, disable: bool = False) -> torch.Tensor:
     """Frozen backbone features `(num_images, C, g, g)` (float32, CPU) of image files, with a progress bar."""
-    chunks = []
-    device = tokenizer.device
-    for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", disable=disable, leave=False):
-        pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(device)
-        chunks.append(tokenizer.extract_features(pixel_values).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    return _features_of_files(tokenizer.extract_features, tokenizer.device, processor, paths, batch_size, description,
+                              disable)
+
+
+@torch.no_grad()
+def extract_moved_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
+                           batch_size: int, description: str, disable: bool = False) -> torch.Tensor | None:
+    """Features of image files moved by each of the detector's `config.logical_pose_moves`
+    `(num_images, 4, C, g, g)` (float32, CPU; `detector.extract_moved_features`), or None when the
+    detector scores only the image as it is."""
+    if not detector.config.logical_pose_moves:
+        return None
+    return _features_of_files(detector.extract_moved_features, detector.device, processor, paths, batch_size,
+                              f"{description} (moved)", disable)
 
 
 def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
-                  seed: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+                  seed: int, batch_size: int = 16, moved_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU, every image scored with
-    the mask set of `seed` (so the result does not depend on `batch_size`)."""
-    return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size)[0]
+    the mask set of `seed` (so the result does not depend on `batch_size`). `moved_features`: the images'
+    `extract_moved_features`, needed when the model scores moved poses."""
+    return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size,
+                                            moved_features=moved_features)[0]
 
 
 def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str,
                                      num_masks: int | None, seed: int, batch_size: int = 16,
-                                     normal: torch.Tensor | None = None
+                                     normal: torch.Tensor | None = None, moved_features: torch.Tensor | None = None
                                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`branch_scores`, and `{branch}_map_mean` / `{branch}_map_std`: the mean and std over every pixel of
     the maps, for each branch with a map (what the maps are standardised with before fusion). `normal`
@@ -44,8 +66,9 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     scores: dict[str, list[torch.Tensor]] = {}
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
     for start in range(0, len(features), batch_size):
-        out = model(features=features[start:start + batch_size].to(device), category=category, num_masks=num_masks,
-                    seed=seed)
+        moved = None if moved_features is None else moved_features[start:start + batch_size].to(device)
+        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, category=category,
+                    num_masks=num_masks, seed=seed)
         for branch, values in out.branch_scores().items():
             scores.setdefault(branch, []).append(values.cpu())
         counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)
@@ -65,4 +88,4 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features"]
+__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features", "extract_moved_features"]

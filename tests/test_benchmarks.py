@@ -35,6 +35,7 @@ RUNS = {
     "quality_probe": ["experiments/quality_probe.py", "--tiny"],
     "run_all": ["benchmarks/run_all.py", "--tiny", "--only", "roofline"],
     "branch_cost": ["benchmarks/branch_cost.py", "--tiny"],
+    "pose_cost": ["benchmarks/pose_cost.py", "--tiny"],
     "predict_memory": ["benchmarks/predict_memory.py", "--tiny"],
     "latency": ["benchmarks/latency.py", "--tiny"],
     "export_parity": ["benchmarks/export_parity.py", "--tiny"],
@@ -81,6 +82,12 @@ def test_branch_cost(runs):
     out = last_json(runs, "branch_cost")
     check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "memory_bank_size"])
     assert out["ratio"] > 0 and out["memory_bank_size"] == 16 and out["global_branch"] is True
+
+
+def test_pose_cost(runs):
+    out = last_json(runs, "pose_cost")
+    check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "logical_pose_step"])
+    assert out["ratio"] > 1 and out["logical_pose_step"] == 6 and out["poses"] == 5
 
 
 def test_latency(runs):
@@ -301,19 +308,6 @@ def test_run_all_times_each_script_and_collects_its_result(runs):
     assert entry["result"]["benchmark"] == "roofline" and 0 < entry["result"]["efficiency"]
 
 
-def test_quality_probe_translate_by_hand():
-    sys.path.insert(0, str(EXPERIMENTS))
-    import torch
-    from quality_probe import translate
-
-    image = torch.arange(12.0).view(1, 1, 3, 4)  # rows [0 1 2 3], [4 5 6 7], [8 9 10 11]
-    right_up = torch.tensor([[4.0, 4, 5, 6], [8, 8, 9, 10], [8, 8, 9, 10]])  # 1 right, 1 up: border repeated
-    assert torch.equal(translate(image, 1, -1)[0, 0], right_up)
-    left_down = torch.tensor([[2.0, 3, 3, 3], [2, 3, 3, 3], [6, 7, 7, 7]])  # 2 left, 1 down
-    assert torch.equal(translate(image, -2, 1)[0, 0], left_down)
-    assert torch.equal(translate(image, 0, 0), image)
-
-
 def test_pose_shifts_moves_and_refusals():
     sys.path.insert(0, str(EXPERIMENTS))
     import torch
@@ -332,7 +326,8 @@ def test_pose_shifts_moves_feature_grids_by_hand():
     sys.path.insert(0, str(EXPERIMENTS))
     import torch
     from pose_shifts import move_features
-    from quality_probe import translate
+
+    from ladmim_hf.models.modeling_ladmim_utils import translate
 
     grid = torch.arange(32.0).view(2, 1, 4, 4)
     for dx, dy in [(1, 0), (-2, 1), (0, -1), (0, 0)]:
@@ -348,7 +343,9 @@ def test_quality_probe_shifted_features_follow_the_drawn_moves(tmp_path, tiny_mo
     sys.path.insert(0, str(EXPERIMENTS))
     import torch
     from data_fixtures import write_image
-    from quality_probe import shifted_features, translate
+    from quality_probe import shifted_features
+
+    from ladmim_hf.models.modeling_ladmim_utils import translate
 
     from ladmim_hf.models.image_processing_ladmim import LadmimImageProcessor
     from ladmim_hf.scoring import extract_features

@@ -29,10 +29,11 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny detector with every branch, saved as a model folder and exported (both formats, batch 2).
-    Its predictors read one of the two taps (`predictor_taps`), so the graphs slice channels too."""
+    Its predictors read one of the two taps (`predictor_taps`), so the graphs slice channels too, and its
+    logical branch scores five poses (`logical_pose_step`), so they move images and pick a pose too."""
     root = tmp_path_factory.mktemp("export")
     model = fitted_branch_model(fusion_rule="sum", histogram_distance="codebook_mmd", predictor_taps=[4],
-                                global_descriptor="part_histogram", global_parts=8)
+                                global_descriptor="part_histogram", global_parts=8, logical_pose_step=3)
     model.save_pretrained(root / "model")
     LadmimImageProcessor(size=64).save_pretrained(root / "model")
     metadata = export_model(model, root / "graphs", ["onnx", "openvino"], categories=["pushpins"], num_masks=5,

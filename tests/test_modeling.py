@@ -401,22 +401,29 @@ def test_calibrated_fusion_and_threshold(tiny_model, pixel_values):
     assert not forced.pred_label.any()
 
 
-def test_set_fusion_checks_the_branches_and_needs_every_category(tiny_model):
-    from ladmim_hf.calibration import set_fusion
+def test_set_scoring_checks_the_settings_and_needs_every_category(tiny_model):
+    from ladmim_hf.calibration import set_scoring
 
     config = tiny_model.config
-    before = (list(config.fused_branches), config.fusion_rule)
-    set_fusion(tiny_model, None, None, [])  # nothing asked: nothing changes, no category needed
-    assert (config.fused_branches, config.fusion_rule) == before
-    with pytest.raises(ValueError, match=r"\['pushpins'\] would keep the old one.*--categories all"):
-        set_fusion(tiny_model, ["logical"], "max", ["breakfast_box"])
+    both = ["breakfast_box", "pushpins"]
+    before = (list(config.fused_branches), config.fusion_rule, config.logical_pose_step)
+    set_scoring(tiny_model, [])  # nothing asked: nothing changes, no category needed
+    assert (config.fused_branches, config.fusion_rule, config.logical_pose_step) == before
+    with pytest.raises(ValueError, match=r"fused_branches and fusion_rule.*\['pushpins'\] would keep the old ones.*--categories all"):
+        set_scoring(tiny_model, ["breakfast_box"], ["logical"], "max")
+    with pytest.raises(ValueError, match=r"logical_pose_step changes.*\['pushpins'\]"):
+        set_scoring(tiny_model, ["breakfast_box"], logical_pose_step=4)
     with pytest.raises(ValueError, match="lists a branch twice"):
-        set_fusion(tiny_model, ["logical", "logical"], None, ["breakfast_box", "pushpins"])
+        set_scoring(tiny_model, both, ["logical", "logical"])
     with pytest.raises(ValueError, match="fusion_rule must be one of"):
-        set_fusion(tiny_model, None, "median", ["breakfast_box", "pushpins"])
-    assert (config.fused_branches, config.fusion_rule) == before, "a refused fusion leaves the model as it was"
-    set_fusion(tiny_model, ["structural"], "max", ["breakfast_box", "pushpins"])
-    assert (config.fused_branches, config.fusion_rule) == (["structural"], "max")
+        set_scoring(tiny_model, both, fusion_rule="median")
+    with pytest.raises(ValueError, match="logical_pose_step must be a whole number of pixels in 0..31"):
+        set_scoring(tiny_model, both, ["structural"], logical_pose_step=40)
+    assert (config.fused_branches, config.fusion_rule, config.logical_pose_step) == before, "a refusal changes nothing"
+    set_scoring(tiny_model, both, ["structural"], "max")
+    assert (config.fused_branches, config.fusion_rule, config.logical_pose_step) == (["structural"], "max", 0)
+    set_scoring(tiny_model, both, logical_pose_step=4)
+    assert (config.fused_branches, config.fusion_rule, config.logical_pose_step) == (["structural"], "max", 4)
 
 
 def test_scoring_runs_in_eval_mode_and_restores_training_mode(tiny_model, pixel_values):

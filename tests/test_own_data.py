@@ -179,7 +179,8 @@ def test_predict_output_jsonl_and_calibrate(own_run, tmp_path, capsys, caplog):
     summary = json.loads((model_dir / "training_summary.json").read_text())
     trained_fusion = (detector.config.fused_branches, detector.config.fusion_rule)
     assert summary["recalibrated"] == {"categories": ["widget"], "fpr": 0.2, "labelled": False,
-                                       "fused_branches": trained_fusion[0], "fusion_rule": trained_fusion[1]}
+                                       "fused_branches": trained_fusion[0], "fusion_rule": trained_fusion[1],
+                                       "logical_pose_step": 0}
 
     # Another fusion without retraining: the logical branch left out, the other two summed. The threshold is
     # training's formula for that fusion, and the detector's fused score is now that sum of z-scores.
@@ -200,6 +201,23 @@ def test_predict_output_jsonl_and_calibrate(own_run, tmp_path, capsys, caplog):
     code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]), "--fpr", "0.2",
                          "--fused_branches", *trained_fusion[0], "--fusion_rule", trained_fusion[1]], capsys)
     assert code == 0, output  # back to the trained fusion for the tests that follow
+
+    # The logical branch at the best-fitting of five poses, switched on without retraining: the validation
+    # images are scored at every pose, as `model(pixel_values)` scores them; a bad step is one error line.
+    code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]), "--fpr", "0.2",
+                         "--logical_pose_step", "3"], capsys)
+    assert code == 0 and "logical poses: 3 px" in output, output
+    posed = _load(model_dir)[0]
+    assert posed.config.logical_pose_step == 3
+    with torch.no_grad():
+        logical = posed(pixel_values=processor(held)["pixel_values"], category="widget").logical_score
+    assert posed.config.calibration["widget"]["logical_mean"] == pytest.approx(float(logical.mean()), rel=1e-5)
+    code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]),
+                         "--logical_pose_step", "-2"], capsys)
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: logical_pose_step must be"), output
+    code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["images"]), "--fpr", "0.2",
+                         "--logical_pose_step", "0"], capsys)
+    assert code == 0 and _load(model_dir)[0].config.logical_pose_step == 0, output
 
     code, output = _run(["calibrate", "--model", str(model_dir), "--data_root", str(own_run["labelled"]), "--labelled"],
                         capsys)

@@ -447,3 +447,44 @@ def test_sigint_stops_cleanly_after_saving(tmp_path, synth_root):
     assert saved, "a checkpoint was written at the step where training stopped"
     step = int(saved[-1].name.split("_")[1])
     assert 0 < step < 400
+
+
+def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path, synth_root):
+    """`model.logical_pose_step`: training caches the validation images' moved features (as the model
+    extracts them), calibrates on their best-fitting poses, and `evaluate` scores test images as
+    `model(pixel_values)` does."""
+    import csv
+
+    import torch
+
+    from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
+    from ladmim_hf.data import find_layout, normal_split
+    from ladmim_hf.evaluation import evaluate
+    from ladmim_hf.training.pipeline import moved_cache_key
+
+    out = tmp_path / "run"
+    config = _write_config(tmp_path / "tiny.yaml", synth_root, out, categories=["pushpins"], tokenizer={"max_steps": 2},
+                           predictor={"max_steps": 2}, log_with=None)
+    result = _train(config, "--set", "model.logical_pose_step=3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    model = LadmimForAnomalyDetection.from_pretrained(out / "model").eval()
+    processor = LadmimImageProcessor.from_pretrained(out / "model")
+    assert model.config.logical_pose_step == 3
+    cache = torch.load(out / "cache" / "features.pt", weights_only=True)
+    validation = normal_split(find_layout(synth_root), "pushpins", 0.1, 0).validation
+    with torch.no_grad():
+        pixels = processor(validation)["pixel_values"]
+        torch.testing.assert_close(cache[moved_cache_key("pushpins", 3)], model.extract_moved_features(pixels))
+        logical = model(pixel_values=pixels, category="pushpins", seed=0).logical_score
+    calibration = model.config.calibration["pushpins"]
+    assert calibration["logical_mean"] == pytest.approx(float(logical.mean()), rel=1e-5)
+
+    evaluate(str(out / "model"), str(synth_root), ["pushpins"], str(tmp_path / "eval"), num_masks=2, knn_baseline=False,
+             report_images=1)
+    with open(tmp_path / "eval" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:3]
+    with torch.no_grad():
+        expected = model(pixel_values=processor([r["path"] for r in rows])["pixel_values"], category="pushpins",
+                         num_masks=2, seed=0)
+    assert [float(r["logical_score"]) for r in rows] == pytest.approx(expected.logical_score.tolist(), rel=1e-5)
+    assert [float(r["pred_score"]) for r in rows] == pytest.approx(expected.pred_score.tolist(), rel=1e-5, abs=1e-6)

@@ -110,6 +110,15 @@ def _results_table(metrics: dict) -> str:
 _BRANCH_NAMES = {"logical": "logical", "structural": "structural", "memory_bank": "memory-bank", "global": "global"}
 
 
+def poses_text(config) -> str:
+    """The card's note on `logical_pose_step` (nothing when it is off)."""
+    step = getattr(config, "logical_pose_step", 0)
+    if not step:
+        return ""
+    return (f"; the logical branch scores each image as it is and moved {step} px right, left, down and up, "
+            "and keeps the best-fitting pose")
+
+
 def _fusion_phrase(config, raw: bool = False) -> str:
     """How the fused score combines the branches, e.g. "the sum of the logical and structural scores"."""
     names = [_BRANCH_NAMES[b] for b in config.fused_branches]
@@ -257,7 +266,8 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"{pred.num_attention_heads} heads"
         f"{f', one token per {pred.patch_size}x{pred.patch_size} cells' if pred.patch_size > 1 else ''}, "
         f"trained with {losses[pred.loss_type]}",
-        f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default",
+        f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default"
+        f"{poses_text(config)}",
         *branch_lines,
         "",
         "## Usage",

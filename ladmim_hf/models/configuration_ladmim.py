@@ -356,6 +356,13 @@ class LadmimConfig(PretrainedConfig):
         fusion_rule (`str`, *optional*, defaults to `"sum"`): how the standardised branch scores are
             combined, `"sum"` (the paper), `"max"` or `"max_mean"` (the largest plus the mean); see
             `branches_ladmim.fuse`.
+        logical_pose_step (`int`, *optional*, defaults to 0): pixels (at `tokenizer_config.image_size`)
+            by which the logical branch also sees each image moved right, left, down and up, the border
+            repeated. Its score is the lowest of the five poses (the one that fits the learned layout
+            best) and its map that pose's map moved back. A part photographed a few pixels off crosses
+            cell borders, which the predictor reads as changed content; the best-fitting pose undoes
+            that. The backbone and predictor run at every pose (the logical branch costs 5x). 0 (the
+            paper): the image as it is.
         scoring_memory_mb (`int`, *optional*, defaults to 512): working memory of the predictor while
             scoring, in MiB: the (image, mask) sequences run in chunks this budget holds
             (`LadmimPredictorModel.inference_bytes_per_sequence`), so memory does not grow with the
@@ -389,6 +396,7 @@ class LadmimConfig(PretrainedConfig):
         global_parts: int = 128,
         fused_branches: list[str] | None = None,
         fusion_rule: str = "sum",
+        logical_pose_step: int = 0,
         scoring_memory_mb: int = 512,
         **kwargs,
     ):
@@ -483,7 +491,12 @@ class LadmimConfig(PretrainedConfig):
         self.global_branch = global_branch
         self.global_descriptor = global_descriptor
         self.global_parts = global_parts
+        half = tokenizer_config.image_size // 2
+        if isinstance(logical_pose_step, bool) or not isinstance(logical_pose_step, int) or not 0 <= logical_pose_step < half:
+            raise ValueError(f"logical_pose_step must be a whole number of pixels in 0..{half - 1} (0 = the image as it is), "
+                             f"got {logical_pose_step!r}")
         self.fusion_rule = fusion_rule
+        self.logical_pose_step = logical_pose_step
         self.scoring_memory_mb = scoring_memory_mb
         enabled = self.enabled_branches
         if fused_branches is None:
@@ -504,6 +517,13 @@ class LadmimConfig(PretrainedConfig):
         """The branches this detector computes, in output order."""
         switched_off = {"memory_bank": self.memory_bank_size == 0, "global": not self.global_branch}
         return [branch for branch in BRANCHES if not switched_off.get(branch, False)]
+
+    @property
+    def logical_pose_moves(self) -> list[tuple[int, int]]:
+        """`(dx, dy)` pixel moves of the extra poses the logical branch scores (`logical_pose_step`
+        right, left, down, up); empty when the step is 0."""
+        step = self.logical_pose_step
+        return [(step, 0), (-step, 0), (0, step), (0, -step)] if step else []
 
     @property
     def categories(self) -> list[str]:

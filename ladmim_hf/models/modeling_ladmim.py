@@ -27,7 +27,8 @@ from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration
 from .masking import BlockMaskGenerator
 from .modeling_ladmim_predictor import LadmimPredictorModel
 from .modeling_ladmim_tokenizer import LadmimTokenizerModel
-from .modeling_ladmim_utils import LadmimPreTrainedModel, _autocast_dtype, _eval_mode, code_histograms, kernel_histogram_distance
+from .modeling_ladmim_utils import (LadmimPreTrainedModel, _autocast_dtype, _eval_mode, code_histograms,
+                                    kernel_histogram_distance, translate)
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,20 @@ class LadmimAnomalyOutput(ModelOutput):
     Args:
         pred_score: fused score `(B,)`.
         pred_label: `pred_score > threshold` `(B,)` bool.
-        logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`.
+        logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`;
+            with `config.logical_pose_step`, the lowest over the image's poses.
         structural_score: HVQ-Trans image score `(B,)`.
         memory_bank_score: largest nearest-neighbour patch distance to the category's memory bank `(B,)`.
         global_score: Mahalanobis distance of the image's descriptor (`config.global_descriptor`) `(B,)`.
         anomaly_map: fused map of the fused branches that have one `(B, S, S)`.
-        logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)`.
+        logical_map: each mask's discrepancy spread over the cells it hid `(B, S, S)` (at the best-fitting
+            pose, moved back onto the image).
         structural_map: HVQ-Trans reconstruction map `(B, S, S)`.
         memory_bank_map: nearest-neighbour distances, upsampled and smoothed `(B, S, S)`.
-        mask_scores: per-mask histogram distance `(B, M)`.
+        mask_scores: per-mask histogram distance `(B, M)` (at the best-fitting pose).
         masks: the masks used `(B, M, N)`.
+        logical_pose_scores: the logical score at every pose `(B, 1 + 4)`, the image as it is first, then
+            `config.logical_pose_moves`; None when `config.logical_pose_step` is 0.
         predicted_histograms: `softmax` of the hist logits `(B, M, L, K)` (if requested).
         target_histograms: true code histograms of the masked cells `(B, M, L, K)` (if requested).
     """
@@ -71,6 +76,7 @@ class LadmimAnomalyOutput(ModelOutput):
     memory_bank_score: torch.FloatTensor | None = None
     memory_bank_map: torch.FloatTensor | None = None
     global_score: torch.FloatTensor | None = None
+    logical_pose_scores: torch.FloatTensor | None = None
 
     def branch_scores(self) -> dict[str, torch.Tensor]:
         """`{branch: raw score (B,)}` for every branch the detector computed."""
@@ -89,6 +95,7 @@ class LadmimBranchOutputs(NamedTuple):
         scores: `{branch: (B,)}`; maps: `{branch: (B, S, S)}` (the global branch has none).
         mask_scores: per-mask histogram distance `(B, M)`.
         predicted_histograms, target_histograms: `(B, M, L, K)` when requested, else None.
+        logical_pose_scores: the logical score at every pose `(B, P)` when `config.logical_pose_step` > 0.
     """
 
     scores: dict[str, torch.Tensor]
@@ -96,6 +103,7 @@ class LadmimBranchOutputs(NamedTuple):
     mask_scores: torch.Tensor
     predicted_histograms: torch.Tensor | None
     target_histograms: torch.Tensor | None
+    logical_pose_scores: torch.Tensor | None = None
 
 
 class LadmimForAnomalyDetection(LadmimPreTrainedModel):
@@ -204,6 +212,14 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             return features
         return torch.cat([features[:, start:stop] for start, stop in self.predictor_channel_ranges], dim=1)
 
+    def extract_moved_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """Backbone features of the images moved by each of `config.logical_pose_moves` (the border
+        repeated): `(B, 3, S, S)` -> `(B, 4, C, g, g)`; None when `config.logical_pose_step` is 0."""
+        moves = self.config.logical_pose_moves
+        if not moves:
+            return None
+        return torch.stack([self.tokenizer.extract_features(translate(pixel_values, dx, dy)) for dx, dy in moves], 1)
+
     def resolve_num_masks(self, num_masks: int | None) -> int:
         """The test-time masks per image: `num_masks`, or `config.num_masks` when it is None."""
         if num_masks is None:
@@ -215,7 +231,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     def branch_outputs(self, features: torch.Tensor, class_ids: torch.Tensor, masks: torch.Tensor,
                        groups: list[int] | None = None, return_histograms: bool = False,
                        max_sequences_per_chunk: int | None = None, predictor_dtype=None,
-                       code_kernels: dict[int, torch.Tensor] | None = None) -> "LadmimBranchOutputs":
+                       code_kernels: dict[int, torch.Tensor] | None = None,
+                       moved_features: torch.Tensor | None = None) -> "LadmimBranchOutputs":
         """Every enabled branch's raw score and map for raw backbone features, before standardisation.
 
         The one scoring path: `forward` calls it, and `ladmim export` traces it for one category
@@ -225,43 +242,92 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             features: raw backbone features `(B, C, g, g)`; class_ids: `(B,)`; masks: `(B, M, N)` bool.
             groups: the distinct values of `class_ids` (default: read from it).
             code_kernels: `{class id: tokenizer.code_kernel (L, K, K)}`, computed when missing.
+            moved_features: `extract_moved_features` of the same images `(B, 4, C, g, g)`; required
+                when `config.logical_pose_step` > 0 (the logical branch then scores every pose and
+                keeps the lowest), refused otherwise.
         """
         groups = class_ids.unique().tolist() if groups is None else list(groups)
-        tokens = self.tokenizer.tokenize(features=features, category=class_ids)
+        moves = self.check_moved_features(features, moved_features)
+        poses = 1 + len(moves)
+        batch = features.shape[0]
+        if moves:  # every pose of an image in consecutive rows, the image as it is first
+            pose_features = torch.cat([features[:, None], moved_features.to(features)], 1).flatten(0, 1)
+            pose_class_ids, pose_masks = class_ids.repeat_interleave(poses), masks.repeat_interleave(poses, 0)
+        else:
+            pose_features, pose_class_ids, pose_masks = features, class_ids, masks
+        tokens = self.tokenizer.tokenize(features=pose_features, category=pose_class_ids)
         code_kernels = code_kernels or {}
 
         def logical(cid: int, rows: torch.Tensor | None):
             def pick(t):
                 return t if rows is None else t[rows]
-            return self.logical_scores(pick(tokens["features"]), pick(tokens["codes"]), pick(masks), self.categories[cid],
+            return self.logical_scores(pick(tokens["features"]), pick(tokens["codes"]), pick(pose_masks), self.categories[cid],
                                        return_histograms, max_sequences_per_chunk, predictor_dtype, code_kernels.get(cid))
 
         if len(groups) == 1:  # one category: no gather or scatter
             mask_scores, predicted_all, target_all = logical(groups[0], None)
         else:  # mixed-category batches: one predictor call per category present
-            batch, num = masks.shape[:2]
-            mask_scores = torch.empty(batch, num, device=masks.device)
+            rows_total, num = pose_masks.shape[:2]
+            mask_scores = torch.empty(rows_total, num, device=masks.device)
             levels, size = self.config.predictor_config.num_levels, self.config.predictor_config.codebook_size
             predicted_all = target_all = None
             if return_histograms:
-                predicted_all = torch.empty(batch, num, levels, size, device=masks.device)
+                predicted_all = torch.empty(rows_total, num, levels, size, device=masks.device)
                 target_all = torch.empty_like(predicted_all)
             for cid in groups:
-                rows = torch.nonzero(class_ids == cid).flatten()
+                rows = torch.nonzero(pose_class_ids == cid).flatten()
                 scores, predicted, target = logical(cid, rows)
                 mask_scores[rows] = scores
                 if return_histograms:
                     predicted_all[rows], target_all[rows] = predicted, target
         size_px = self.config.tokenizer_config.image_size
-        logical_map = F.interpolate(self.logical_map(mask_scores, masks)[:, None], size=(size_px, size_px),
+        logical_map = F.interpolate(self.logical_map(mask_scores, pose_masks)[:, None], size=(size_px, size_px),
                                     mode="bilinear", align_corners=True)[:, 0]
-        scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
-        maps = {"logical": logical_map, "structural": tokens["structural_map"]}
+        structural_score, structural_map = tokens["structural_score"], tokens["structural_map"]
+        pose_scores = None
+        if moves:
+            pose_scores = mask_scores.mean(1).view(batch, poses)
+            best = pose_scores.argmin(1)  # the pose that fits the learned layout best
+
+            def at_best(values: torch.Tensor) -> torch.Tensor:  # (B * P, ...) -> (B, ...) at each image's best pose
+                values = values.view(batch, poses, *values.shape[1:])
+                index = best.view(batch, 1, *(1,) * (values.dim() - 2)).expand(batch, 1, *values.shape[2:])
+                return values.gather(1, index)[:, 0]
+
+            # each pose's map moved back onto the image, so the map points at the image's own pixels
+            pose_maps = logical_map.view(batch, poses, size_px, size_px)
+            logical_map = at_best(torch.stack([pose_maps[:, 0]] + [translate(pose_maps[:, i + 1], -dx, -dy)
+                                                                  for i, (dx, dy) in enumerate(moves)], 1).flatten(0, 1))
+            mask_scores = at_best(mask_scores)
+            if return_histograms:
+                predicted_all, target_all = at_best(predicted_all), at_best(target_all)
+            structural_score = structural_score.view(batch, poses)[:, 0]
+            structural_map = structural_map.view(batch, poses, *structural_map.shape[1:])[:, 0]
+        scores = {"logical": mask_scores.mean(1), "structural": structural_score}
+        maps = {"logical": logical_map, "structural": structural_map}
         if self.memory_bank is not None:
             scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories, groups)
         if self.global_branch is not None:
             scores["global"] = self.global_branch(features, class_ids, self.categories)
-        return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all)
+        return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all, pose_scores)
+
+    def check_moved_features(self, features: torch.Tensor, moved_features: torch.Tensor | None) -> list[tuple[int, int]]:
+        """`config.logical_pose_moves`, after checking that `moved_features` fits them and `features`."""
+        moves = self.config.logical_pose_moves
+        if not moves:
+            if moved_features is not None:
+                raise ValueError("moved_features were given, but config.logical_pose_step is 0: the logical branch "
+                                 "scores only the image as it is")
+            return moves
+        if moved_features is None:
+            raise ValueError(f"config.logical_pose_step is {self.config.logical_pose_step}, so the logical branch also "
+                             "scores each image moved: pass pixel_values, or moved_features="
+                             "model.extract_moved_features(pixel_values) beside features")
+        expected = (features.shape[0], len(moves), *features.shape[1:])
+        if tuple(moved_features.shape) != expected:
+            raise ValueError(f"moved_features must have shape {expected} (batch, moves, C, g, g), "
+                             f"got {tuple(moved_features.shape)}")
+        return moves
 
     def standardized_scores(self, scores: dict[str, torch.Tensor], categories: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """z-scores `{branch: (B,)}` of raw branch scores `{branch: (B,)}` with the calibration statistics
@@ -348,7 +414,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor | None = None, category=None, num_masks: int | None = None,
                 seed=0, bool_masked_pos: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 threshold: float | None = None, return_histograms: bool = False,
-                max_sequences_per_chunk: int | None = None, predictor_dtype=None) -> LadmimAnomalyOutput:
+                max_sequences_per_chunk: int | None = None, predictor_dtype=None,
+                moved_features: torch.Tensor | None = None) -> LadmimAnomalyOutput:
         """Score images.
 
         Args:
@@ -371,6 +438,9 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 CPU with AVX512-BF16, bf16 scores 1.5x faster at paper size (`benchmarks/scoring.py
                 --bf16`); on a trained synthloco model logical scores moved by at most 1e-3 and the
                 AUROC did not change. `None`: float32.
+            moved_features: with `features` and `config.logical_pose_step` > 0, the features of the
+                moved images `(B, 4, C, g, g)` (`extract_moved_features`); computed from
+                `pixel_values` when those are given instead.
         """
         with _eval_mode(self):
             if category is None:
@@ -382,6 +452,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if pixel_values is None:
                     raise ValueError("pass pixel_values or features")
                 features = self.tokenizer.extract_features(pixel_values)
+            if moved_features is None and pixel_values is not None:
+                moved_features = self.extract_moved_features(pixel_values)
             batch = features.shape[0]
             class_ids = self.tokenizer.category_ids(category, batch)
             if bool_masked_pos is None:
@@ -396,7 +468,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if masks.dim() == 2:
                     masks = masks[:, None]
             raw = self.branch_outputs(features, class_ids, masks, None, return_histograms, max_sequences_per_chunk,
-                                      predictor_dtype)
+                                      predictor_dtype, moved_features=moved_features)
             scores, maps = raw.scores, raw.maps
             for branch, values in scores.items():
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
@@ -422,7 +494,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 structural_map=maps["structural"], mask_scores=raw.mask_scores, masks=masks,
                 predicted_histograms=raw.predicted_histograms, target_histograms=raw.target_histograms,
                 memory_bank_score=scores.get("memory_bank"), memory_bank_map=maps.get("memory_bank"),
-                global_score=scores.get("global"),
+                global_score=scores.get("global"), logical_pose_scores=raw.logical_pose_scores,
             )
 
 

@@ -54,6 +54,18 @@ def kernel_histogram_distance(difference: torch.Tensor, kernel: torch.Tensor) ->
     return quadratic.clamp(min=1e-12).sqrt().sum(-1)
 
 
+def translate(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Images or maps `(..., H, W)` moved `dx` pixels right and `dy` down; what enters repeats the border."""
+    pad = max(abs(dx), abs(dy))
+    if pad == 0:
+        return images
+    height, width = images.shape[-2:]
+    flat = images.reshape(-1, 1, height, width)  # replicate padding wants (N, C, H, W)
+    padded = torch.nn.functional.pad(flat, (pad,) * 4, mode="replicate")
+    moved = padded[..., pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+    return moved.reshape(images.shape)
+
+
 def code_histograms(codes: torch.Tensor, masks: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Normalised histograms of the codes under each mask.
 

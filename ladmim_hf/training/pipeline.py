@@ -36,7 +36,7 @@ from ..io_utils import atomic_save_directory, atomic_write_json, recover_interru
 from ..models.modeling_ladmim import LadmimForAnomalyDetection
 from ..models.modeling_ladmim_predictor import LadmimPredictorModel
 from ..models.modeling_ladmim_tokenizer import LadmimTokenizerModel
-from ..scoring import extract_features
+from ..scoring import extract_features, extract_moved_features
 from .loop import Progress, _masks_for_step, _StopFlag, run_stage
 from .settings import SettingsError, TrainSettings, _check_resume
 
@@ -143,6 +143,11 @@ def open_run(settings: TrainSettings, resume: bool) -> TrainingRun:
     return TrainingRun(settings, resume, accelerator, layout, categories, progress, saved_settings)
 
 
+def moved_cache_key(category: str, step: int) -> str:
+    """The feature cache's key for a category's validation images moved by `step` pixels (each step its own)."""
+    return f"validation_moved_{step}px/{category}"
+
+
 def cache_features(
     run: TrainingRun,
 ) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor, dict[str, torch.Tensor], dict]:
@@ -178,6 +183,14 @@ def cache_features(
     for key, paths in to_extract.items():
         cache[key] = extract_features(tokenizer, processor, paths, settings.feature_batch_size, f"features {key}",
                                       run.disable_bars)
+    # With logical_pose_step, calibration scores the validation images at the moved poses as well.
+    for category in categories if model.config.logical_pose_moves else []:
+        key = moved_cache_key(category, model.config.logical_pose_step)
+        if key not in cache:
+            model.to(accelerator.device)  # only the backbone runs here
+            cache[key] = extract_moved_features(model, processor, splits[category].validation,
+                                                settings.feature_batch_size, f"features validation/{category}",
+                                                run.disable_bars)
     if accelerator.is_main_process:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
@@ -300,11 +313,12 @@ def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[st
     num_masks = settings.calibration_num_masks  # None: the model's num_masks
     for category in tqdm(categories, desc="calibration", disable=run.disable_bars):
         features = cache[f"validation/{category}"]
+        moved = cache[moved_cache_key(category, model.config.logical_pose_step)] if model.config.logical_pose_moves else None
         warning = calibration_size_warning(len(features), settings.calibration_fpr)
         if warning:
             logger.warning("%s: %s", category, warning)
         calibration[category] = calibrate_category(model, features.to(run.accelerator.device), category, num_masks,
-                                                   settings.seed, settings.calibration_fpr)
+                                                   settings.seed, settings.calibration_fpr, moved)
     model.config.calibration = calibration
     return calibration
 
