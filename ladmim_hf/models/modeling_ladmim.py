@@ -250,18 +250,22 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         moves = self.check_moved_features(features, moved_features)
         poses = 1 + len(moves)
         batch = features.shape[0]
-        if moves:  # every pose of an image in consecutive rows, the image as it is first
-            pose_features = torch.cat([features[:, None], moved_features.to(features)], 1).flatten(0, 1)
+        tokens = self.tokenizer.tokenize(features=features, category=class_ids)
+        pose_inputs, pose_codes, pose_class_ids, pose_masks = tokens["features"], tokens["codes"], class_ids, masks
+        if moves:  # every pose of an image in consecutive rows, the image as it is first; codes only (no decoder)
+            moved = moved_features.to(features).flatten(0, 1)
+            moved_ids = class_ids.repeat_interleave(len(moves))
+            moved_inputs = self.tokenizer.standardize(moved).view(batch, len(moves), *features.shape[1:])
+            moved_codes = self.tokenizer.encode(features=moved, category=moved_ids).view(batch, len(moves), *pose_codes.shape[1:])
+            pose_inputs = torch.cat([pose_inputs[:, None], moved_inputs], 1).flatten(0, 1)
+            pose_codes = torch.cat([pose_codes[:, None], moved_codes], 1).flatten(0, 1)
             pose_class_ids, pose_masks = class_ids.repeat_interleave(poses), masks.repeat_interleave(poses, 0)
-        else:
-            pose_features, pose_class_ids, pose_masks = features, class_ids, masks
-        tokens = self.tokenizer.tokenize(features=pose_features, category=pose_class_ids)
         code_kernels = code_kernels or {}
 
         def logical(cid: int, rows: torch.Tensor | None):
             def pick(t):
                 return t if rows is None else t[rows]
-            return self.logical_scores(pick(tokens["features"]), pick(tokens["codes"]), pick(pose_masks), self.categories[cid],
+            return self.logical_scores(pick(pose_inputs), pick(pose_codes), pick(pose_masks), self.categories[cid],
                                        return_histograms, max_sequences_per_chunk, predictor_dtype, code_kernels.get(cid))
 
         if len(groups) == 1:  # one category: no gather or scatter
@@ -283,7 +287,6 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         size_px = self.config.tokenizer_config.image_size
         logical_map = F.interpolate(self.logical_map(mask_scores, pose_masks)[:, None], size=(size_px, size_px),
                                     mode="bilinear", align_corners=True)[:, 0]
-        structural_score, structural_map = tokens["structural_score"], tokens["structural_map"]
         pose_scores = None
         if moves:
             pose_scores = mask_scores.mean(1).view(batch, poses)
@@ -301,10 +304,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             mask_scores = at_best(mask_scores)
             if return_histograms:
                 predicted_all, target_all = at_best(predicted_all), at_best(target_all)
-            structural_score = structural_score.view(batch, poses)[:, 0]
-            structural_map = structural_map.view(batch, poses, *structural_map.shape[1:])[:, 0]
-        scores = {"logical": mask_scores.mean(1), "structural": structural_score}
-        maps = {"logical": logical_map, "structural": structural_map}
+        scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
+        maps = {"logical": logical_map, "structural": tokens["structural_map"]}
         if self.memory_bank is not None:
             scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories, groups)
         if self.global_branch is not None:
