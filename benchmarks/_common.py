@@ -219,6 +219,34 @@ def ratios(slow, fast) -> list[float]:
     return [s / f for s, f in zip(slow, fast)]
 
 
+def cost_parser(description: str) -> argparse.ArgumentParser:
+    """`base_parser` plus the options of the scoring-cost scripts (`branch_cost.py`, `pose_cost.py`)."""
+    parser = base_parser(description)
+    parser.add_argument("--images", type=int, default=8, help="images per timed forward")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train_images", type=int, default=150, help="random training images the branches are fitted on")
+    return parser
+
+
+def cost_ratio(with_it: Callable[[], object], without_it: Callable[[], object], rounds: int, images: int) -> dict:
+    """The cost of a scoring option: `with_it` and `without_it` (each scores `images` images) timed
+    alternately in `rounds` rounds after one warm-up call each. `ratio` / `ratio_wall`: the median over
+    rounds of with / without CPU time / wall clock; `cpu_s_per_image_with` / `_without`: the medians."""
+    with_it(), without_it()  # warm-up: first calls allocate
+    cpu_ratios, wall_ratios, per_image = [], [], {"with": [], "without": []}
+    for round_index in range(rounds):
+        wall_with, cpu_with, _ = timed_cpu(with_it)
+        wall_without, cpu_without, _ = timed_cpu(without_it)
+        cpu_ratios.append(cpu_with / cpu_without)
+        wall_ratios.append(wall_with / wall_without)
+        per_image["with"].append(cpu_with / images)
+        per_image["without"].append(cpu_without / images)
+        log(f"round {round_index + 1}: {cpu_ratios[-1]:.3f}")
+    return {"ratio": round(median(cpu_ratios), 4), "ratio_wall": round(median(wall_ratios), 4),
+            "cpu_s_per_image_with": round(median(per_image["with"]), 5),
+            "cpu_s_per_image_without": round(median(per_image["without"]), 5)}
+
+
 def comparison(benchmark: str, config: str, wall_ratios, cpu_ratios, digits: int = 3, **fields) -> dict:
     """The JSON object of a comparison of two code paths: `benchmark`, `config`, then `speedup` (median of
     the per-round wall-clock ratios), `speedup_cpu_time` (median CPU-time ratio) and `round_speedups`

@@ -22,10 +22,7 @@ import _common as C
 
 
 def main(argv=None) -> dict:
-    parser = C.base_parser(__doc__)
-    parser.add_argument("--images", type=int, default=8, help="images per timed forward")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--train_images", type=int, default=150, help="random training images the branches are fitted on")
+    parser = C.cost_parser(__doc__)
     args = parser.parse_args(argv)
     C.apply_threads(args)
     from ladmim_hf import LadmimConfig
@@ -53,23 +50,11 @@ def main(argv=None) -> dict:
     images = C.random_images(args.images, size, args.seed + 1)
     seeds = list(range(args.images))
 
-    def run(model):
-        return C.timed_cpu(lambda: model(images, category=C.CATEGORY, seed=seeds))
+    def scorer(model):
+        return lambda: model(images, category=C.CATEGORY, seed=seeds)
 
-    run(with_branches), run(without)  # warm-up: first calls allocate
-    ratios, wall_ratios, times = [], [], {"with": [], "without": []}
-    for round_index in range(args.rounds):
-        wall_with, cpu_with, _ = run(with_branches)
-        wall_without, cpu_without, _ = run(without)
-        ratios.append(cpu_with / cpu_without)
-        wall_ratios.append(wall_with / wall_without)
-        times["with"].append(cpu_with / args.images)
-        times["without"].append(cpu_without / args.images)
-        C.log(f"round {round_index + 1}: {ratios[-1]:.3f}")
     result = {
-        "ratio": round(C.median(ratios), 4), "ratio_wall": round(C.median(wall_ratios), 4),
-        "cpu_s_per_image_with": round(C.median(times["with"]), 5),
-        "cpu_s_per_image_without": round(C.median(times["without"]), 5),
+        **C.cost_ratio(scorer(with_branches), scorer(without), args.rounds, args.images),
         "memory_bank_size": config.memory_bank_size, "global_branch": config.global_branch,
         "global_descriptor": config.global_descriptor,
         "num_masks": config.num_masks, "images": args.images, "rounds": args.rounds,

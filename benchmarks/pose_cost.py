@@ -22,10 +22,7 @@ import _common as C
 
 
 def main(argv=None) -> dict:
-    parser = C.base_parser(__doc__)
-    parser.add_argument("--images", type=int, default=8, help="images per timed forward")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--train_images", type=int, default=150, help="random training images the branches are fitted on")
+    parser = C.cost_parser(__doc__)
     parser.add_argument("--scoring_memory_mb", type=int, default=None,
                         help="the predictor's scoring budget, which sets its chunk size (default: the config's)")
     args = parser.parse_args(argv)
@@ -45,26 +42,16 @@ def main(argv=None) -> dict:
     model.fit_feature_branches(train, C.CATEGORY, seed=args.seed)
     images = C.random_images(args.images, config.tokenizer_config.image_size, args.seed + 1)
 
-    def run(pose_step: int):
-        model.config.logical_pose_step = pose_step
-        return C.timed_cpu(lambda: model(images, category=C.CATEGORY, seed=args.seed))
+    def scorer(pose_step: int):
+        def score():
+            model.config.logical_pose_step = pose_step
+            return model(images, category=C.CATEGORY, seed=args.seed)
+        return score
 
-    run(step), run(0)  # warm-up: first calls allocate
-    ratios, wall_ratios, times = [], [], {"with": [], "without": []}
-    for round_index in range(args.rounds):
-        wall_with, cpu_with, _ = run(step)
-        wall_without, cpu_without, _ = run(0)
-        ratios.append(cpu_with / cpu_without)
-        wall_ratios.append(wall_with / wall_without)
-        times["with"].append(cpu_with / args.images)
-        times["without"].append(cpu_without / args.images)
-        C.log(f"round {round_index + 1}: {ratios[-1]:.3f}")
     result = {
-        "ratio": round(C.median(ratios), 4), "ratio_wall": round(C.median(wall_ratios), 4),
-        "cpu_s_per_image_with": round(C.median(times["with"]), 5),
-        "cpu_s_per_image_without": round(C.median(times["without"]), 5),
-        "logical_pose_step": step, "poses": 5,
-        "enabled_branches": config.enabled_branches, "scoring_memory_mb": config.scoring_memory_mb, "num_masks": config.num_masks, "images": args.images,
+        **C.cost_ratio(scorer(step), scorer(0), args.rounds, args.images),
+        "logical_pose_step": step, "poses": 5, "enabled_branches": config.enabled_branches,
+        "scoring_memory_mb": config.scoring_memory_mb, "num_masks": config.num_masks, "images": args.images,
         "rounds": args.rounds, "config": "tiny" if args.tiny else "synthloco-cpu",
     }
     C.emit(f"scoring with {step} px poses / without: {result['ratio']:.3f} (CPU time), {result['ratio_wall']:.3f} (wall)",
