@@ -4,8 +4,8 @@ Builds the detector of `configs/synthloco-cpu.yaml` (random weights: the cost do
 them; every branch that file enables, fitted on random training features) and times
 `model(pixel_values, category, seed=...)` (backbone included, the config's masks) on the same images
 with the file's `logical_pose_step` (6 if the file leaves it at 0) and with 0, alternating the two in
-`--rounds` rounds on the same weights (`--scoring_memory_mb` sets the predictor's chunk size). `ratio` is the median over rounds of (with poses) / (without)
-process CPU time per image; with `--threads 1` it does not depend on the machine's load. The
+`--rounds` rounds on the same weights (`--scoring_memory_mb` sets the predictor's chunk size).
+`ratio` is the median over rounds of (with poses) / (without) process CPU time per image; with `--threads 1` it does not depend on the machine's load. The
 backbone and predictor run once per pose, the memory bank and global branch once.
 
     python benchmarks/pose_cost.py --threads 1

@@ -3,13 +3,13 @@
 On a fixed layout, a tray shifted by a few pixels moves its content across cell borders. On
 synthloco's pushpins the logical score of good test images follows the photo's shift
 (docs/experiments.md). This probe scores every image at its own pose and moved by `--step` pixels
-right, left, down and up (5 poses; the pixels that enter repeat the border, `modeling_ladmim_utils.translate`). With
-`--level features` the backbone's feature grid is moved instead, by the same distance in cells
-(`step / (image_size / grid_size)`, bilinear, the border repeated): a move that cached features
-allow, so calibration and export could use it.
+right, left, down and up (5 poses; the pixels that enter repeat the border,
+`modeling_ladmim_utils.translate`). With `--level features` the backbone's feature grid is moved
+instead, by the same distance in cells (`step / (image_size / grid_size)`, bilinear, the border
+repeated): a move that cached features allow, so calibration and export could use it.
 The image's logical score is then the smallest of the five (`min`: the pose that fits the rules best,
-what the package does with `logical_pose_step`) or their mean. The validation images get the same treatment, so each variant is standardised on
-them. It is then fused in place of the model's logical branch with the model's other z-scores
+what the package does with `logical_pose_step`) or their mean. The validation images get the same
+treatment, so each variant is standardised on them. It is then fused in place of the model's logical branch with the model's other z-scores
 (`fusion_sweep.py --save_scores`, the model's `fusion_rule`). The first row, `centre`, is the
 unmoved image: the package's own logical branch, standardised by this probe.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ladmim_hf.models.configuration_ladmim import pose_moves as package_moves
 from ladmim_hf.models.modeling_ladmim_utils import translate
 
 import _shared as S
@@ -36,7 +37,7 @@ AGGREGATIONS = {"centre": lambda scores: scores[:, 0], "min": lambda scores: sco
 
 def pose_moves(step: int) -> list[tuple[int, int]]:
     """The unmoved pose first, then `step` pixels right, left, down and up: `[(dx, dy), ...]`."""
-    return [(0, 0), (step, 0), (-step, 0), (0, step), (0, -step)]
+    return [(0, 0), *package_moves(step)]
 
 
 def move_features(features: torch.Tensor, dx_cells: float, dy_cells: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .models.branches_ladmim import FUSION_RULES, fuse
 from .models.configuration_ladmim import BRANCHES, check_calibration
 from .metrics import f1_optimal_threshold
 from .models.modeling_ladmim import LadmimForAnomalyDetection
-from .scoring import branch_scores_and_map_statistics, extract_features, extract_moved_features
+from .scoring import branch_scores_and_map_statistics, extract_scoring_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
 
@@ -169,8 +169,7 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
             warning = calibration_size_warning(len(paths), fpr)
             if warning:
                 logger.warning("%s: %s", category, warning)
-        features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {data_category}")
-        moved = extract_moved_features(detector, processor, paths, batch_size, f"features {data_category}")
+        features, moved = extract_scoring_features(detector, processor, paths, batch_size, f"features {data_category}")
         if labelled:
             scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
                                                                       normal=~labels, moved_features=moved)

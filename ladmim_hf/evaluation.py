@@ -28,7 +28,7 @@ from .models.image_processing_ladmim import LadmimImageProcessor, load_image
 from .io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from .metrics import f1_optimal_threshold, image_auroc, loco_au_spro, loco_image_aurocs, operating_point, roc_curve_points
 from .models.modeling_ladmim import LadmimForAnomalyDetection
-from .scoring import extract_features, extract_moved_features
+from .scoring import extract_features, extract_scoring_features
 
 logger = logging.getLogger("ladmim_hf.evaluation")
 
@@ -133,8 +133,7 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             raise FileNotFoundError(f"no test images for category {category!r} under {data_root}")
         paths = [r["path"] for r in rows]
         types = [r["anomaly_type"] for r in rows]
-        features = extract_features(detector.tokenizer, processor, paths, batch_size, f"features {category}")
-        moved_features = extract_moved_features(detector, processor, paths, batch_size, f"features {category}")
+        features, moved_features = extract_scoring_features(detector, processor, paths, batch_size, f"features {category}")
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
             chunk = features[start:start + batch_size]

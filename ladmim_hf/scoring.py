@@ -17,21 +17,23 @@ from .models.modeling_ladmim import LadmimForAnomalyDetection
 from .models.modeling_ladmim_tokenizer import LadmimTokenizerModel
 
 
-def _features_of_files(extract: Callable[[torch.Tensor], torch.Tensor], device, processor: LadmimImageProcessor,
-                       paths: list[str], batch_size: int, description: str, disable: bool) -> torch.Tensor:
-    chunks = []
+def _features_of_files(extracts: list[Callable[[torch.Tensor], torch.Tensor]], device, processor: LadmimImageProcessor,
+                       paths: list[str], batch_size: int, description: str, disable: bool) -> list[torch.Tensor]:
+    """Each of `extracts` applied to the files' pixels, every file read once: one float32 CPU tensor per extract."""
+    chunks: list[list[torch.Tensor]] = [[] for _ in extracts]
     for start in tqdm(range(0, len(paths), batch_size), desc=description, unit="batch", disable=disable, leave=False):
         pixel_values = processor(paths[start:start + batch_size])["pixel_values"].to(device)
-        chunks.append(extract(pixel_values).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+        for chunk, extract in zip(chunks, extracts):
+            chunk.append(extract(pixel_values).float().cpu())
+    return [torch.cat(chunk) if chunk else torch.empty(0) for chunk in chunks]
 
 
 @torch.no_grad()
 def extract_features(tokenizer: LadmimTokenizerModel, processor: LadmimImageProcessor, paths: list[str],
                      batch_size: int, description: str, disable: bool = False) -> torch.Tensor:
     """Frozen backbone features `(num_images, C, g, g)` (float32, CPU) of image files, with a progress bar."""
-    return _features_of_files(tokenizer.extract_features, tokenizer.device, processor, paths, batch_size, description,
-                              disable)
+    return _features_of_files([tokenizer.extract_features], tokenizer.device, processor, paths, batch_size, description,
+                              disable)[0]
 
 
 @torch.no_grad()
@@ -42,8 +44,22 @@ def extract_moved_features(detector: LadmimForAnomalyDetection, processor: Ladmi
     detector scores only the image as it is."""
     if not detector.config.logical_pose_moves:
         return None
-    return _features_of_files(detector.extract_moved_features, detector.device, processor, paths, batch_size,
-                              f"{description} (moved)", disable)
+    return _features_of_files([detector.extract_moved_features], detector.tokenizer.device, processor, paths, batch_size,
+                              f"{description} (moved)", disable)[0]
+
+
+@torch.no_grad()
+def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
+                             batch_size: int, description: str, disable: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the detector scores image files from, each file read once: backbone features `(num_images, C, g, g)`
+    and `extract_moved_features` `(num_images, 4, C, g, g)` (None without poses); float32, CPU."""
+    tokenizer = detector.tokenizer
+    if not detector.config.logical_pose_moves:
+        return extract_features(tokenizer, processor, paths, batch_size, description, disable), None
+    features, moved = _features_of_files([tokenizer.extract_features, detector.extract_moved_features], tokenizer.device,
+                                         processor, paths, batch_size, description, disable)
+    return features, moved
 
 
 def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
@@ -88,4 +104,5 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features", "extract_moved_features"]
+__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features", "extract_moved_features",
+           "extract_scoring_features"]

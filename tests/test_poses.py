@@ -129,7 +129,7 @@ def test_moved_features_of_files_equal_the_models_own(tmp_path):
     from PIL import Image
 
     from ladmim_hf import LadmimImageProcessor
-    from ladmim_hf.scoring import extract_moved_features
+    from ladmim_hf.scoring import extract_features, extract_moved_features, extract_scoring_features
 
     model = fitted_branch_model(logical_pose_step=STEP)
     processor = LadmimImageProcessor(size=64)
@@ -141,8 +141,12 @@ def test_moved_features_of_files_equal_the_models_own(tmp_path):
     with torch.no_grad():
         expected = model.extract_moved_features(processor(paths)["pixel_values"])
     torch.testing.assert_close(moved, expected)
+    features, moved_too = extract_scoring_features(model, processor, paths, 2, "test", True)  # each file read once
+    torch.testing.assert_close(features, extract_features(model.tokenizer, processor, paths, 2, "test", True))
+    torch.testing.assert_close(moved_too, expected)
     model.config.logical_pose_step = 0
     assert extract_moved_features(model, processor, paths, 2, "test", True) is None
+    assert extract_scoring_features(model, processor, paths, 2, "test", True)[1] is None
 
 
 def test_paper_config_scores_the_image_as_it_is():

@@ -37,6 +37,11 @@ def check_whole_numbers(config_name: str, **fields) -> None:
             raise ValueError(f"{config_name}.{name} must be a whole number >= 1, got {value!r}")
 
 
+def pose_moves(step: int) -> list[tuple[int, int]]:
+    """`(dx, dy)` pixel moves `step` right, left, down and up (`LadmimConfig.logical_pose_step`); none for 0."""
+    return [(step, 0), (-step, 0), (0, step), (0, -step)] if step else []
+
+
 def check_calibration(category: str, stats) -> None:
     """Refuse calibration statistics that would standardise or decide on a non-number: every value must
     be a finite number and every `*_std` positive (the error names the category and field)."""
@@ -522,8 +527,7 @@ class LadmimConfig(PretrainedConfig):
     def logical_pose_moves(self) -> list[tuple[int, int]]:
         """`(dx, dy)` pixel moves of the extra poses the logical branch scores (`logical_pose_step`
         right, left, down, up); empty when the step is 0."""
-        step = self.logical_pose_step
-        return [(step, 0), (-step, 0), (0, step), (0, -step)] if step else []
+        return pose_moves(self.logical_pose_step)
 
     @property
     def categories(self) -> list[str]:

@@ -186,8 +186,7 @@ def cache_features(
     # With logical_pose_step, calibration scores the validation images at the moved poses as well.
     for category in categories if model.config.logical_pose_moves else []:
         key = moved_cache_key(category, model.config.logical_pose_step)
-        if key not in cache:
-            model.to(accelerator.device)  # only the backbone runs here
+        if key not in cache:  # the backbone (in the tokenizer, already on the device) is all that runs
             cache[key] = extract_moved_features(model, processor, splits[category].validation,
                                                 settings.feature_batch_size, f"features validation/{category}",
                                                 run.disable_bars)
