@@ -290,6 +290,20 @@ class Scored:
     fused_branches: list = field(default_factory=lambda: ["logical", "structural"])
     fusion_rule: str = "sum"
     memory_bank_map: np.ndarray | None = None
+    # The pose the logical branch scored best at (`logical_pose_step`): the image moved (right, down) by
+    # this many pixels of the model's input, whose side is `image_size`; (0, 0) is the image as it is.
+    pose_move: tuple = (0, 0)
+    image_size: int = 224
+
+
+def best_pose_move(out, config) -> tuple[int, int]:
+    """`(dx, dy)` input pixels of the pose the logical branch kept for the first image, from
+    `out.logical_pose_scores` (the image as it is first, then `config.logical_pose_moves`)."""
+    pose_scores = getattr(out, "logical_pose_scores", None)
+    if pose_scores is None:
+        return (0, 0)
+    moves = [(0, 0)] + [tuple(move) for move in config.logical_pose_moves]
+    return moves[int(pose_scores[0].argmin())]
 
 
 def _z(raw: float, stats: dict, branch: str) -> float | None:
@@ -338,6 +352,7 @@ def score(model, processor, image: Image.Image, category: str, num_masks: int, t
         fused_branches=list(getattr(config, "fused_branches", None) or ["logical", "structural"]),
         fusion_rule=getattr(config, "fusion_rule", "sum"),
         memory_bank_map=None if memory_bank_map is None else memory_bank_map[0].float().cpu().numpy(),
+        pose_move=best_pose_move(out, config), image_size=int(config.tokenizer_config.image_size),
     )
 
 
@@ -399,9 +414,20 @@ def details_markdown(result: Scored) -> str:
     if not result.calibrated:
         lines.append(f"- **Note:** the model has no calibration for *{result.category}*: scores are raw, not "
                      "standardised, the threshold is the model's default, and each heat map is coloured by its own range.")
+    if result.pose_move != (0, 0):
+        lines.append(f"- The logical branch fitted best with the image moved {pose_text(result.pose_move)}; its heat map "
+                     "and the mask outlines are moved back onto the image.")
     lines.append(f"\n<sub>{result.num_masks} masks, seed {result.seed}. A z-score counts standard deviations "
                  "above the average normal image.</sub>")
     return "\n".join(lines)
+
+
+def pose_text(move: tuple[int, int]) -> str:
+    """`(6, 0)` -> "6 px right", `(0, -6)` -> "6 px up" (pixels of the model's input)."""
+    dx, dy = move
+    parts = [f"{abs(dx)} px {'right' if dx > 0 else 'left'}"] if dx else []
+    parts += [f"{abs(dy)} px {'down' if dy > 0 else 'up'}"] if dy else []
+    return " and ".join(parts)
 
 
 def _display(image: Image.Image) -> Image.Image:
@@ -434,10 +460,12 @@ def render(result: Scored, image: Image.Image):
         memory_bank = heatmap_overlay(view, result.memory_bank_map, alpha=0.5, vmin=memory_bank_range[0],
                                       vmax=memory_bank_range[1])
     order = np.argsort(-result.mask_scores, kind="stable")[:TOP_MASKS]
+    dx, dy = result.pose_move  # the masks hid cells of the moved image: move them back by (-dx, -dy)
+    offset = (round(-dx * view.width / result.image_size), round(-dy * view.height / result.image_size))
     outlines, charts, top = [], [], []
     for rank, index in enumerate(order, start=1):
         mask_score = float(result.mask_scores[index])
-        outlines.append(mask_outline(view, result.masks[index], result.grid_size))
+        outlines.append(mask_outline(view, result.masks[index], result.grid_size, offset=offset))
         charts.append(histogram_chart(
             result.predicted[index], result.target[index],
             title=f"#{rank}: mask {index + 1} of {result.num_masks}, {result.distance_name} = {mask_score:.2f} "
@@ -461,7 +489,7 @@ def summary(result: Scored, top: list[dict]) -> dict:
     for branch, z in result.branch_z.items():
         data[f"z_{branch}"] = z
     data.update(fused_branches=result.fused_branches, fusion_rule=result.fusion_rule, calibrated=result.calibrated,
-                num_masks=result.num_masks, seed=result.seed, top_masks=top)
+                num_masks=result.num_masks, seed=result.seed, top_masks=top, logical_pose_move=list(result.pose_move))
     return data
 
 

@@ -49,7 +49,7 @@ def heatmap_overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.5, 
 
 
 def mask_outline(image: Image.Image, cells: np.ndarray, grid_size: int, dim: float = 0.45,
-                 color: tuple[int, int, int] = OUTLINE_COLOR) -> Image.Image:
+                 color: tuple[int, int, int] = OUTLINE_COLOR, offset: tuple[int, int] = (0, 0)) -> Image.Image:
     """Show one test mask on the image: the hidden region keeps its colours and gets an outline,
     everything else is dimmed.
 
@@ -58,10 +58,16 @@ def mask_outline(image: Image.Image, cells: np.ndarray, grid_size: int, dim: flo
         cells: ``(grid_size * grid_size,)`` or ``(grid_size, grid_size)`` bool, True = hidden cell.
         grid_size: side of the model's token grid.
         dim: brightness kept outside the mask (0 = black, 1 = unchanged).
+        offset: ``(right, down)`` pixels of ``image`` to move the hidden region by: a mask scored on the
+            image moved by ``(dx, dy)`` covers the image's own pixels moved by ``(-dx, -dy)``.
     """
     base = image.convert("RGB")
     grid = np.asarray(cells, dtype=bool).reshape(grid_size, grid_size)
     region = Image.fromarray(grid.astype(np.uint8) * 255, mode="L").resize(base.size, Image.NEAREST)
+    if offset != (0, 0):
+        moved = Image.new("L", base.size, 0)
+        moved.paste(region, (int(offset[0]), int(offset[1])))
+        region = moved
     darker = Image.eval(base, lambda v: int(v * dim))
     shown = Image.composite(base, darker, region)
     width = max(3, round(min(base.size) / 110)) | 1  # odd kernel sizes for the rank filters

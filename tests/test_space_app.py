@@ -473,3 +473,51 @@ def test_intro_names_the_fusion_rule_in_words_and_what_the_global_branch_looks_a
     assert "overall feature statistics" in moments and "the sum of the standardised logical and memory bank" in moments
     assert "the largest of the standardised" in app.intro(branches, ["logical", "global"], "max")
     assert "memory bank" not in app.intro(["logical", "structural"], ["logical", "structural"], "sum")
+
+
+def test_mask_outlines_follow_the_pose_the_logical_branch_scored_at():
+    """With `logical_pose_step`, the masks hid cells of the moved image: the outlines are moved back by the
+    chosen pose (the same pose the model reports in `logical_pose_scores`), and the details say so."""
+    from types import SimpleNamespace
+
+    from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
+
+    app = load_app_module()
+    drawing = sys.modules["drawing"]
+
+    # mask_outline by hand: a 4 x 4 grid on a 40 x 40 image, cell (row 1, column 1) hidden, moved 3 left, 2 down
+    image = Image.new("RGB", (40, 40), (200, 200, 200))
+    cells = np.zeros((4, 4), dtype=bool)
+    cells[1, 1] = True
+    plain = np.asarray(drawing.mask_outline(image, cells, 4))
+    moved = np.asarray(drawing.mask_outline(image, cells, 4, offset=(-3, 2)))
+    assert tuple(plain[15, 15]) == (200, 200, 200) and tuple(moved[17, 12]) == (200, 200, 200)  # inside the region
+    assert moved[11, 18, 0] == int(200 * 0.45)  # inside the unmoved region only: dimmed
+    assert tuple(moved[17, 7]) == drawing.OUTLINE_COLOR and tuple(plain[15, 10]) == drawing.OUTLINE_COLOR  # left edges
+
+    step = 4
+    config = SimpleNamespace(logical_pose_moves=[(step, 0), (-step, 0), (0, step), (0, -step)])
+    out = SimpleNamespace(logical_pose_scores=torch.tensor([[3.0, 5.0, 1.0, 2.0, 4.0]]))
+    assert app.best_pose_move(out, config) == (-step, 0)
+    assert app.best_pose_move(SimpleNamespace(logical_pose_scores=None), config) == (0, 0)
+    assert app.pose_text((-step, 0)) == f"{step} px left" and app.pose_text((0, step)) == f"{step} px down"
+
+    torch.manual_seed(0)
+    model = LadmimForAnomalyDetection(tiny_config(num_masks=NUM_MASKS, logical_pose_step=step)).eval()
+    processor = LadmimImageProcessor(size=64)
+    picture = Image.open(GOOD).convert("RGB")
+    result = app.score(model, processor, picture, CATEGORY, NUM_MASKS, None, 0)
+    with torch.no_grad():
+        expected = model(**processor(picture), category=CATEGORY, num_masks=NUM_MASKS, seed=[0])
+    moves = [(0, 0)] + model.config.logical_pose_moves
+    assert result.pose_move == moves[int(expected.logical_pose_scores[0].argmin())]
+
+    result.pose_move = (step, -step)  # whichever pose a random model picks, check one that moves both ways
+    view = app._display(picture)
+    outlines = app.render(result, view)[3]
+    first = int(np.argsort(-result.mask_scores, kind="stable")[0])
+    offset = (round(-step * view.width / 64), round(step * view.height / 64))
+    reference = drawing.mask_outline(view, result.masks[first], result.grid_size, offset=offset)
+    assert np.array_equal(np.asarray(outlines[0]), np.asarray(reference))
+    assert f"moved {step} px right and {step} px up" in app.details_markdown(result)
+    assert app.summary(result, [])["logical_pose_move"] == [step, -step]
