@@ -36,6 +36,9 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
   Mahalanobis distance of the image's share of cells in each of K k-means clusters of the category's
   standardised training cells (as CSAD counts its segmented components), soft-assigned;
   `parts:clusters=K` adds it as one more branch instead;
+- `global:cooccurrence=K`: the Mahalanobis distance of how often each pair of K part clusters lies
+  in side-by-side cells (right or below, either order): a part's length and what touches what, which a
+  count of cells per part does not see; `parts:cooccurrence=K` adds it as one more branch instead;
 - `global:moments`: the package's `global_descriptor: moments` (per-channel mean and std), for a model
   fitted with the part histogram;
 - `global:knn=K`: the mean Euclidean distance of the image's pooled features (standardised per
@@ -60,10 +63,10 @@ DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank
                     "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
                     "per_cell:gaussian")
 SETTINGS = {"memory_bank": ("size", "grid", "position"),
-            "global": ("standardized", "code_histogram", "set_cdf", "per_tap", "clusters", "knn", "moments"),
+            "global": ("standardized", "code_histogram", "set_cdf", "per_tap", "clusters", "knn", "moments", "cooccurrence"),
             "per_cell": ("gaussian",),
-            "parts": ("clusters",)}
-VALUED = ("size", "grid", "position", "clusters", "knn")  # settings that take a number
+            "parts": ("clusters", "cooccurrence")}
+VALUED = ("size", "grid", "position", "clusters", "knn", "cooccurrence")  # settings that take a number
 SET_PROJECTIONS, SET_QUANTILES = 128, 4  # per tap; the quantiles split the training patches into 5 equal shares
 
 
@@ -168,6 +171,26 @@ def global_branch_scores(train: torch.Tensor, validation: torch.Tensor, test: to
     branch = LadmimGlobalBranch(1, train.shape[1], **settings)
     branch.fit(train, 0, seed=seed)
     return [branch(f, torch.zeros(len(f), dtype=torch.long), ["category"]) for f in (validation, test)]
+
+
+def cooccurrence_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, parts: int,
+                             seed: int) -> list[torch.Tensor]:
+    """Train, validation and test descriptors `(N, parts * (parts + 1) / 2)` of features `(N, C, g, g)`: how
+    often each pair of parts (k-means clusters of the training cells, soft-assigned as the package's part
+    histogram) lies in side-by-side cells, right or below, in either order."""
+    branch = LadmimGlobalBranch(1, train.shape[1], "part_histogram", parts)
+    branch.fit(train, 0, seed=seed)
+    grid = train.shape[-1]
+    upper = torch.triu_indices(parts, parts)
+    out = []
+    for features in (train, validation, test):
+        assigned = branch.part_assignments(features, torch.zeros(len(features), dtype=torch.long))
+        assigned = assigned.view(len(features), grid, grid, parts)
+        pairs = (torch.einsum("bhwi,bhwj->bij", assigned[:, :, :-1], assigned[:, :, 1:])
+                 + torch.einsum("bhwi,bhwj->bij", assigned[:, :-1], assigned[:, 1:])) / (2 * grid * (grid - 1))
+        pairs = pairs + pairs.transpose(1, 2)
+        out.append(pairs[:, upper[0], upper[1]])
+    return out
 
 
 def knn_image_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -276,6 +299,9 @@ def main(argv=None) -> None:
                     validation, test = per_tap_global_scores(*grids, backbone.tap_channels)
                 elif setting == "moments":
                     validation, test = global_branch_scores(*grids, args.seed, descriptor="moments")
+                elif setting == "cooccurrence":
+                    validation, test = mahalanobis_scores(*cooccurrence_descriptors(*grids, int(value), args.seed)[:3],
+                                                          standardize=False)
                 elif setting == "clusters":
                     validation, test = global_branch_scores(*grids, args.seed, descriptor="part_histogram", parts=int(value))
                 elif setting == "knn":

@@ -20,9 +20,11 @@ centres, as `histogram_distance: codebook_mmd` does over codes) or L1.
 Variants are comma-separated settings: `k` (a number or `all`), `rule` (`predict` / `nearest`),
 `masks` (per image, one shared set drawn from `--seed`), `cells` and `block` (masked cells and the
 smallest block, as `score_num_masked` / `score_min_block`), `parts` (K), `soft` (1: soft assignments,
-0: the nearest part only), `distance` (`kernel` / `l1`), and `combine`, how the variant meets the trained
-predictor in the fusion: `replace` (in place of the model's logical branch), `mean` (the logical
-branch becomes the mean of the two z-scores; "alone" is then that mean's AUROC) or `join` (one more
+0: the nearest part only), `distance` (`kernel` / `l1`), `rank` (0: the exact kernel distance; r: each cell's assignment mapped
+through the kernel's top-r eigenvectors, so the Euclidean distance of mean embeddings approximates it
+with r numbers per cell), and `combine`, how the variant meets the trained
+predictor in the fusion: `replace` (in place of the model's logical branch), `mean` or `max` (the logical
+branch becomes the mean or the larger of the two z-scores; "alone" is then its AUROC) or `join` (one more
 fused branch beside the model's own). Unset settings take `DEFAULTS`.
 
     python experiments/fusion_sweep.py --model M --data_root data/synthloco --feature_cache C \
@@ -30,15 +32,22 @@ fused branch beside the model's own). Unset settings take `DEFAULTS`.
     python experiments/neighbour_predictor.py --model M --data_root data/synthloco --feature_cache C \
         --scores z.pt --test_features test.pt
 
+`--pose_step N` scores the neighbours at the image's own pose and moved N px right, left, down and
+up (as `logical_pose_step` does for the trained predictor) and keeps the lowest score; the validation
+images' moved features come from the feature cache (training keeps them under
+`validation_moved_{N}px/`), the test images' are extracted once and kept in `--test_moved_features`.
+
 Each variant is reported alone and, with `--scores` (`fusion_sweep.py --save_scores`), fused as its
 `combine` says (standardised on `validation/good`, the model's `fusion_rule`; `mean` and `join` need
-`--scores`). The
+`--scores`; so do `max` and `join`). The
 first row is the model's own logical branch. A second table gives each logical defect type's AUROC
 against the good images: the model's fused score, its logical branch and each variant alone. Last
 stdout line: JSON.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,8 +59,8 @@ from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse, squared_d
 from ladmim_hf.models.masking import BlockMaskGenerator
 
 DEFAULTS = {"k": "5", "rule": "predict", "masks": "40", "cells": "20", "block": "8", "parts": "128", "soft": "1",
-            "distance": "kernel", "combine": "replace"}
-COMBINE = ("replace", "mean", "join")
+            "distance": "kernel", "combine": "replace", "rank": "0"}
+COMBINE = ("replace", "mean", "max", "join")
 DEFAULT_VARIANTS = ("k=all", "k=5", "k=all,rule=nearest", "k=15,rule=nearest", "k=5,soft=0",
                     "k=5,masks=10,cells=44,block=16", "k=15,rule=nearest,distance=l1")
 
@@ -67,10 +76,11 @@ def parse_variant(text: str) -> dict:
     ok = (settings["rule"] in ("predict", "nearest") and settings["distance"] in ("kernel", "l1")
           and settings["combine"] in COMBINE
           and settings["soft"] in ("0", "1") and (settings["k"] == "all" or settings["k"].isdigit())
-          and all(settings[key].isdigit() and int(settings[key]) > 0 for key in ("masks", "cells", "block", "parts")))
+          and all(settings[key].isdigit() and int(settings[key]) > 0 for key in ("masks", "cells", "block", "parts"))
+          and settings["rank"].isdigit())
     if not ok:
         raise SystemExit(f"bad variant {text!r}: rule=predict|nearest, distance=kernel|l1, soft=0|1, k=N|all, "
-                         f"combine={'|'.join(COMBINE)}, masks/cells/block/parts positive whole numbers")
+                         f"combine={'|'.join(COMBINE)}, masks/cells/block/parts positive whole numbers, rank=R (0: exact)")
     return settings
 
 
@@ -80,9 +90,9 @@ def fused_with_variant(z: dict, variant_z: torch.Tensor, fused_branches: list[st
     `z` (`{branch: (N,)}`) as `combine` says, and the logical branch it makes (None unless `mean`)."""
     if combine == "join":
         return None, fuse(torch.stack([z[b] for b in fused_branches] + [variant_z], -1), rule)
-    logical = (variant_z + z["logical"]) / 2 if combine == "mean" else variant_z
+    logical = {"mean": (variant_z + z["logical"]) / 2, "max": torch.maximum(variant_z, z["logical"])}.get(combine, variant_z)
     fused = fuse(torch.stack([logical if b == "logical" else z[b] for b in fused_branches], -1), rule)
-    return (logical if combine == "mean" else None), fused
+    return (None if combine == "replace" else logical), fused
 
 
 def masked_histograms(assignments: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -130,6 +140,37 @@ def neighbour_scores(assignments: torch.Tensor, train_assignments: torch.Tensor,
     return scores
 
 
+def pose_scores(scorer, features: torch.Tensor, moved: torch.Tensor | None) -> torch.Tensor:
+    """`scorer((n, C, g, g)) -> (n,)` at the image as it is and, with `moved (n, 4, C, g, g)`, at every
+    moved pose: the lowest score per image `(n,)`."""
+    scores = scorer(features)
+    if moved is None:
+        return scores
+    per_pose = [scorer(moved[:, i]) for i in range(moved.shape[1])]
+    return torch.stack([scores, *per_pose], 1).amin(1)
+
+
+def moved_test_features(model, processor, layout, categories: list[str], step: int, path: str | None) -> dict:
+    """`{category: (num_test, 4, C, g, g)}`: the test images moved by `step` px, kept in `path` when given."""
+    from ladmim_hf.data import evaluation_rows
+    from ladmim_hf.scoring import extract_moved_features
+
+    if path and Path(path).is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("step") == step and all(c in saved for c in categories):
+            return saved
+    previous, model.config.logical_pose_step = model.config.logical_pose_step, step
+    try:
+        out = {category: extract_moved_features(model, processor, [r["path"] for r in evaluation_rows(layout, category)],
+                                                16, f"features test/{category}") for category in categories}
+    finally:
+        model.config.logical_pose_step = previous
+    out["step"] = step
+    if path:
+        torch.save(out, path)
+    return out
+
+
 def part_model(model, train: torch.Tensor, category: str, parts: int, seed: int) -> tuple[LadmimGlobalBranch, int]:
     """The model's global part histogram when it has `parts` parts, else one fitted on `train` here;
     returns the branch and the category's row in it."""
@@ -145,6 +186,9 @@ def main(argv=None) -> dict:
     parser = rescoring_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--scores", default=None, help="the model's test z-scores (fusion_sweep.py --save_scores FILE)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--pose_step", type=int, default=0,
+                        help="also score each image moved this many px (4 moves) and keep the lowest score")
+    parser.add_argument("--test_moved_features", default=None, help="file that keeps the moved test features")
     args = parser.parse_args(argv)
     S.use_threads(args.threads)
     variants = {text: parse_variant(text) for text in args.variants}
@@ -153,9 +197,22 @@ def main(argv=None) -> dict:
     from ladmim_hf.evaluation import per_defect_aurocs
 
     model, categories, cache, test = rescoring_inputs(args)
+    moved_test = {}
+    if args.pose_step:
+        from ladmim_hf.evaluation import load_detector
+        from ladmim_hf.training.pipeline import moved_cache_key
+
+        missing = [c for c in categories if moved_cache_key(c, args.pose_step) not in cache]
+        if missing:
+            raise SystemExit(f"{args.feature_cache} holds no validation features moved by {args.pose_step} px for "
+                             f"{missing}: train with model.logical_pose_step={args.pose_step}, or run "
+                             f"`ladmim calibrate --logical_pose_step {args.pose_step}` on a copy")
+        processor = load_detector(args.model)[1]
+        moved_test = moved_test_features(model, processor, find_layout(args.data_root), categories, args.pose_step,
+                                         args.test_moved_features)
     saved = torch.load(args.scores, weights_only=False) if args.scores else None
     if saved is None and any(v["combine"] != "replace" for v in variants.values()):
-        raise SystemExit("combine=mean and combine=join need the model's z-scores: pass --scores (fusion_sweep.py --save_scores)")
+        raise SystemExit("combine=mean, max and join need the model's z-scores: pass --scores (fusion_sweep.py --save_scores)")
     fused_branches, rule = list(model.config.fused_branches), model.config.fusion_rule
     grid = model.config.tokenizer_config.grid_size
 
@@ -178,7 +235,7 @@ def main(argv=None) -> dict:
             own_fused = fuse(torch.stack([z[b] for b in fused_branches], -1), rule)
             results["model"][category] = {"alone": aurocs(z["logical"], types), "fused": aurocs(own_fused, types)}
             alone_scores.update({"model fused": own_fused.numpy(), "model": z["logical"].numpy()})
-        soft_parts = {}  # parts -> (soft assignments of train, validation, test; kernel): one k-means per part count
+        soft_parts = {}  # parts -> (soft assignments of train, validation, test; kernel; part model, row): one k-means per part count
         assignments = {}  # (parts, soft) -> assignments, the nearest part's one-hot when not soft
         for text, settings in variants.items():
             S.progress(f"{category}: {text}")
@@ -188,8 +245,8 @@ def main(argv=None) -> dict:
                 with torch.no_grad():
                     values = [branch.part_assignments(f, torch.full((len(f),), row)) for f in (train, validation, features)]
                 squared = squared_distances(branch.part_centres[row], branch.part_centres[row])
-                soft_parts[parts] = (values, torch.exp(-squared / squared[squared > 0].median()))
-            values, kernel = soft_parts[parts]
+                soft_parts[parts] = (values, torch.exp(-squared / squared[squared > 0].median()), branch, row)
+            values, kernel, branch, row = soft_parts[parts]
             if (parts, soft) not in assignments:
                 assignments[parts, soft] = values if soft else [F.one_hot(v.argmax(-1), parts).float() for v in values]
             train_a, validation_a, test_a = assignments[parts, soft]
@@ -197,8 +254,29 @@ def main(argv=None) -> dict:
                 1, int(settings["masks"]), [args.seed])[0]
             k = None if settings["k"] == "all" else int(settings["k"])
             distance_kernel = kernel if settings["distance"] == "kernel" else None
-            validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
-                                              for a in (validation_a, test_a))
+            rank = int(settings["rank"])
+            embedding = None
+            if rank and distance_kernel is not None:  # kernel distances as Euclidean ones of rank-r cell embeddings
+                values_e, vectors_e = torch.linalg.eigh(distance_kernel.double())
+                embedding = (vectors_e[:, -rank:] * values_e[-rank:].clamp_min(0).sqrt()).float()  # (P, r)
+                train_a, validation_a, test_a = (a @ embedding for a in (train_a, validation_a, test_a))
+                distance_kernel = torch.eye(rank)
+
+            def scorer(features_: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    values_ = branch.part_assignments(features_, torch.full((len(features_),), row))
+                if not soft:
+                    values_ = F.one_hot(values_.argmax(-1), parts).float()
+                if embedding is not None:
+                    values_ = values_ @ embedding
+                return neighbour_scores(values_, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
+
+            if args.pose_step:
+                validation_scores = pose_scores(scorer, validation, cache[moved_cache_key(category, args.pose_step)])
+                test_scores = pose_scores(scorer, features, moved_test[category])
+            else:
+                validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
+                                                  for a in (validation_a, test_a))
             alone = test_scores
             entry = {}
             if z is not None:
