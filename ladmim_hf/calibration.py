@@ -29,7 +29,7 @@ import torch
 from .models.branches_ladmim import FUSION_RULES, fuse
 from .models.configuration_ladmim import BRANCHES, check_calibration
 from .metrics import f1_optimal_threshold
-from .models.modeling_ladmim import LadmimForAnomalyDetection
+from .models.modeling_ladmim import LOGICAL_COMPONENTS, LadmimForAnomalyDetection
 from .scoring import branch_scores_and_map_statistics, extract_scoring_features
 
 logger = logging.getLogger("ladmim_hf.calibration")
@@ -45,6 +45,7 @@ def calibration_statistics(scores: dict[str, torch.Tensor], fused_branches: list
     The threshold is mean + z * std of the fused validation scores (normal approximation, since
     validation sets are small), with z the standard-normal quantile of `1 - fpr`.
     """
+    scores = with_logical_recombined(scores)
     stats = _branch_statistics(scores)
     fused = _fused(scores, stats, fused_branches, fusion_rule)
     z = statistics.NormalDist().inv_cdf(1.0 - fpr)
@@ -59,12 +60,25 @@ def labelled_statistics(scores: dict[str, torch.Tensor], labels: torch.Tensor, f
     """Branch statistics from the normal images (`labels == 0`) of a labelled set and the threshold
     with the best F1 on all of it (`metrics.f1_optimal_threshold`, rule `score > threshold`)."""
     labels = torch.as_tensor(labels, dtype=torch.bool)
+    scores = with_logical_recombined(scores, ~labels)
     stats = _branch_statistics({b: v[~labels] for b, v in scores.items()})
     fused = _fused(scores, stats, fused_branches, fusion_rule)
     stats["threshold"], _ = f1_optimal_threshold(fused.numpy(), labels.numpy())
     stats["num_images"] = int((~labels).sum())
     stats["num_anomalous"] = int(labels.sum())
     return stats
+
+
+def with_logical_recombined(scores: dict[str, torch.Tensor], normal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`scores` with the logical score recombined from its components (`LOGICAL_COMPONENTS`, present when the
+    detector retrieves): the larger of their z-scores under these images' statistics (`normal`: the normal
+    ones), as the detector combines them once calibrated; the scores came with the old calibration's."""
+    if not all(name in scores for name in LOGICAL_COMPONENTS):
+        return scores
+    reference = _branch_statistics({name: scores[name] if normal is None else scores[name][normal]
+                                    for name in LOGICAL_COMPONENTS})
+    predictor, retrieval = ((scores[name] - reference[f"{name}_mean"]) / reference[f"{name}_std"] for name in LOGICAL_COMPONENTS)
+    return {**scores, "logical": torch.maximum(predictor, retrieval)}
 
 
 def _branch_statistics(scores: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -121,7 +121,8 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
 
     metrics: dict[str, Any] = {"categories": {}, "mean": {}, "baselines": {"knn": {}, "global": {}}, "num_masks": num_masks,
                                "seed": seed, "per_defect": {}, "fused_branches": detector.config.fused_branches,
-                               "fusion_rule": detector.config.fusion_rule}
+                               "fusion_rule": detector.config.fusion_rule,
+                               "logical_retrieval_neighbours": getattr(detector.config, "logical_retrieval_neighbours", 0)}
     if predictor_dtype:
         metrics["predictor_dtype"] = predictor_dtype
     score_rows: list[dict] = []
@@ -455,7 +456,10 @@ def _write_outputs(out_dir: Path, metrics: dict, score_rows: list[dict], roc_cur
               f"{metrics['fusion_rule']!r}. AUROCs are image-level (good vs logical, good vs structural). Branch columns "
               "score with one branch alone. Baselines need no training: kNN is a PatchCore-style nearest-neighbour score "
               "with every training patch in its bank, global the Mahalanobis distance of mean- and std-pooled features; both on the "
-              "same backbone features.", ""]
+              "same backbone features."
+              + (" The logical branch is the larger z-score of the trained predictor and the retrieval of the "
+                 f"{metrics['logical_retrieval_neighbours']} training images whose visible parts look most alike."
+                 if metrics.get("logical_retrieval_neighbours") else ""), ""]
     if any(metrics.get("per_defect", {}).values()):
         report += ["## Per defect type", "", "Image AUROC of good images vs the images showing each defect type.", "",
                    per_defect_table(metrics), ""]

@@ -64,7 +64,8 @@ def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: Lad
 
 def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
                   seed: int, batch_size: int = 16, moved_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU, every image scored with
+    """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU (with retrieval also the
+    logical score's two components, `LadmimAnomalyOutput.logical_components`), every image scored with
     the mask set of `seed` (so the result does not depend on `batch_size`). `moved_features`: the images'
     `extract_moved_features`, needed when the model scores moved poses."""
     return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size,
@@ -85,7 +86,7 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
         moved = None if moved_features is None else moved_features[start:start + batch_size].to(device)
         out = model(features=features[start:start + batch_size].to(device), moved_features=moved, category=category,
                     num_masks=num_masks, seed=seed)
-        for branch, values in out.branch_scores().items():
+        for branch, values in {**out.branch_scores(), **out.logical_components()}.items():
             scores.setdefault(branch, []).append(values.cpu())
         counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)
         for branch, values in out.branch_maps().items():

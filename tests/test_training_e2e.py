@@ -452,7 +452,8 @@ def test_sigint_stops_cleanly_after_saving(tmp_path, synth_root):
 def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path, synth_root):
     """`model.logical_pose_step`: training caches the validation images' moved features (as the model
     extracts them), calibrates on their best-fitting poses, and `evaluate` scores test images as
-    `model(pixel_values)` does."""
+    `model(pixel_values)` does. The run also retrieves (`model.logical_retrieval_neighbours`): stage 3
+    stores every training image's cells and calibrates both logical components."""
     import csv
 
     import torch
@@ -465,19 +466,24 @@ def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path,
     out = tmp_path / "run"
     config = _write_config(tmp_path / "tiny.yaml", synth_root, out, categories=["pushpins"], tokenizer={"max_steps": 2},
                            predictor={"max_steps": 2}, log_with=None)
-    result = _train(config, "--set", "model.logical_pose_step=3")
+    result = _train(config, "--set", "model.logical_pose_step=3", "model.logical_retrieval_neighbours=3",
+                    "model.logical_retrieval_rank=4", "model.logical_retrieval_num_masked=4",
+                    "model.logical_retrieval_min_block=2")
     assert result.returncode == 0, result.stderr[-4000:]
     model = LadmimForAnomalyDetection.from_pretrained(out / "model").eval()
     processor = LadmimImageProcessor.from_pretrained(out / "model")
-    assert model.config.logical_pose_step == 3
+    assert model.config.logical_pose_step == 3 and model.config.logical_retrieval_neighbours == 3
     cache = torch.load(out / "cache" / "features.pt", weights_only=True)
+    class_id = int(model.tokenizer.category_ids("pushpins", 1)[0])
+    assert int(model.retrieval.count[class_id]) == min(len(cache["train/pushpins"]), 200)
     validation = normal_split(find_layout(synth_root), "pushpins", 0.1, 0).validation
     with torch.no_grad():
         pixels = processor(validation)["pixel_values"]
         torch.testing.assert_close(cache[moved_cache_key("pushpins", 3)], model.extract_moved_features(pixels))
         logical = model(pixel_values=pixels, category="pushpins", seed=0).logical_score
     calibration = model.config.calibration["pushpins"]
-    assert calibration["logical_mean"] == pytest.approx(float(logical.mean()), rel=1e-5)
+    assert calibration["logical_mean"] == pytest.approx(float(logical.mean()), rel=1e-5, abs=1e-6)
+    assert {"logical_predictor_mean", "logical_retrieval_std"} <= set(calibration)
 
     evaluate(str(out / "model"), str(synth_root), ["pushpins"], str(tmp_path / "eval"), num_masks=2, knn_baseline=False,
              report_images=1)

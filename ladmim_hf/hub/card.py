@@ -119,6 +119,16 @@ def poses_text(config) -> str:
             "and keeps the best-fitting pose")
 
 
+def retrieval_text(config) -> str:
+    """The card's note on `logical_retrieval_neighbours` (nothing when it is off)."""
+    neighbours = getattr(config, "logical_retrieval_neighbours", 0)
+    if not neighbours:
+        return ""
+    return (f"; beside the predictor, the logical branch retrieves the {neighbours} training images whose visible "
+            f"parts look most alike ({config.logical_retrieval_masks} masks of {config.logical_retrieval_num_masked} "
+            "cells) and compares the hidden cells with the closest of them, and keeps the larger of the two z-scores")
+
+
 def _fusion_phrase(config, raw: bool = False) -> str:
     """How the fused score combines the branches, e.g. "the sum of the logical and structural scores"."""
     names = [_BRANCH_NAMES[b] for b in config.fused_branches]
@@ -267,7 +277,7 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
         f"{f', one token per {pred.patch_size}x{pred.patch_size} cells' if pred.patch_size > 1 else ''}, "
         f"trained with {losses[pred.loss_type]}",
         f"- scoring: {num_masks} masks of {config.score_num_masked} cells per image by default"
-        f"{poses_text(config)}",
+        f"{poses_text(config)}{retrieval_text(config)}",
         *branch_lines,
         "",
         "## Usage",

@@ -11,6 +11,9 @@ sibling ``configuration_ladmim``.
   the grid (a PUAD-style global score, Sugawara et al. 2024), or a soft histogram of the cells over
   k-means part clusters (the counting idea of CSAD, Hsieh and Lai 2024). It sees counts and
   combinations that no single patch shows.
+- **Retrieval** (beside the trained predictor in the logical branch): per mask, the training images
+  whose visible cells hold the most similar parts; the hidden cells are compared with the closest of
+  theirs.
 - **Fusion**: each branch standardised on normal validation images (a z-score), then combined by a
   rule (`fuse`).
 
@@ -317,6 +320,13 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         """`(B, C, g, g)` -> `(B, parts)`: each image's mean soft assignment of its cells to the part centres."""
         return self.part_assignments(features, class_ids).mean(1)
 
+    def part_kernel(self, class_id: int) -> torch.Tensor:
+        """`(parts, parts)` RBF similarity of a category's part centres, the bandwidth the median squared
+        distance between two centres (`"part_histogram"` only)."""
+        centres = self.part_centres[class_id].float()
+        squared = squared_distances(centres, centres)
+        return torch.exp(-squared / squared[squared > 0].median().clamp_min(1e-12))
+
     def descriptor(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """`(B, C, g, g)` raw features -> `(B, D)` descriptors."""
         if self.descriptor_kind == "moments":
@@ -354,6 +364,85 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         return squared.clamp_min(0).sqrt()
 
 
+def batched_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of `a (..., n, r)` and `b (..., m, r)`, `(..., n, m)`."""
+    squared = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * a @ b.transpose(-1, -2)
+    return squared.clamp_min(0.0).sqrt()
+
+
+class LadmimRetrieval(_PerCategoryBranch):
+    """Retrieval beside the trained predictor: the training images whose visible cells look most like the
+    image's say what its hidden cells should hold.
+
+    Per category, every kept training image's cells are stored as embeddings `cells (categories, I, N, rank)`
+    (fp16): a cell's soft part assignment (the global branch's parts) times `projection (categories, parts,
+    rank)`, the top eigenvectors of the kernel over the part centres scaled by the square roots of their
+    eigenvalues. The Euclidean distance between two cell sets' mean embeddings is then the kernel distance
+    between their part histograms (exactly at full rank). For each mask, the `neighbours` training images
+    whose visible cells' mean embedding is closest are retrieved; the mask's score is the distance from
+    the image's hidden cells' mean embedding to the closest of theirs. Categories with fewer than I
+    training images pad the rest (`count` says how many are real); padded rows are never retrieved.
+
+    Args:
+        num_categories, cells (N = g * g), parts, images (I), rank: buffer shapes.
+    """
+
+    name = "retrieval"
+
+    def __init__(self, num_categories: int, cells: int, parts: int, images: int, rank: int):
+        super().__init__(num_categories)
+        if rank > parts:
+            raise ValueError(f"logical_retrieval_rank ({rank}) cannot exceed the parts ({parts}) it embeds")
+        self.register_buffer("cells", torch.zeros(num_categories, images, cells, rank, dtype=torch.float16))
+        self.register_buffer("count", torch.zeros(num_categories, dtype=torch.long))
+        self.register_buffer("projection", torch.zeros(num_categories, parts, rank))
+
+    @torch.no_grad()
+    def fit(self, assignments: torch.Tensor, kernel: torch.Tensor, class_id: int) -> None:
+        """Store one category from its training cells' part assignments `(num_images, N, parts)` and the
+        kernel over its parts `(parts, parts)`; more images than the buffer holds keep an evenly spaced subset."""
+        rank, images = self.projection.shape[2], self.cells.shape[1]
+        values, vectors = torch.linalg.eigh(kernel.double())  # ascending: the top `rank` are the last
+        projection = (vectors[:, -rank:] * values[-rank:].clamp_min(0.0).sqrt()).to(self.projection)
+        count = min(len(assignments), images)
+        index = torch.linspace(0, len(assignments) - 1, count).round().long().to(assignments.device)
+        self.cells[class_id].zero_()
+        self.cells[class_id, :count] = (assignments[index].float() @ projection).to(self.cells)
+        self.count[class_id] = count
+        self.projection[class_id] = projection
+        self.fitted[class_id] = True
+
+    def forward(self, assignments: torch.Tensor, class_ids: torch.Tensor, masks: torch.Tensor, neighbours: int,
+                categories: list[str], groups: list[int] | None = None) -> torch.Tensor:
+        """Per-mask scores `(B, M)` for part assignments `(B, N, parts)`, hidden cells `masks (M, N)` bool
+        (one set for every image) and `neighbours` retrieved images per mask."""
+        self._check_fitted(class_ids, categories)
+        weights = masks.to(self.projection.dtype)
+        hidden = weights / weights.sum(1, keepdim=True).clamp_min(1.0)  # (M, N): the mean over hidden cells
+        visible = (1.0 - weights) / (1.0 - weights).sum(1, keepdim=True).clamp_min(1.0)
+        groups = class_ids.unique().tolist() if groups is None else groups
+        scores = torch.empty(assignments.shape[0], masks.shape[0], device=assignments.device)
+        for cid in groups:
+            rows = None if len(groups) == 1 else torch.nonzero(class_ids == cid).flatten()
+            embedded = (assignments if rows is None else assignments[rows]).float() @ self.projection[cid]  # (b, N, r)
+            bank = self.cells[cid].float()  # (I, N, r)
+            padded = torch.arange(bank.shape[0], device=bank.device) >= self.count[cid]
+            image_visible = torch.einsum("bnr,mn->mbr", embedded, visible)
+            image_hidden = torch.einsum("bnr,mn->mbr", embedded, hidden)
+            bank_visible = torch.einsum("inr,mn->mir", bank, visible)
+            bank_hidden = torch.einsum("inr,mn->mir", bank, hidden)
+            far = torch.finfo(bank.dtype).max
+            context = batched_distances(image_visible, bank_visible).masked_fill(padded, far)  # (M, b, I)
+            chosen = context.topk(min(neighbours, bank.shape[0]), dim=-1, largest=False).indices
+            content = batched_distances(image_hidden, bank_hidden).masked_fill(padded, far)
+            best = content.gather(-1, chosen).amin(-1).transpose(0, 1)  # (b, M)
+            if rows is None:
+                scores = best
+            else:
+                scores[rows] = best
+        return scores
+
+
 # --------------------------------------------------------------------------------------------------
 # Fusion
 # --------------------------------------------------------------------------------------------------
@@ -381,6 +470,8 @@ __all__ = [
     "GLOBAL_DESCRIPTORS",
     "LadmimGlobalBranch",
     "LadmimMemoryBank",
+    "LadmimRetrieval",
+    "batched_distances",
     "fuse",
     "gaussian_blur",
     "greedy_coreset",

@@ -368,6 +368,24 @@ class LadmimConfig(PretrainedConfig):
             cell borders, which the predictor reads as changed content; the best-fitting pose undoes
             that. The backbone and predictor run at every pose (the logical branch costs 5x). 0 (the
             paper): the image as it is.
+        logical_retrieval_neighbours (`int`, *optional*, defaults to 0): retrieval beside the trained
+            predictor in the logical branch; 0 turns it off (the paper). For each of
+            `logical_retrieval_masks` masks, the training images whose *visible* cells are closest in
+            their part histogram (`global_descriptor: "part_histogram"`'s parts, soft-assigned) are
+            retrieved, this many of them, and the mask's score is the kernel distance from the image's
+            *hidden* cells' part histogram to the closest of theirs. The retrieval score is the mean over
+            masks (the lowest over poses, as the predictor's), and the logical score becomes the larger
+            of the predictor's and the retrieval's z-scores (their statistics are part of the calibration).
+            Needs `global_branch` with `global_descriptor: "part_histogram"`.
+        logical_retrieval_masks (`int`, *optional*, defaults to 40): retrieval masks per image, one fixed
+            set (seed 0) for every image and call.
+        logical_retrieval_num_masked (`int`, *optional*, defaults to 20): cells hidden by a retrieval mask.
+        logical_retrieval_min_block (`int`, *optional*, defaults to 8): smallest block of a retrieval mask.
+        logical_retrieval_rank (`int`, *optional*, defaults to 32): numbers stored per training cell: the
+            cell's part assignment mapped through the top eigenvectors of the kernel over the parts, so
+            the Euclidean distance of two sets' mean embeddings is their kernel distance up to this rank.
+        logical_retrieval_images (`int`, *optional*, defaults to 200): training images kept per category
+            for retrieval; a category with more keeps an evenly spaced subset.
         scoring_memory_mb (`int`, *optional*, defaults to 512): working memory of the predictor while
             scoring, in MiB: the (image, mask) sequences run in chunks this budget holds
             (`LadmimPredictorModel.inference_bytes_per_sequence`), so memory does not grow with the
@@ -402,6 +420,12 @@ class LadmimConfig(PretrainedConfig):
         fused_branches: list[str] | None = None,
         fusion_rule: str = "sum",
         logical_pose_step: int = 0,
+        logical_retrieval_neighbours: int = 0,
+        logical_retrieval_masks: int = 40,
+        logical_retrieval_num_masked: int = 20,
+        logical_retrieval_min_block: int = 8,
+        logical_retrieval_rank: int = 32,
+        logical_retrieval_images: int = 200,
         scoring_memory_mb: int = 512,
         **kwargs,
     ):
@@ -432,7 +456,12 @@ class LadmimConfig(PretrainedConfig):
             raise ValueError(f"predictor_config must follow tokenizer_config, but has {', '.join(differ)}")
         check_whole_numbers("config", num_masks=num_masks, train_num_masked=train_num_masked,
                             train_min_block=train_min_block, score_num_masked=score_num_masked,
-                            score_min_block=score_min_block, scoring_memory_mb=scoring_memory_mb)
+                            score_min_block=score_min_block, scoring_memory_mb=scoring_memory_mb,
+                            logical_retrieval_masks=logical_retrieval_masks,
+                            logical_retrieval_num_masked=logical_retrieval_num_masked,
+                            logical_retrieval_min_block=logical_retrieval_min_block,
+                            logical_retrieval_rank=logical_retrieval_rank,
+                            logical_retrieval_images=logical_retrieval_images)
         for category, stats in (calibration or {}).items():
             check_calibration(category, stats)
         if isinstance(default_threshold, bool) or not isinstance(default_threshold, (int, float)) or not math.isfinite(default_threshold):
@@ -500,8 +529,24 @@ class LadmimConfig(PretrainedConfig):
         if isinstance(logical_pose_step, bool) or not isinstance(logical_pose_step, int) or not 0 <= logical_pose_step < half:
             raise ValueError(f"logical_pose_step must be a whole number of pixels in 0..{half - 1} (0 = the image as it is), "
                              f"got {logical_pose_step!r}")
+        if (isinstance(logical_retrieval_neighbours, bool) or not isinstance(logical_retrieval_neighbours, int)
+                or logical_retrieval_neighbours < 0):
+            raise ValueError("logical_retrieval_neighbours must be a whole number >= 0 (0 = no retrieval), "
+                             f"got {logical_retrieval_neighbours!r}")
+        if logical_retrieval_neighbours and not (global_branch and global_descriptor == "part_histogram"):
+            raise ValueError("logical_retrieval_neighbours retrieves by the global branch's parts: set global_branch: true "
+                             "and global_descriptor: part_histogram, or logical_retrieval_neighbours: 0")
+        if logical_retrieval_neighbours and logical_retrieval_num_masked >= cells:
+            raise ValueError(f"logical_retrieval_num_masked must be in 1..{cells - 1} for a {tokenizer_config.grid_size}x"
+                             f"{tokenizer_config.grid_size} grid (some cells stay visible), got {logical_retrieval_num_masked}")
         self.fusion_rule = fusion_rule
         self.logical_pose_step = logical_pose_step
+        self.logical_retrieval_neighbours = logical_retrieval_neighbours
+        self.logical_retrieval_masks = logical_retrieval_masks
+        self.logical_retrieval_num_masked = logical_retrieval_num_masked
+        self.logical_retrieval_min_block = logical_retrieval_min_block
+        self.logical_retrieval_rank = logical_retrieval_rank
+        self.logical_retrieval_images = logical_retrieval_images
         self.scoring_memory_mb = scoring_memory_mb
         enabled = self.enabled_branches
         if fused_branches is None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, fuse
+from .branches_ladmim import LadmimGlobalBranch, LadmimMemoryBank, LadmimRetrieval, fuse
 from .configuration_ladmim import BRANCHES, LadmimConfig, check_calibration
 from .masking import BlockMaskGenerator
 from .modeling_ladmim_predictor import LadmimPredictorModel
@@ -31,6 +31,9 @@ from .modeling_ladmim_utils import (LadmimPreTrainedModel, _autocast_dtype, _eva
                                     kernel_histogram_distance, translate)
 
 logger = logging.getLogger(__name__)
+
+# The two raw scores the logical score combines when the detector retrieves (their calibration keys too).
+LOGICAL_COMPONENTS = ("logical_predictor", "logical_retrieval")
 
 
 @dataclass
@@ -45,7 +48,9 @@ class LadmimAnomalyOutput(ModelOutput):
         pred_score: fused score `(B,)`.
         pred_label: `pred_score > threshold` `(B,)` bool.
         logical_score: mean over masks of the per-mask histogram distance (`config.histogram_distance`) `(B,)`;
-            with `config.logical_pose_step`, the lowest over the image's poses.
+            with `config.logical_pose_step`, the lowest over the image's poses. With
+            `config.logical_retrieval_neighbours`, the larger of `logical_predictor_score` and
+            `logical_retrieval_score` standardised with the category's calibration.
         structural_score: HVQ-Trans image score `(B,)`.
         memory_bank_score: largest nearest-neighbour patch distance to the category's memory bank `(B,)`.
         global_score: Mahalanobis distance of the image's descriptor (`config.global_descriptor`) `(B,)`.
@@ -58,6 +63,10 @@ class LadmimAnomalyOutput(ModelOutput):
         masks: the masks used `(B, M, N)`.
         logical_pose_scores: the logical score at every pose `(B, 1 + 4)`, the image as it is first, then
             `config.logical_pose_moves`; None when `config.logical_pose_step` is 0.
+        logical_predictor_score: the trained predictor's score `(B,)` (mean over masks, best pose), raw;
+            None without retrieval.
+        logical_retrieval_score: the retrieval's score `(B,)` (mean over its masks of the distance to the
+            closest retrieved training image's hidden cells, best pose), raw; None without retrieval.
         predicted_histograms: `softmax` of the hist logits `(B, M, L, K)` (if requested).
         target_histograms: true code histograms of the masked cells `(B, M, L, K)` (if requested).
     """
@@ -77,10 +86,18 @@ class LadmimAnomalyOutput(ModelOutput):
     memory_bank_map: torch.FloatTensor | None = None
     global_score: torch.FloatTensor | None = None
     logical_pose_scores: torch.FloatTensor | None = None
+    logical_predictor_score: torch.FloatTensor | None = None
+    logical_retrieval_score: torch.FloatTensor | None = None
 
     def branch_scores(self) -> dict[str, torch.Tensor]:
         """`{branch: raw score (B,)}` for every branch the detector computed."""
         return {name: getattr(self, f"{name}_score") for name in BRANCHES if getattr(self, f"{name}_score") is not None}
+
+    def logical_components(self) -> dict[str, torch.Tensor]:
+        """`{"logical_predictor": (B,), "logical_retrieval": (B,)}`, the raw scores the logical score combines
+        when the detector retrieves (`config.logical_retrieval_neighbours`); empty otherwise."""
+        return {name: getattr(self, f"{name}_score") for name in LOGICAL_COMPONENTS
+                if getattr(self, f"{name}_score", None) is not None}
 
     def branch_maps(self) -> dict[str, torch.Tensor]:
         """`{branch: raw map (B, S, S)}` for every computed branch that has a map (the global one has none)."""
@@ -96,6 +113,7 @@ class LadmimBranchOutputs(NamedTuple):
         mask_scores: per-mask histogram distance `(B, M)`.
         predicted_histograms, target_histograms: `(B, M, L, K)` when requested, else None.
         logical_pose_scores: the logical score at every pose `(B, P)` when `config.logical_pose_step` > 0.
+        logical_components: `{"logical_predictor": (B,), "logical_retrieval": (B,)}` raw, with retrieval.
     """
 
     scores: dict[str, torch.Tensor]
@@ -104,6 +122,7 @@ class LadmimBranchOutputs(NamedTuple):
     predicted_histograms: torch.Tensor | None
     target_histograms: torch.Tensor | None
     logical_pose_scores: torch.Tensor | None = None
+    logical_components: dict[str, torch.Tensor] | None = None
 
 
 class LadmimForAnomalyDetection(LadmimPreTrainedModel):
@@ -115,7 +134,9 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     score is the mean over masks of the distance between predicted and true code histograms. With
     `config.memory_bank_size > 0` a PatchCore memory bank scores the same backbone features, and with
     `config.global_branch` a Mahalanobis distance of an image descriptor (`config.global_descriptor`);
-    both are fitted on the training images (`fit_feature_branches`). Each branch is standardised with the category's
+    both are fitted on the training images (`fit_feature_branches`). With `config.logical_retrieval_neighbours`
+    the logical branch also retrieves training images by their visible parts (`LadmimRetrieval`), and its score
+    is the larger of the predictor's and the retrieval's z-scores. Each branch is standardised with the category's
     calibration statistics (normal validation images) and the branches in `config.fused_branches`
     are combined by `config.fusion_rule`.
 
@@ -145,6 +166,11 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         self.global_branch = None
         if config.global_branch:
             self.global_branch = LadmimGlobalBranch(cats, channels, config.global_descriptor, config.global_parts)
+        self.retrieval = None
+        if config.logical_retrieval_neighbours:
+            grid = config.tokenizer_config.grid_size
+            self.retrieval = LadmimRetrieval(cats, grid * grid, config.global_parts, config.logical_retrieval_images,
+                                             config.logical_retrieval_rank)
         # (start, stop) channel ranges of `config.predictor_taps` in the feature grid; None = every channel.
         # Plain numbers rather than a buffer: they follow from the config, and an exported graph slices.
         self.predictor_channel_ranges: list[tuple[int, int]] | None = None
@@ -197,14 +223,18 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
 
     @torch.no_grad()
     def fit_feature_branches(self, features: torch.Tensor, category: str, seed: int = 0) -> None:
-        """Fit the memory-bank and global branches (those enabled) of one category from its training
-        images' raw backbone features `(num_images, C, g, g)`."""
+        """Fit the memory-bank and global branches and the retrieval (those enabled) of one category from
+        its training images' raw backbone features `(num_images, C, g, g)`."""
         class_id = int(self.tokenizer.category_ids(category, 1)[0])
         features = features.to(self.device)
         if self.memory_bank is not None:
             self.memory_bank.fit(features, class_id, seed=seed)
         if self.global_branch is not None:
             self.global_branch.fit(features, class_id, seed=seed)
+        if self.retrieval is not None:
+            ids = torch.full((len(features),), class_id, dtype=torch.long, device=features.device)
+            self.retrieval.fit(self.global_branch.part_assignments(features, ids), self.global_branch.part_kernel(class_id),
+                               class_id)
 
     def predictor_inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The feature channels the predictors read (`config.predictor_taps`): `(B, C, g, g)` -> `(B, C', g, g)`."""
@@ -306,11 +336,42 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 predicted_all, target_all = at_best(predicted_all), at_best(target_all)
         scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
         maps = {"logical": logical_map, "structural": tokens["structural_map"]}
+        components = None
+        if self.retrieval is not None:
+            components = {"logical_predictor": scores["logical"],
+                          "logical_retrieval": self.retrieval_scores(features, class_ids, groups, moved_features)}
+            names = self.categories[groups[0]] if len(groups) == 1 else [self.categories[c] for c in class_ids.tolist()]
+            z = self.standardized_scores(components, names)
+            scores["logical"] = torch.maximum(z["logical_predictor"], z["logical_retrieval"])
         if self.memory_bank is not None:
             scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories, groups)
         if self.global_branch is not None:
             scores["global"] = self.global_branch(features, class_ids, self.categories)
-        return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all, pose_scores)
+        return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all, pose_scores, components)
+
+    def retrieval_masks(self) -> torch.Tensor:
+        """The retrieval's masks `(logical_retrieval_masks, N)` bool: one fixed set (seed 0), so every image
+        and call is compared on the same regions; drawn from the config, not saved."""
+        config = self.config
+        grid = config.tokenizer_config.grid_size
+        return BlockMaskGenerator(grid, config.logical_retrieval_num_masked, config.logical_retrieval_min_block,
+                                  config.min_aspect)(1, config.logical_retrieval_masks, [0])[0]
+
+    def retrieval_scores(self, features: torch.Tensor, class_ids: torch.Tensor, groups: list[int],
+                         moved_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The retrieval's raw score `(B,)` of raw features `(B, C, g, g)`: the mean over
+        `retrieval_masks` of `LadmimRetrieval`'s per-mask score, the lowest over the poses when
+        `moved_features` `(B, 4, C, g, g)` are given (as the predictor's)."""
+        batch, poses = features.shape[0], 1
+        pose_features, pose_ids = features, class_ids
+        if moved_features is not None:
+            poses += moved_features.shape[1]
+            pose_features = torch.cat([features[:, None], moved_features.to(features)], 1).flatten(0, 1)
+            pose_ids = class_ids.repeat_interleave(poses)
+        assignments = self.global_branch.part_assignments(pose_features, pose_ids)
+        per_mask = self.retrieval(assignments, pose_ids, self.retrieval_masks().to(features.device),
+                                  self.config.logical_retrieval_neighbours, self.categories, groups)
+        return per_mask.mean(1).view(batch, poses).amin(1)
 
     def check_moved_features(self, features: torch.Tensor, moved_features: torch.Tensor | None) -> list[tuple[int, int]]:
         """`config.logical_pose_moves`, after checking that `moved_features` fits them and `features`."""
@@ -496,6 +557,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 predicted_histograms=raw.predicted_histograms, target_histograms=raw.target_histograms,
                 memory_bank_score=scores.get("memory_bank"), memory_bank_map=maps.get("memory_bank"),
                 global_score=scores.get("global"), logical_pose_scores=raw.logical_pose_scores,
+                **{f"{name}_score": value for name, value in (raw.logical_components or {}).items()},
             )
 
 
