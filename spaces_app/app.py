@@ -294,6 +294,9 @@ class Scored:
     # this many pixels of the model's input, whose side is `image_size`; (0, 0) is the image as it is.
     pose_move: tuple = (0, 0)
     image_size: int = 224
+    # With retrieval (`logical_retrieval_neighbours`): the z-scores of the two scores the logical one is the
+    # larger of, `{"logical_predictor": z, "logical_retrieval": z}` (None: no statistics); empty without it.
+    logical_components_z: dict = field(default_factory=dict)
 
 
 def best_pose_move(out, config) -> tuple[int, int]:
@@ -353,6 +356,8 @@ def score(model, processor, image: Image.Image, category: str, num_masks: int, t
         fusion_rule=getattr(config, "fusion_rule", "sum"),
         memory_bank_map=None if memory_bank_map is None else memory_bank_map[0].float().cpu().numpy(),
         pose_move=best_pose_move(out, config), image_size=int(config.tokenizer_config.image_size),
+        logical_components_z={name: _z(float(value[0]), stats, name) for name, value in
+                               (out.logical_components() if hasattr(out, "logical_components") else {}).items()},
     )
 
 
@@ -414,6 +419,11 @@ def details_markdown(result: Scored) -> str:
     if not result.calibrated:
         lines.append(f"- **Note:** the model has no calibration for *{result.category}*: scores are raw, not "
                      "standardised, the threshold is the model's default, and each heat map is coloured by its own range.")
+    components = result.logical_components_z
+    if components and None not in components.values():
+        lines.append(f"- The logical score is the larger of the trained predictor's z ({components['logical_predictor']:+.2f}) "
+                     f"and the retrieval's z ({components['logical_retrieval']:+.2f}), which compares the hidden regions "
+                     "with the training images whose visible parts look most alike.")
     if result.pose_move != (0, 0):
         lines.append(f"- The logical branch fitted best with the image moved {pose_text(result.pose_move)}; its heat map "
                      "and the mask outlines are moved back onto the image.")

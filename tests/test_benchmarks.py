@@ -35,6 +35,7 @@ RUNS = {
     "quality_probe": ["experiments/quality_probe.py", "--tiny"],
     "run_all": ["benchmarks/run_all.py", "--tiny", "--only", "roofline"],
     "branch_cost": ["benchmarks/branch_cost.py", "--tiny"],
+    "retrieval_cost": ["benchmarks/branch_cost.py", "--tiny", "--retrieval"],
     "pose_cost": ["benchmarks/pose_cost.py", "--tiny"],
     "predict_memory": ["benchmarks/predict_memory.py", "--tiny"],
     "latency": ["benchmarks/latency.py", "--tiny"],
@@ -82,6 +83,9 @@ def test_branch_cost(runs):
     out = last_json(runs, "branch_cost")
     check_keys(out, ["ratio", "ratio_wall", "cpu_s_per_image_with", "cpu_s_per_image_without", "memory_bank_size"])
     assert out["ratio"] > 0 and out["memory_bank_size"] == 16 and out["global_branch"] is True
+    assert out["compared"] == "branches" and out["logical_retrieval_neighbours"] == 3
+    retrieval = last_json(runs, "retrieval_cost")
+    assert retrieval["ratio"] > 0 and retrieval["compared"] == "retrieval"
 
 
 def test_pose_cost(runs):

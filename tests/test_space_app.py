@@ -521,3 +521,27 @@ def test_mask_outlines_follow_the_pose_the_logical_branch_scored_at():
     assert np.array_equal(np.asarray(outlines[0]), np.asarray(reference))
     assert f"moved {step} px right and {step} px up" in app.details_markdown(result)
     assert app.summary(result, [])["logical_pose_move"] == [step, -step]
+
+
+def test_details_name_the_two_logical_components_of_a_retrieving_model():
+    from conftest import BRANCH_STATS, fitted_branch_model
+
+    from ladmim_hf import LadmimImageProcessor
+
+    app = load_app_module()
+    model = fitted_branch_model(num_masks=NUM_MASKS, global_descriptor="part_histogram", global_parts=8,
+                                logical_retrieval_neighbours=2, logical_retrieval_rank=4, logical_retrieval_num_masked=4,
+                                logical_retrieval_min_block=2)
+    components = dict(logical_predictor_mean=0.5, logical_predictor_std=0.2, logical_retrieval_mean=0.05,
+                      logical_retrieval_std=0.01)
+    model.config.calibration = {c: {**BRANCH_STATS, **components} for c in model.categories}
+    result = app.score(model, LadmimImageProcessor(size=64), Image.open(GOOD).convert("RGB"), CATEGORY, NUM_MASKS, None, 0)
+    with torch.no_grad():
+        out = model(**LadmimImageProcessor(size=64)(Image.open(GOOD).convert("RGB")), category=CATEGORY,
+                    num_masks=NUM_MASKS, seed=[0])
+    z_predictor = (float(out.logical_predictor_score[0]) - 0.5) / 0.2
+    z_retrieval = (float(out.logical_retrieval_score[0]) - 0.05) / 0.01
+    assert result.logical_components_z["logical_predictor"] == pytest.approx(z_predictor, rel=1e-4, abs=1e-4)
+    assert result.logical_components_z["logical_retrieval"] == pytest.approx(z_retrieval, rel=1e-4, abs=1e-4)
+    text = app.details_markdown(result)
+    assert f"the larger of the trained predictor's z ({z_predictor:+.2f}) and the retrieval's z ({z_retrieval:+.2f})" in text
