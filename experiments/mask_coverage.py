@@ -119,6 +119,7 @@ def rescoring_inputs(args) -> tuple:
     `args.feature_cache`, test features kept in `args.test_features`)."""
     model, processor = load_detector(args.model)
     model.config.logical_pose_step = 0  # cached features: the logical branch scores the image as it is
+    model.config.logical_retrieval_neighbours = 0  # with the trained predictor alone
     layout = find_layout(args.data_root)
     categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
     validation = torch.load(args.feature_cache, weights_only=True)

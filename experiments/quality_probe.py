@@ -308,7 +308,9 @@ def _probe(args) -> dict:
                           # the config's mask sizes are cells of its 14 x 14 grid: the paper's training
                           # fraction on 4 x 4, for scoring too
                           "model.train_num_masked": 4, "model.train_min_block": 1,
-                          "model.score_num_masked": 4, "model.score_min_block": 1})
+                          "model.score_num_masked": 4, "model.score_min_block": 1,
+                          "model.logical_retrieval_num_masked": 4, "model.logical_retrieval_min_block": 2,
+                          "model.logical_retrieval_rank": 4})
     workdir = workdir or tempfile.TemporaryDirectory()  # the training run's folder: checkpoints, stages
     settings = load_settings(args.config, {"data_root": args.data_root, "categories": args.categories, **overrides,
                                            **stage_overrides(args), "output_dir": str(Path(workdir.name) / "run")})
@@ -318,6 +320,7 @@ def _probe(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(settings, categories).eval()
     model.config.logical_pose_step = 0  # the probe scores cached features: the image as it is
+    model.config.logical_retrieval_neighbours = 0  # and the trained predictor alone
     cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"
     if args.tiny:
         cache_path = Path(workdir.name) / "features.pt"

@@ -457,8 +457,10 @@ def render(result: Scored, image: Image.Image):
         # bank's score is its map's largest cell). A logical-map cell is the mean score of the masks
         # that hid it, so its spread is about one mask's, i.e. the image-level std (a mean over
         # num_masks masks) times sqrt(num_masks).
-        mask_std = s["logical_std"] * math.sqrt(max(result.num_masks, 1))
-        logical_range = (s["logical_mean"], s["logical_mean"] + Z_RED * mask_std)
+        # With retrieval the logical score is a z-score, while the map stays the predictor's: its statistics.
+        source = "logical_predictor" if "logical_predictor_mean" in s else "logical"
+        mask_std = s[f"{source}_std"] * math.sqrt(max(result.num_masks, 1))
+        logical_range = (s[f"{source}_mean"], s[f"{source}_mean"] + Z_RED * mask_std)
         structural_range = (s["structural_mean"], s["structural_mean"] + Z_RED * s["structural_std"])
         if result.branch_z.get("memory_bank") is not None:
             memory_bank_range = (s["memory_bank_mean"], s["memory_bank_mean"] + Z_RED * s["memory_bank_std"])

@@ -299,7 +299,7 @@ def test_neighbour_predictor_refuses_bad_variants():
 
     assert parse_variant("k=all,rule=nearest") == {**DEFAULTS, "k": "all", "rule": "nearest"}
     assert parse_variant("combine=join")["combine"] == "join"
-    for text in ("neighbours=5", "k=five", "rule=median", "masks=0", "distance=l2", "soft=yes", "k", "combine=max"):
+    for text in ("neighbours=5", "k=five", "rule=median", "masks=0", "distance=l2", "soft=yes", "k", "combine=min", "rank=-1"):
         with pytest.raises(SystemExit, match="bad variant"):
             parse_variant(text)
 

@@ -102,8 +102,12 @@ def test_logical_score_is_the_larger_z_of_predictor_and_retrieval():
     z_retrieval = (out.logical_retrieval_score - 0.01) / 0.002
     torch.testing.assert_close(out.logical_score, torch.maximum(z_predictor, z_retrieval))
     assert set(out.logical_components()) == {"logical_predictor", "logical_retrieval"}
-    plain = model.config.logical_retrieval_neighbours
-    assert plain == 2 and model.retrieval_masks().shape == (6, 16) and (model.retrieval_masks().sum(1) >= 4).all()
+    assert model.retrieval_masks().shape == (6, 16) and (model.retrieval_masks().sum(1) >= 4).all()
+    model.config.logical_retrieval_neighbours = 0  # the switch: the predictor alone, as before retrieval
+    alone = model(pixel_values=torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5)),
+                  category="pushpins", num_masks=2)
+    torch.testing.assert_close(alone.logical_score, out.logical_predictor_score)
+    assert alone.logical_components() == {} and alone.logical_retrieval_score is None
 
 
 def test_retrieval_keeps_the_best_pose():
@@ -148,6 +152,7 @@ def test_retrieval_survives_a_save_and_load(tmp_path):
     (dict(logical_retrieval_neighbours=3), "set global_branch: true and global_descriptor: part_histogram"),
     (dict(logical_retrieval_neighbours=3, global_branch=True), "set global_branch: true and global_descriptor"),
     (dict(logical_retrieval_rank=0), "logical_retrieval_rank must be a whole number >= 1"),
+    ({**RETRIEVAL, "global_branch": True, "logical_retrieval_rank": 9}, r"logical_retrieval_rank \(9\) cannot exceed global_parts \(8\)"),
     ({**RETRIEVAL, "global_branch": True, "logical_retrieval_num_masked": 16}, r"logical_retrieval_num_masked must be in 1..15"),
 ])
 def test_config_refuses_bad_retrieval_settings(overrides, message):

@@ -545,3 +545,9 @@ def test_details_name_the_two_logical_components_of_a_retrieving_model():
     assert result.logical_components_z["logical_retrieval"] == pytest.approx(z_retrieval, rel=1e-4, abs=1e-4)
     text = app.details_markdown(result)
     assert f"the larger of the trained predictor's z ({z_predictor:+.2f}) and the retrieval's z ({z_retrieval:+.2f})" in text
+    # the logical map is the predictor's, so it is coloured on the predictor's scale, not the combined z's
+    view = app._display(Image.open(GOOD).convert("RGB"))
+    low = 0.5
+    reference = app.heatmap_overlay(view, result.logical_map, alpha=0.5, vmin=low,
+                                    vmax=low + app.Z_RED * 0.2 * NUM_MASKS ** 0.5)
+    np.testing.assert_array_equal(np.asarray(app.render(result, view)[0]), np.asarray(reference))

@@ -376,7 +376,8 @@ class LadmimConfig(PretrainedConfig):
             *hidden* cells' part histogram to the closest of theirs. The retrieval score is the mean over
             masks (the lowest over poses, as the predictor's), and the logical score becomes the larger
             of the predictor's and the retrieval's z-scores (their statistics are part of the calibration).
-            Needs `global_branch` with `global_descriptor: "part_histogram"`.
+            Needs `global_branch` with `global_descriptor: "part_histogram"`. Training fits it (stage 3);
+            set to 0 on a trained model, the logical score is the predictor's alone (recalibrate then).
         logical_retrieval_masks (`int`, *optional*, defaults to 40): retrieval masks per image, one fixed
             set (seed 0) for every image and call.
         logical_retrieval_num_masked (`int`, *optional*, defaults to 20): cells hidden by a retrieval mask.
@@ -536,6 +537,9 @@ class LadmimConfig(PretrainedConfig):
         if logical_retrieval_neighbours and not (global_branch and global_descriptor == "part_histogram"):
             raise ValueError("logical_retrieval_neighbours retrieves by the global branch's parts: set global_branch: true "
                              "and global_descriptor: part_histogram, or logical_retrieval_neighbours: 0")
+        if logical_retrieval_neighbours and logical_retrieval_rank > global_parts:
+            raise ValueError(f"logical_retrieval_rank ({logical_retrieval_rank}) cannot exceed global_parts "
+                             f"({global_parts}): it embeds each cell's part assignment in that many numbers")
         if logical_retrieval_neighbours and logical_retrieval_num_masked >= cells:
             raise ValueError(f"logical_retrieval_num_masked must be in 1..{cells - 1} for a {tokenizer_config.grid_size}x"
                              f"{tokenizer_config.grid_size} grid (some cells stay visible), got {logical_retrieval_num_masked}")

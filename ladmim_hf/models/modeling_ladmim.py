@@ -61,7 +61,7 @@ class LadmimAnomalyOutput(ModelOutput):
         memory_bank_map: nearest-neighbour distances, upsampled and smoothed `(B, S, S)`.
         mask_scores: per-mask histogram distance `(B, M)` (at the best-fitting pose).
         masks: the masks used `(B, M, N)`.
-        logical_pose_scores: the logical score at every pose `(B, 1 + 4)`, the image as it is first, then
+        logical_pose_scores: the predictor's logical score at every pose `(B, 1 + 4)`, the image as it is first, then
             `config.logical_pose_moves`; None when `config.logical_pose_step` is 0.
         logical_predictor_score: the trained predictor's score `(B,)` (mean over masks, best pose), raw;
             None without retrieval.
@@ -337,7 +337,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         scores = {"logical": mask_scores.mean(1), "structural": tokens["structural_score"]}
         maps = {"logical": logical_map, "structural": tokens["structural_map"]}
         components = None
-        if self.retrieval is not None:
+        if self.retrieval is not None and self.config.logical_retrieval_neighbours:  # 0 scores the predictor alone
             components = {"logical_predictor": scores["logical"],
                           "logical_retrieval": self.retrieval_scores(features, class_ids, groups, moved_features)}
             names = self.categories[groups[0]] if len(groups) == 1 else [self.categories[c] for c in class_ids.tolist()]
