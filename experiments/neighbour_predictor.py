@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 import _shared as S
 from mask_coverage import rescoring_inputs, rescoring_parser
-from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse, squared_distances
+from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch, fuse, kernel_embedding
 from ladmim_hf.models.masking import BlockMaskGenerator
 
 DEFAULTS = {"k": "5", "rule": "predict", "masks": "40", "cells": "20", "block": "8", "parts": "128", "soft": "1",
@@ -235,48 +235,39 @@ def main(argv=None) -> dict:
             own_fused = fuse(torch.stack([z[b] for b in fused_branches], -1), rule)
             results["model"][category] = {"alone": aurocs(z["logical"], types), "fused": aurocs(own_fused, types)}
             alone_scores.update({"model fused": own_fused.numpy(), "model": z["logical"].numpy()})
-        soft_parts = {}  # parts -> (soft assignments of train, validation, test; kernel; part model, row): one k-means per part count
-        assignments = {}  # (parts, soft) -> assignments, the nearest part's one-hot when not soft
+        part_models = {}  # parts -> (part model, its row): one k-means per part count
+        moved_validation = cache[moved_cache_key(category, args.pose_step)] if args.pose_step else None
         for text, settings in variants.items():
             S.progress(f"{category}: {text}")
             parts, soft = int(settings["parts"]), settings["soft"] == "1"
-            if parts not in soft_parts:
-                branch, row = part_model(model, train, category, parts, args.seed)
-                with torch.no_grad():
-                    values = [branch.part_assignments(f, torch.full((len(f),), row)) for f in (train, validation, features)]
-                squared = squared_distances(branch.part_centres[row], branch.part_centres[row])
-                soft_parts[parts] = (values, torch.exp(-squared / squared[squared > 0].median()), branch, row)
-            values, kernel, branch, row = soft_parts[parts]
-            if (parts, soft) not in assignments:
-                assignments[parts, soft] = values if soft else [F.one_hot(v.argmax(-1), parts).float() for v in values]
-            train_a, validation_a, test_a = assignments[parts, soft]
-            masks = BlockMaskGenerator(grid, int(settings["cells"]), int(settings["block"]), model.config.min_aspect)(
-                1, int(settings["masks"]), [args.seed])[0]
-            k = None if settings["k"] == "all" else int(settings["k"])
-            distance_kernel = kernel if settings["distance"] == "kernel" else None
+            if parts not in part_models:
+                part_models[parts] = part_model(model, train, category, parts, args.seed)
+            branch, row = part_models[parts]
+            distance_kernel = branch.part_kernel(row) if settings["distance"] == "kernel" else None
             rank = int(settings["rank"])
             embedding = None
             if rank and distance_kernel is not None:  # kernel distances as Euclidean ones of rank-r cell embeddings
-                values_e, vectors_e = torch.linalg.eigh(distance_kernel.double())
-                embedding = (vectors_e[:, -rank:] * values_e[-rank:].clamp_min(0).sqrt()).float()  # (P, r)
-                train_a, validation_a, test_a = (a @ embedding for a in (train_a, validation_a, test_a))
+                embedding = kernel_embedding(distance_kernel, rank)  # (P, r)
                 distance_kernel = torch.eye(rank)
 
-            def scorer(features_: torch.Tensor) -> torch.Tensor:
+            def cell_values(features_: torch.Tensor) -> torch.Tensor:
+                """Each cell's part assignment (the nearest part's one-hot when not soft), embedded at `rank`."""
                 with torch.no_grad():
                     values_ = branch.part_assignments(features_, torch.full((len(features_),), row))
                 if not soft:
                     values_ = F.one_hot(values_.argmax(-1), parts).float()
-                if embedding is not None:
-                    values_ = values_ @ embedding
-                return neighbour_scores(values_, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
+                return values_ if embedding is None else values_ @ embedding
 
-            if args.pose_step:
-                validation_scores = pose_scores(scorer, validation, cache[moved_cache_key(category, args.pose_step)])
-                test_scores = pose_scores(scorer, features, moved_test[category])
-            else:
-                validation_scores, test_scores = (neighbour_scores(a, train_a, masks, k, settings["rule"], distance_kernel).mean(1)
-                                                  for a in (validation_a, test_a))
+            train_values = cell_values(train)
+            masks = BlockMaskGenerator(grid, int(settings["cells"]), int(settings["block"]), model.config.min_aspect)(
+                1, int(settings["masks"]), [args.seed])[0]
+            k = None if settings["k"] == "all" else int(settings["k"])
+
+            def scorer(features_: torch.Tensor) -> torch.Tensor:
+                return neighbour_scores(cell_values(features_), train_values, masks, k, settings["rule"], distance_kernel).mean(1)
+
+            validation_scores = pose_scores(scorer, validation, moved_validation)
+            test_scores = pose_scores(scorer, features, moved_test.get(category))
             alone = test_scores
             entry = {}
             if z is not None:

@@ -274,7 +274,7 @@ def test_neighbour_predictor_scores_by_hand():
 
 
 def test_neighbour_predictor_combines_with_the_trained_predictor_by_hand():
-    """`combine=replace|mean|join`: a variant's z-score in place of, averaged with, or fused beside the
+    """`combine=replace|mean|max|join`: a variant's z-score in place of, averaged with, the larger with, or fused beside the
     model's logical branch (fusion by the sum, computed by hand)."""
     sys.path.insert(0, str(EXPERIMENTS))
     import torch
@@ -287,6 +287,8 @@ def test_neighbour_predictor_combines_with_the_trained_predictor_by_hand():
     assert logical is None and fused.tolist() == [3.0, 1.0]
     logical, fused = fused_with_variant(z, variant, branches, "sum", "mean")
     assert logical.tolist() == [1.0, 1.0] and fused.tolist() == [2.0, 2.0]
+    logical, fused = fused_with_variant(z, variant, branches, "sum", "max")
+    assert logical.tolist() == [2.0, 2.0] and fused.tolist() == [3.0, 3.0]
     logical, fused = fused_with_variant(z, variant, branches, "sum", "join")
     assert logical is None and fused.tolist() == [3.0, 3.0]
     _, fused = fused_with_variant(z, variant, branches, "max", "join")

@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances between the rows of `a (n, C)` and `b (m, C)`, `(n, m)`, clamped at 0."""
-    d = (a * a).sum(1, keepdim=True) - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+    """Squared Euclidean distances between the rows of `a (..., n, C)` and `b (..., m, C)`, `(..., n, m)`,
+    clamped at 0 (leading dimensions batch alike)."""
+    d = (a * a).sum(-1, keepdim=True) - 2.0 * (a @ b.transpose(-1, -2)) + (b * b).sum(-1).unsqueeze(-2)
     return d.clamp_min_(0.0)
 
 
@@ -311,9 +312,7 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         (`"part_histogram"` only)."""
         cells = features.float().flatten(2).transpose(1, 2)  # (B, g*g, C)
         cells = (cells - self.cell_mean[class_ids][:, None]) / self.cell_std[class_ids][:, None]
-        centres = self.part_centres[class_ids]  # (B, parts, C)
-        squared = ((cells * cells).sum(-1, keepdim=True) - 2.0 * cells @ centres.transpose(1, 2)
-                   + (centres * centres).sum(-1)[:, None, :]).clamp_min(0.0)
+        squared = squared_distances(cells, self.part_centres[class_ids])  # (B, g*g, parts)
         return torch.softmax(-squared / self.temperature[class_ids][:, None, None], dim=-1)
 
     def part_histogram(self, features: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -364,10 +363,12 @@ class LadmimGlobalBranch(_PerCategoryBranch):
         return squared.clamp_min(0).sqrt()
 
 
-def batched_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances between the rows of `a (..., n, r)` and `b (..., m, r)`, `(..., n, m)`."""
-    squared = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * a @ b.transpose(-1, -2)
-    return squared.clamp_min(0.0).sqrt()
+def kernel_embedding(kernel: torch.Tensor, rank: int) -> torch.Tensor:
+    """`(parts, rank)`: the top `rank` eigenvectors of a positive semi-definite `kernel (parts, parts)`, each
+    scaled by the square root of its eigenvalue, so that for histograms `h`, `|h1 E - h2 E|` is the kernel
+    distance `sqrt((h1 - h2)^T K (h1 - h2))` (exactly at full rank)."""
+    values, vectors = torch.linalg.eigh(kernel.double())  # ascending: the top `rank` are the last
+    return (vectors[:, -rank:] * values[-rank:].clamp_min(0.0).sqrt()).to(kernel.dtype)
 
 
 class LadmimRetrieval(_PerCategoryBranch):
@@ -402,8 +403,7 @@ class LadmimRetrieval(_PerCategoryBranch):
         """Store one category from its training cells' part assignments `(num_images, N, parts)` and the
         kernel over its parts `(parts, parts)`; more images than the buffer holds keep an evenly spaced subset."""
         rank, images = self.projection.shape[2], self.cells.shape[1]
-        values, vectors = torch.linalg.eigh(kernel.double())  # ascending: the top `rank` are the last
-        projection = (vectors[:, -rank:] * values[-rank:].clamp_min(0.0).sqrt()).to(self.projection)
+        projection = kernel_embedding(kernel, rank).to(self.projection)
         count = min(len(assignments), images)
         index = torch.linspace(0, len(assignments) - 1, count).round().long().to(assignments.device)
         self.cells[class_id].zero_()
@@ -432,9 +432,9 @@ class LadmimRetrieval(_PerCategoryBranch):
             bank_visible = torch.einsum("inr,mn->mir", bank, visible)
             bank_hidden = torch.einsum("inr,mn->mir", bank, hidden)
             far = torch.finfo(bank.dtype).max
-            context = batched_distances(image_visible, bank_visible).masked_fill(padded, far)  # (M, b, I)
+            context = squared_distances(image_visible, bank_visible).sqrt().masked_fill(padded, far)  # (M, b, I)
             chosen = context.topk(min(neighbours, bank.shape[0]), dim=-1, largest=False).indices
-            content = batched_distances(image_hidden, bank_hidden).masked_fill(padded, far)
+            content = squared_distances(image_hidden, bank_hidden).sqrt().masked_fill(padded, far)
             best = content.gather(-1, chosen).amin(-1).transpose(0, 1)  # (b, M)
             if rows is None:
                 scores = best
@@ -471,10 +471,10 @@ __all__ = [
     "LadmimGlobalBranch",
     "LadmimMemoryBank",
     "LadmimRetrieval",
-    "batched_distances",
     "fuse",
     "gaussian_blur",
     "greedy_coreset",
+    "kernel_embedding",
     "kmeans",
     "ledoit_wolf_covariance",
     "nearest_distances",
