@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     from ladmim_hf.calibration import calibrate_category
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import extract_features, extract_moved_features
+    from ladmim_hf.scoring import extract_features, extract_moved_features, extract_scoring_features
     from ladmim_hf.training.pipeline import moved_cache_key
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
@@ -136,15 +136,15 @@ def main(argv=None) -> None:
             cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
         return cache[key]
 
-    def moved(category: str, paths: list[str], key: str | None = None) -> torch.Tensor | None:
-        """The moved images' features when the model scores moved poses (from the cache when it holds them)."""
+    def moved_validation(category: str) -> torch.Tensor | None:
+        """The validation images' moved features when the model scores moved poses (from the cache when it
+        holds them, as training keeps them)."""
         if not model.config.logical_pose_moves:
             return None
+        key = moved_cache_key(category, model.config.logical_pose_step)
         if key not in cache:
-            found = extract_moved_features(model, processor, paths, 16, f"features {category}")
-            if key is None:
-                return found
-            cache[key] = found
+            cache[key] = extract_moved_features(model, processor, layout.paths(category, "validation"), 16,
+                                                f"features {category}")
         return cache[key]
 
     model = with_all_branches(model, {c: cached("train", c) for c in categories}, args.seed, args.memory_bank_size,
@@ -157,18 +157,18 @@ def main(argv=None) -> None:
         S.progress(f"{category}: scoring")
         # Training's own calibration (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
-        moved_validation = moved(category, layout.paths(category, "validation"),
-                                 moved_cache_key(category, model.config.logical_pose_step))
         stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01,
-                                   moved_validation)
+                                   moved_validation(category))
         if args.map_statistics == "score":  # without map statistics, maps fall back to the score's
             stats = {key: value for key, value in stats.items() if "_map_" not in key}
         model.config.calibration[category] = stats
         rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
-        test_features = extract_features(model.tokenizer, processor, [r["path"] for r in rows], 16, f"features {category}")
+        # each test image read once for its plain and (with poses) moved features
+        test_features, test_moved = extract_scoring_features(model, processor, [r["path"] for r in rows], 16,
+                                                             f"features {category}")
         test_scores, test_maps = score(model, test_features, category, test_masks, args.eval_seed, batch_size=8,
-                                       moved_features=moved(category, [r["path"] for r in rows]))
+                                       moved_features=test_moved)
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_maps(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}
