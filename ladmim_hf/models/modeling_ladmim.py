@@ -285,8 +285,10 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         if moves:  # every pose of an image in consecutive rows, the image as it is first; codes only (no decoder)
             moved = moved_features.to(features).flatten(0, 1)
             moved_ids = class_ids.repeat_interleave(len(moves))
-            moved_inputs = self.tokenizer.standardize(moved).view(batch, len(moves), *features.shape[1:])
-            moved_codes = self.tokenizer.encode(features=moved, category=moved_ids).view(batch, len(moves), *pose_codes.shape[1:])
+            standardized = self.tokenizer.standardize(moved)  # once: the predictor's input and the encoder's
+            moved_inputs = standardized.view(batch, len(moves), *features.shape[1:])
+            moved_codes = self.tokenizer.encode_standardized(standardized, moved_ids).view(batch, len(moves),
+                                                                                              *pose_codes.shape[1:])
             pose_inputs = torch.cat([pose_inputs[:, None], moved_inputs], 1).flatten(0, 1)
             pose_codes = torch.cat([pose_codes[:, None], moved_codes], 1).flatten(0, 1)
             pose_class_ids, pose_masks = class_ids.repeat_interleave(poses), masks.repeat_interleave(poses, 0)

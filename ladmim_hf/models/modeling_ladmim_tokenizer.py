@@ -427,7 +427,10 @@ class LadmimTokenizerModel(LadmimPreTrainedModel):
         """Code indices of the lower levels `(B, L, N)` (row-major grid cells). No EMA updates."""
         if features is None:
             features = self.extract_features(pixel_values)
-        features = self.standardize(features)
+        return self.encode_standardized(self.standardize(features), category)
+
+    def encode_standardized(self, features: torch.Tensor, category=None) -> torch.LongTensor:
+        """`encode` of features already standardised (`standardize`): codes `(B, L, N)`. No EMA updates."""
         class_ids = self.category_ids(category, features.shape[0])
         _, codes, _, _, _, _ = self._quantize(features, class_ids, update=False)
         return codes
