@@ -18,6 +18,10 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
 
 - `memory_bank:size=P`: a coreset of P patches (the model's grid);
 - `memory_bank:grid=G`: every backbone tap resized to G x G before matching (the model's: 14 at 224 px);
+- `memory_bank:image=S` / `global:image=S`: the branch (the model's settings) on the features of the
+  processor's image resized to S x S pixels, at the grid of the same cell size (the package's
+  `branch_image_size: S`): the backbone resolves finer detail, not just more cells (`grid=`, by
+  contrast, resizes the same taps);
 - `memory_bank:position=A`: each patch gets its cell's (row, column) appended, scaled so that one
   cell is A times the median nearest-neighbour distance of validation patches, so a part in the
   wrong place stops matching;
@@ -39,6 +43,13 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
 - `global:cooccurrence=K`: the Mahalanobis distance of how often each pair of K part clusters lies
   in side-by-side cells (right or below, either order): a part's length and what touches what, which a
   count of cells per part does not see; `parts:cooccurrence=K` adds it as one more branch instead;
+- `global:tap_parts=K`: one part histogram per backbone tap (K k-means parts of that tap's channels
+  alone), one Mahalanobis distance each, standardised on the validation images and summed: the
+  shallow taps, a small share of the 368 channels, otherwise barely move which part a cell joins;
+- `global:sqrt_parts=K`: the part histogram's square root (Hellinger) under the Gaussian, so a rare
+  part's count weighs as much as a common part's (counts' spread grows with their mean);
+- `global:seeds=S`: S part histograms of the model's `global_parts`, k-means seeds 0..S-1, each
+  standardised on the validation images, averaged: how much of the branch is the k-means draw;
 - `global:moments`: the package's `global_descriptor: moments` (per-channel mean and std), for a model
   fitted with the part histogram;
 - `global:knn=K`: the mean Euclidean distance of the image's pooled features (standardised per
@@ -62,11 +73,12 @@ from ladmim_hf.models.branches_ladmim import LadmimGlobalBranch
 DEFAULT_VARIANTS = ("memory_bank:size=4096", "memory_bank:grid=28", "memory_bank:position=0.5",
                     "global:standardized", "global:code_histogram", "global:set_cdf", "global:per_tap",
                     "per_cell:gaussian")
-SETTINGS = {"memory_bank": ("size", "grid", "position"),
-            "global": ("standardized", "code_histogram", "set_cdf", "per_tap", "clusters", "knn", "moments", "cooccurrence"),
+SETTINGS = {"memory_bank": ("size", "grid", "position", "image"),
+            "global": ("standardized", "code_histogram", "set_cdf", "per_tap", "clusters", "knn", "moments", "cooccurrence",
+                       "tap_parts", "sqrt_parts", "seeds", "image"),
             "per_cell": ("gaussian",),
             "parts": ("clusters", "cooccurrence")}
-VALUED = ("size", "grid", "position", "clusters", "knn", "cooccurrence")  # settings that take a number
+VALUED = ("size", "grid", "position", "clusters", "knn", "cooccurrence", "tap_parts", "sqrt_parts", "seeds", "image")  # settings that take a number
 SET_PROJECTIONS, SET_QUANTILES = 128, 4  # per tap; the quantiles split the training patches into 5 equal shares
 
 
@@ -75,8 +87,9 @@ def parse_variant(text: str) -> tuple[str, str, float | None]:
     branch, _, setting = text.partition(":")
     name, _, value = setting.partition("=")
     if branch not in SETTINGS or name not in SETTINGS[branch] or (name in VALUED) != bool(value):
-        raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position}}=VALUE, "
-                         "global:{standardized,code_histogram,set_cdf,per_tap,moments}, global:{clusters,knn}=VALUE, "
+        raise SystemExit(f"bad variant {text!r}: use memory_bank:{{size,grid,position,image}}=VALUE, "
+                         "global:{standardized,code_histogram,set_cdf,per_tap,moments}, "
+                         "global:{clusters,knn,cooccurrence,tap_parts,sqrt_parts,seeds,image}=VALUE, "
                          "parts:clusters=VALUE or per_cell:gaussian")
     try:
         return branch, name, float(value) if value else None
@@ -135,13 +148,9 @@ def per_tap_global_scores(train: torch.Tensor, validation: torch.Tensor, test: t
                           tap_channels: list[int]) -> list[torch.Tensor]:
     """Validation and test scores `(N,)` of features `(N, C, g, g)`: per tap, the Mahalanobis distance of its
     pooled mean and std (`mahalanobis_scores`), standardised on the validation images; summed over taps."""
-    total = [torch.zeros(len(validation)), torch.zeros(len(test))]
-    for channels in torch.split(torch.arange(sum(tap_channels)), tap_channels):
-        tap_validation, tap_test = mahalanobis_scores(
-            *(LadmimGlobalBranch.pooled(f[:, channels]) for f in (train, validation, test)), standardize=False)
-        mean, std = tap_validation.mean(), tap_validation.std()
-        total = [total[0] + (tap_validation - mean) / std, total[1] + (tap_test - mean) / std]
-    return total
+    return standardized_sum([mahalanobis_scores(*(LadmimGlobalBranch.pooled(f[:, channels]) for f in (train, validation, test)),
+                                                standardize=False)
+                             for channels in torch.split(torch.arange(sum(tap_channels)), tap_channels)])
 
 
 def set_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, tap_channels: list[int],
@@ -171,6 +180,33 @@ def global_branch_scores(train: torch.Tensor, validation: torch.Tensor, test: to
     branch = LadmimGlobalBranch(1, train.shape[1], **settings)
     branch.fit(train, 0, seed=seed)
     return [branch(f, torch.zeros(len(f), dtype=torch.long), ["category"]) for f in (validation, test)]
+
+
+def standardized_sum(scores: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Sum of several scores' validation and test values, each standardised on its validation values."""
+    total = [torch.zeros_like(scores[0][0]), torch.zeros_like(scores[0][1])]
+    for validation, test in scores:
+        mean, std = validation.mean(), validation.std()
+        total = [total[0] + (validation - mean) / std, total[1] + (test - mean) / std]
+    return total
+
+
+def per_tap_part_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, tap_channels: list[int],
+                        parts: int, seed: int) -> list[torch.Tensor]:
+    """Validation and test scores `(N,)`: per tap, the package's part-histogram global branch on that tap's
+    channels alone, standardised on the validation images; summed over taps."""
+    return standardized_sum([global_branch_scores(*(f[:, channels] for f in (train, validation, test)), seed,
+                                                  descriptor="part_histogram", parts=parts)
+                             for channels in torch.split(torch.arange(sum(tap_channels)), tap_channels)])
+
+
+def sqrt_part_scores(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, parts: int,
+                     seed: int) -> list[torch.Tensor]:
+    """Validation and test Mahalanobis distances `(N,)` of the square-rooted part histograms."""
+    branch = LadmimGlobalBranch(1, train.shape[1], "part_histogram", parts)
+    branch.fit(train, 0, seed=seed)
+    histograms = [branch.part_histogram(f, torch.zeros(len(f), dtype=torch.long)).sqrt() for f in (train, validation, test)]
+    return mahalanobis_scores(*histograms, standardize=False)
 
 
 def cooccurrence_descriptors(train: torch.Tensor, validation: torch.Tensor, test: torch.Tensor, parts: int,
@@ -247,7 +283,7 @@ def main(argv=None) -> None:
     from ladmim_hf.evaluation import load_detector
     from ladmim_hf.metrics import loco_image_aurocs
     from ladmim_hf.models.branches_ladmim import fuse
-    from ladmim_hf.scoring import extract_features
+    from ladmim_hf.scoring import extract_branch_features, extract_features
 
     model, processor = load_detector(args.model)
     fused, rule = list(model.config.fused_branches), model.config.fusion_rule
@@ -261,10 +297,18 @@ def main(argv=None) -> None:
     backbone = model.tokenizer.backbone
     model_grid = backbone.grid_size
 
-    def features(split: str, category: str, grid: int) -> torch.Tensor:
-        key = f"{split}/{category}" + ("" if grid == model_grid else f"@{grid}")
+    def features(split: str, category: str, grid: int, size: int | None = None) -> torch.Tensor:
+        size = size or processor.size
+        key = f"{split}/{category}" + ("" if grid == model_grid else f"@{grid}") + ("" if size == processor.size else f"@{size}px")
         if key not in cache:
             paths = test_paths[category] if split == "test" else layout.paths(category, split)
+            if size != processor.size:  # the package's branch features at branch_image_size
+                saved_size, model.config.branch_image_size = model.config.branch_image_size, size
+                try:
+                    cache[key] = extract_branch_features(model, processor, paths, 16, f"features {key}")
+                finally:
+                    model.config.branch_image_size = saved_size
+                return cache[key]
             backbone.grid_size = grid
             try:
                 cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
@@ -285,14 +329,19 @@ def main(argv=None) -> None:
         results["model"][category] = {"fused": aurocs(fuse(torch.stack([z[b] for b in fused], -1), rule), types)}
         for text, (branch, setting, value) in variants.items():
             S.progress(f"{category}: {text}")
+            image_size = int(value) if setting == "image" else processor.size
+            if setting == "image" and (image_size % 16 or image_size < 64):
+                raise SystemExit(f"bad variant {text!r}: the image size must be a multiple of 16, at least 64")
             if branch == "memory_bank":
-                grid = int(value) if setting == "grid" else model_grid
+                grid = int(value) if setting == "grid" else image_size // 16 if setting == "image" else model_grid
                 size = int(value) if setting == "size" else model.config.memory_bank_size or 2048
                 position = value if setting == "position" else 0.0
-                validation, test = memory_bank_scores(*(features(split, category, grid) for split in ("train", "validation", "test")),
+                validation, test = memory_bank_scores(*(features(split, category, grid, image_size)
+                                                        for split in ("train", "validation", "test")),
                                                       size, position, args.seed)
-            else:  # every other variant reads the features at the model's grid
-                grids = [features(split, category, model_grid) for split in ("train", "validation", "test")]
+            else:  # every other variant reads the features at the model's grid (or the native grid of `image=`)
+                grid = image_size // 16 if setting == "image" else model_grid
+                grids = [features(split, category, grid, image_size) for split in ("train", "validation", "test")]
                 if branch == "per_cell":
                     validation, test = per_cell_gaussian_scores(*grids)
                 elif setting == "per_tap":
@@ -302,6 +351,17 @@ def main(argv=None) -> None:
                 elif setting == "cooccurrence":
                     validation, test = mahalanobis_scores(*cooccurrence_descriptors(*grids, int(value), args.seed)[:3],
                                                           standardize=False)
+                elif setting == "tap_parts":
+                    validation, test = per_tap_part_scores(*grids, backbone.tap_channels, int(value), args.seed)
+                elif setting == "sqrt_parts":
+                    validation, test = sqrt_part_scores(*grids, int(value), args.seed)
+                elif setting == "seeds":
+                    validation, test = standardized_sum([
+                        global_branch_scores(*grids, args.seed + s, descriptor="part_histogram",
+                                             parts=model.config.global_parts) for s in range(int(value))])
+                elif setting == "image":
+                    validation, test = global_branch_scores(*grids, args.seed, descriptor=model.config.global_descriptor,
+                                                            parts=model.config.global_parts)
                 elif setting == "clusters":
                     validation, test = global_branch_scores(*grids, args.seed, descriptor="part_histogram", parts=int(value))
                 elif setting == "knn":

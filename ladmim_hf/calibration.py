@@ -104,11 +104,14 @@ def calibration_size_warning(num_images: int, fpr: float) -> str | None:
 
 
 def calibrate_category(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
-                       seed: int, fpr: float, moved_features: torch.Tensor | None = None) -> dict[str, float]:
+                       seed: int, fpr: float, moved_features: torch.Tensor | None = None,
+                       branch_features: torch.Tensor | None = None) -> dict[str, float]:
     """Calibration statistics of `category` from the features `(N, C, g, g)` of its normal images (and
-    their `moved_features` `(N, 4, C, g, g)` when the model scores moved poses)."""
+    their `moved_features` `(N, 4, C, g, g)` when the model scores moved poses, their `branch_features`
+    `(N, C, g', g')` with `config.branch_image_size`)."""
     scores, map_statistics = branch_scores_and_map_statistics(model, features, category, num_masks, seed,
-                                                              moved_features=moved_features)
+                                                              moved_features=moved_features,
+                                                              branch_features=branch_features)
     return {**calibration_statistics(scores, model.config.fused_branches, model.config.fusion_rule, fpr), **map_statistics}
 
 
@@ -183,16 +186,18 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
             warning = calibration_size_warning(len(paths), fpr)
             if warning:
                 logger.warning("%s: %s", category, warning)
-        features, moved = extract_scoring_features(detector, processor, paths, batch_size, f"features {data_category}")
+        features, moved, branch = extract_scoring_features(detector, processor, paths, batch_size,
+                                                           f"features {data_category}")
         if labelled:
             scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
-                                                                      normal=~labels, moved_features=moved)
+                                                                      normal=~labels, moved_features=moved,
+                                                                      branch_features=branch)
             stats = {**labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule),
                      **map_statistics}
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:
-            stats = calibrate_category(detector, features, category, num_masks, seed, fpr, moved)
+            stats = calibrate_category(detector, features, category, num_masks, seed, fpr, moved, branch)
         check_calibration(category, stats)
         results[category], sources[category] = stats, source
         logger.info("%s: threshold %.3f from %s", category, stats["threshold"], source)

@@ -1,5 +1,6 @@
 """Scoring many image files with a detector: backbone features once (and, for a detector that scores
-moved poses, the moved images' features), then every branch's raw scores.
+moved poses, the moved images' features; for one whose memory-bank and global branches read a larger
+image, that image's features), then every branch's raw scores.
 
 Training's calibration, `ladmim calibrate` and `ladmim evaluate` all go through these two functions,
 so a threshold is always set on scores computed the way they are used.
@@ -7,7 +8,7 @@ so a threshold is always set on scores computed the way they are used.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -49,33 +50,57 @@ def extract_moved_features(detector: LadmimForAnomalyDetection, processor: Ladmi
 
 
 @torch.no_grad()
+def extract_branch_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
+                            batch_size: int, description: str, disable: bool = False) -> torch.Tensor | None:
+    """Features of image files at the detector's `config.branch_image_size` `(num_images, C, g', g')` (float32,
+    CPU; `detector.extract_branch_features`), or None when its branches read the tokenizer's features."""
+    if detector.config.branch_image_size is None:
+        return None
+    return _features_of_files([detector.extract_branch_features], detector.tokenizer.device, processor, paths, batch_size,
+                              f"{description} ({detector.config.branch_image_size} px)", disable)[0]
+
+
+class ScoringFeatures(NamedTuple):
+    """What a detector scores image files from (float32, CPU): backbone `features` `(N, C, g, g)`, the moved
+    poses' `moved` `(N, 4, C, g, g)` (None without poses) and the memory-bank and global branches' `branch`
+    `(N, C, g', g')` (None when they read `features`)."""
+
+    features: torch.Tensor
+    moved: torch.Tensor | None
+    branch: torch.Tensor | None
+
+
+@torch.no_grad()
 def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
-                             batch_size: int, description: str, disable: bool = False
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the detector scores image files from, each file read once: backbone features `(num_images, C, g, g)`
-    and `extract_moved_features` `(num_images, 4, C, g, g)` (None without poses); float32, CPU."""
-    tokenizer = detector.tokenizer
-    if not detector.config.logical_pose_moves:
-        return extract_features(tokenizer, processor, paths, batch_size, description, disable), None
-    features, moved = _features_of_files([tokenizer.extract_features, detector.extract_moved_features], tokenizer.device,
-                                         processor, paths, batch_size, description, disable)
-    return features, moved
+                             batch_size: int, description: str, disable: bool = False) -> ScoringFeatures:
+    """Everything the detector scores image files from, each file read once (`ScoringFeatures`)."""
+    extracts = {"features": detector.tokenizer.extract_features}
+    if detector.config.logical_pose_moves:
+        extracts["moved"] = detector.extract_moved_features
+    if detector.config.branch_image_size is not None:
+        extracts["branch"] = detector.extract_branch_features
+    values = _features_of_files(list(extracts.values()), detector.tokenizer.device, processor, paths, batch_size,
+                                description, disable)
+    found = dict(zip(extracts, values))
+    return ScoringFeatures(found["features"], found.get("moved"), found.get("branch"))
 
 
 def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
-                  seed: int, batch_size: int = 16, moved_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  seed: int, batch_size: int = 16, moved_features: torch.Tensor | None = None,
+                  branch_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU (with retrieval also the
     logical score's two components, `LadmimAnomalyOutput.logical_components`), every image scored with
     the mask set of `seed` (so the result does not depend on `batch_size`). `moved_features`: the images'
-    `extract_moved_features`, needed when the model scores moved poses."""
+    `extract_moved_features`, needed when the model scores moved poses; `branch_features`: their
+    `extract_branch_features`, needed with `config.branch_image_size`."""
     return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size,
-                                            moved_features=moved_features)[0]
+                                            moved_features=moved_features, branch_features=branch_features)[0]
 
 
 def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str,
                                      num_masks: int | None, seed: int, batch_size: int = 16,
-                                     normal: torch.Tensor | None = None, moved_features: torch.Tensor | None = None
-                                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                                     normal: torch.Tensor | None = None, moved_features: torch.Tensor | None = None,
+                                     branch_features: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`branch_scores`, and `{branch}_map_mean` / `{branch}_map_std`: the mean and std over every pixel of
     the maps, for each branch with a map (what the maps are standardised with before fusion). `normal`
     `(num_images,)` bool: only those images' maps count (default: every image)."""
@@ -83,9 +108,10 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     scores: dict[str, list[torch.Tensor]] = {}
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
     for start in range(0, len(features), batch_size):
-        moved = None if moved_features is None else moved_features[start:start + batch_size].to(device)
-        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, category=category,
-                    num_masks=num_masks, seed=seed)
+        moved, branch = (None if extra is None else extra[start:start + batch_size].to(device)
+                         for extra in (moved_features, branch_features))
+        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, branch_features=branch,
+                    category=category, num_masks=num_masks, seed=seed)
         for branch, values in {**out.branch_scores(), **out.logical_components()}.items():
             scores.setdefault(branch, []).append(values.cpu())
         counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)
@@ -105,5 +131,5 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["branch_scores", "branch_scores_and_map_statistics", "extract_features", "extract_moved_features",
-           "extract_scoring_features"]
+__all__ = ["ScoringFeatures", "branch_scores", "branch_scores_and_map_statistics", "extract_branch_features",
+           "extract_features", "extract_moved_features", "extract_scoring_features"]

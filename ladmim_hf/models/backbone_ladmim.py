@@ -490,15 +490,15 @@ class LadmimBackbone(nn.Module):
         """Outputs of the tapped blocks at their native resolutions (channels-first), in tap order."""
         return [feature.contiguous() for feature in self._run(pixel_values)]
 
-    def resize_tap(self, feature: torch.Tensor) -> torch.Tensor:
-        """Resize one tap to ``grid_size x grid_size``.
+    def resize_tap(self, feature: torch.Tensor, grid_size: int | None = None) -> torch.Tensor:
+        """Resize one tap to ``grid_size x grid_size`` (default: the backbone's ``grid_size``).
 
         Taps smaller than the grid are upsampled bilinearly with ``align_corners=True`` (HVQ-Trans'
         convention). Taps larger than the grid are area-averaged (``adaptive_avg_pool2d``): bilinear
         interpolation at a large downscale (e.g. 112 -> 24) samples only a few input pixels per output cell
         and aliases, while averaging keeps every pixel's contribution.
         """
-        g = self.grid_size
+        g = grid_size or self.grid_size
         h, w = feature.shape[-2:]
         if (h, w) == (g, g):
             return feature
@@ -506,9 +506,10 @@ class LadmimBackbone(nn.Module):
             return F.adaptive_avg_pool2d(feature, (g, g))
         return F.interpolate(feature, size=(g, g), mode="bilinear", align_corners=True)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) ImageNet-normalised images -> (B, out_channels, grid_size, grid_size) features."""
-        return torch.cat([self.resize_tap(f) for f in self._run(pixel_values)], dim=1).contiguous()
+    def forward(self, pixel_values: torch.Tensor, grid_size: int | None = None) -> torch.Tensor:
+        """(B, 3, S, S) ImageNet-normalised images -> (B, out_channels, grid_size, grid_size) features
+        (`grid_size` default: the backbone's)."""
+        return torch.cat([self.resize_tap(f, grid_size) for f in self._run(pixel_values)], dim=1).contiguous()
 
     # ------------------------------------------------------------------ weights
 
