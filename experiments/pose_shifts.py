@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
 
     model, processor = load_detector(args.model)
     model.config.logical_pose_step = 0  # each pose is scored alone; the probe aggregates them itself
-    model.config.logical_retrieval_neighbours = 0  # the probe studies the trained predictor
+    S.predictor_alone(model)  # the probe studies the trained predictor
     layout = find_layout(args.data_root)
     categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)
     saved = torch.load(args.scores, weights_only=False)

@@ -320,7 +320,7 @@ def _probe(args) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(settings, categories).eval()
     model.config.logical_pose_step = 0  # the probe scores cached features: the image as it is
-    model.config.logical_retrieval_neighbours = 0  # and the trained predictor alone
+    S.predictor_alone(model)  # the probe studies the trained predictor
     cache_path = Path(args.cache) if args.cache else Path(settings.data_root).resolve().parent / f"probe_features_{Path(settings.data_root).name}.pt"
     if args.tiny:
         cache_path = Path(workdir.name) / "features.pt"
