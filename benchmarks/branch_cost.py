@@ -4,7 +4,7 @@ Builds the detector of `configs/synthloco-cpu.yaml` (random weights: the cost do
 them) twice from the same weights: with the branches that file enables and with them switched off
 (the logical and structural branches only, the predictor without retrieval), or with `--retrieval`
 only the retrieval switched off (`logical_retrieval_neighbours: 0`), fits the branches on random training features of the
-configured grid, then times `model(pixel_values, category, seed=...)` (backbone included, the
+configured grid, then times `model(pixel_values, category, seed=...)` (backbone included, at `global_image_size` too, the
 config's masks) on the same images, alternating the two in `--rounds` rounds. `ratio` is the median
 over rounds of (with branches) / (without) process CPU time per image; with `--threads 1` it does
 not depend on the machine's load.
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
                                          "global_descriptor": "part_histogram", "global_parts": 8,
                                          "logical_retrieval_neighbours": 3, "logical_retrieval_num_masked": 4,
                                          "logical_retrieval_min_block": 2, "logical_retrieval_rank": 4,
-                                         "fused_branches": None})
+                                         "global_image_size": 128, "fused_branches": None})
         args.images, args.rounds, args.train_images = 2, 2, 8
     if args.retrieval and not config.logical_retrieval_neighbours:
         raise SystemExit("the config does not retrieve (logical_retrieval_neighbours: 0): nothing to compare")
@@ -46,18 +46,22 @@ def main(argv=None) -> dict:
     with_branches = C.build_detector(config, seed=args.seed)
     switched_off = {"logical_retrieval_neighbours": 0}
     if not args.retrieval:
-        switched_off.update(memory_bank_size=0, global_branch=False, fused_branches=None)
+        switched_off.update(memory_bank_size=0, global_branch=False, fused_branches=None, global_image_size=None)
     plain_config = LadmimConfig.from_dict({**config.to_dict(), **switched_off})
     without = C.build_detector(plain_config, seed=args.seed)
-    dropped = ("retrieval.",) if args.retrieval else ("memory_bank.", "global_branch.", "retrieval.")
+    dropped = ("retrieval.", "retrieval_parts.") + (() if args.retrieval else ("memory_bank.", "global_branch."))
     without.load_state_dict({k: v for k, v in with_branches.state_dict().items() if not k.startswith(dropped)})
     for model in (with_branches, without):
         model._warned_uncalibrated.update(model.categories)
     size, grid = config.tokenizer_config.image_size, config.tokenizer_config.grid_size
     train = torch.randn(args.train_images, config.tokenizer_config.feature_channels, grid, grid,
                         generator=torch.Generator().manual_seed(args.seed))
+    global_grid = config.global_grid_size  # the global branch reads a larger image
+    global_train = None if global_grid is None else torch.randn(
+        args.train_images, config.tokenizer_config.feature_channels, global_grid, global_grid,
+        generator=torch.Generator().manual_seed(args.seed + 2))
     C.log("fitting the branches")
-    with_branches.fit_feature_branches(train, C.CATEGORY, seed=args.seed)
+    with_branches.fit_feature_branches(train, C.CATEGORY, seed=args.seed, global_features=global_train)
     images = C.random_images(args.images, size, args.seed + 1)
     seeds = list(range(args.images))
 
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
     result = {
         **C.cost_ratio(scorer(with_branches), scorer(without), args.rounds, args.images),
         "memory_bank_size": config.memory_bank_size, "global_branch": config.global_branch,
-        "global_descriptor": config.global_descriptor,
+        "global_descriptor": config.global_descriptor, "global_image_size": config.global_image_size,
         "logical_retrieval_neighbours": config.logical_retrieval_neighbours, "compared": "retrieval" if args.retrieval else "branches",
         "num_masks": config.num_masks, "images": args.images, "rounds": args.rounds,
         "config": "tiny" if args.tiny else "synthloco-cpu",

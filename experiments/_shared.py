@@ -32,12 +32,12 @@ def use_threads(threads: int | None) -> None:
 
 def predictor_alone(model) -> None:
     """Let a detector score cached tokenizer features with its trained predictor alone: the retrieval off, and
-    the memory-bank and global branches (which may read their own features, `branch_image_size`) dropped from
+    the memory-bank and global branches (the global one may read its own features, `global_image_size`) dropped from
     the model and its fusion. For the probes that study the logical branch's predictor."""
     config = model.config
     model.memory_bank = model.global_branch = model.retrieval = model.retrieval_parts = None
     config.logical_retrieval_neighbours, config.memory_bank_size, config.global_branch = 0, 0, False
-    config.branch_image_size = None
+    config.global_image_size = None
     config.fused_branches = [b for b in config.fused_branches if b in ("logical", "structural")] or ["logical"]
 
 

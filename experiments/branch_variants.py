@@ -20,7 +20,7 @@ Variants (`branch:setting=value`, or `branch:setting`); each replaces its branch
 - `memory_bank:grid=G`: every backbone tap resized to G x G before matching (the model's: 14 at 224 px);
 - `memory_bank:image=S` / `global:image=S`: the branch (the model's settings) on the features of the
   processor's image resized to S x S pixels, at the grid of the same cell size (the package's
-  `branch_image_size: S`): the backbone resolves finer detail, not just more cells (`grid=`, by
+  `global_image_size: S`): the backbone resolves finer detail, not just more cells (`grid=`, by
   contrast, resizes the same taps);
 - `memory_bank:position=A`: each patch gets its cell's (row, column) appended, scaled so that one
   cell is A times the median nearest-neighbour distance of validation patches, so a part in the
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     from ladmim_hf.evaluation import load_detector
     from ladmim_hf.metrics import loco_image_aurocs
     from ladmim_hf.models.branches_ladmim import fuse
-    from ladmim_hf.scoring import extract_branch_features, extract_features
+    from ladmim_hf.scoring import extract_global_features, extract_features
 
     model, processor = load_detector(args.model)
     fused, rule = list(model.config.fused_branches), model.config.fusion_rule
@@ -302,12 +302,12 @@ def main(argv=None) -> None:
         key = f"{split}/{category}" + ("" if grid == model_grid else f"@{grid}") + ("" if size == processor.size else f"@{size}px")
         if key not in cache:
             paths = test_paths[category] if split == "test" else layout.paths(category, split)
-            if size != processor.size:  # the package's branch features at branch_image_size
-                saved_size, model.config.branch_image_size = model.config.branch_image_size, size
+            if size != processor.size:  # the package's branch features at global_image_size
+                saved_size, model.config.global_image_size = model.config.global_image_size, size
                 try:
-                    cache[key] = extract_branch_features(model, processor, paths, 16, f"features {key}")
+                    cache[key] = extract_global_features(model, processor, paths, 16, f"features {key}")
                 finally:
-                    model.config.branch_image_size = saved_size
+                    model.config.global_image_size = saved_size
                 return cache[key]
             backbone.grid_size = grid
             try:

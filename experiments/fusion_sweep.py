@@ -53,9 +53,6 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
     refit_bank = (config.get("memory_bank_size", 0) == 0 or memory_bank_size is not None
                   or memory_bank_neighbourhood is not None)
     refit_global = not config.get("global_branch", False)
-    if (refit_bank or refit_global) and config.get("branch_image_size") is not None:
-        raise SystemExit("this model's memory-bank and global branches read features at branch_image_size; the sweep "
-                         "refits them only at the tokenizer's features: drop --memory_bank_size/--memory_bank_neighbourhood")
     if refit_bank:
         config["memory_bank_size"] = memory_bank_size or config.get("memory_bank_size") or 2048
         config["memory_bank_neighbourhood"] = memory_bank_neighbourhood or config.get("memory_bank_neighbourhood", 1)
@@ -80,16 +77,16 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
 
 
 def score(model, features: torch.Tensor, category: str, num_masks: int, seed: int, batch_size: int = 16,
-          moved_features: torch.Tensor | None = None, branch_features: torch.Tensor | None = None):
+          moved_features: torch.Tensor | None = None, global_features: torch.Tensor | None = None):
     """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}`, every image with the mask set of `seed`
     (as training's calibration and `evaluate` score; `moved_features` for a model with `logical_pose_step`,
-    `branch_features` for one with `branch_image_size`)."""
+    `global_features` for one with `global_image_size`)."""
     scores, maps = {}, {}
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
         moved, branch = (None if extra is None else extra[start:start + batch_size]
-                         for extra in (moved_features, branch_features))
-        out = model(features=chunk, moved_features=moved, branch_features=branch, category=category,
+                         for extra in (moved_features, global_features))
+        out = model(features=chunk, moved_features=moved, global_features=branch, category=category,
                     num_masks=num_masks, seed=seed)
         for name, value in out.branch_scores().items():
             scores.setdefault(name, []).append(value)
@@ -126,9 +123,9 @@ def main(argv=None) -> None:
     from ladmim_hf.calibration import calibrate_category
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import (extract_branch_features, extract_features, extract_moved_features,
+    from ladmim_hf.scoring import (extract_global_features, extract_features, extract_moved_features,
                                    extract_scoring_features)
-    from ladmim_hf.training.pipeline import branch_cache_key, moved_cache_key
+    from ladmim_hf.training.pipeline import global_cache_key, moved_cache_key
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
@@ -154,15 +151,15 @@ def main(argv=None) -> None:
                                                 f"features {category}")
         return cache[key]
 
-    def branch_validation(category: str) -> torch.Tensor | None:
-        """The validation images' features at the model's branch_image_size, when it has one (cached as training
+    def global_validation(category: str) -> torch.Tensor | None:
+        """The validation images' features at the model's global_image_size, when it has one (cached as training
         keeps them)."""
-        size = model.config.branch_image_size
+        size = model.config.global_image_size
         if size is None:
             return None
-        key = branch_cache_key("validation", category, size)
+        key = global_cache_key("validation", category, size)
         if key not in cache:
-            cache[key] = extract_branch_features(model, processor, layout.paths(category, "validation"), 16,
+            cache[key] = extract_global_features(model, processor, layout.paths(category, "validation"), 16,
                                                  f"features {category}")
         return cache[key]
 
@@ -177,16 +174,16 @@ def main(argv=None) -> None:
         # Training's own calibration (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
         stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01,
-                                   moved_validation(category), branch_validation(category))
+                                   moved_validation(category), global_validation(category))
         if args.map_statistics == "score":  # without map statistics, maps fall back to the score's
             stats = {key: value for key, value in stats.items() if "_map_" not in key}
         model.config.calibration[category] = stats
         rows = evaluation_rows(layout, category)
         types = [r["anomaly_type"] for r in rows]
-        # each test image read once for its plain, moved (with poses) and branch_image_size features
+        # each test image read once for its plain, moved (with poses) and global_image_size features
         test = extract_scoring_features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
         test_scores, test_maps = score(model, test.features, category, test_masks, args.eval_seed, batch_size=8,
-                                       moved_features=test.moved, branch_features=test.branch)
+                                       moved_features=test.moved, global_features=test.global_features)
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_maps(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}

@@ -120,8 +120,8 @@ def rescoring_inputs(args) -> tuple:
     model, processor = load_detector(args.model)
     model.config.logical_pose_step = 0  # cached features: the logical branch scores the image as it is
     model.config.logical_retrieval_neighbours = 0  # with the trained predictor alone
-    if model.config.branch_image_size is not None:
-        raise SystemExit(f"{args.model} fuses branches that read features at branch_image_size, which this probe does "
+    if model.config.global_image_size is not None:
+        raise SystemExit(f"{args.model} fuses branches that read features at global_image_size, which this probe does "
                          "not extract: rescore a model trained without it")
     layout = find_layout(args.data_root)
     categories = select_categories(layout, "all" if args.categories == ["all"] else args.categories)

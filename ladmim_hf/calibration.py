@@ -105,13 +105,13 @@ def calibration_size_warning(num_images: int, fpr: float) -> str | None:
 
 def calibrate_category(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
                        seed: int, fpr: float, moved_features: torch.Tensor | None = None,
-                       branch_features: torch.Tensor | None = None) -> dict[str, float]:
+                       global_features: torch.Tensor | None = None) -> dict[str, float]:
     """Calibration statistics of `category` from the features `(N, C, g, g)` of its normal images (and
-    their `moved_features` `(N, 4, C, g, g)` when the model scores moved poses, their `branch_features`
-    `(N, C, g', g')` with `config.branch_image_size`)."""
+    their `moved_features` `(N, 4, C, g, g)` when the model scores moved poses, their `global_features`
+    `(N, C, g', g')` with `config.global_image_size`)."""
     scores, map_statistics = branch_scores_and_map_statistics(model, features, category, num_masks, seed,
                                                               moved_features=moved_features,
-                                                              branch_features=branch_features)
+                                                              global_features=global_features)
     return {**calibration_statistics(scores, model.config.fused_branches, model.config.fusion_rule, fpr), **map_statistics}
 
 
@@ -191,7 +191,7 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
         if labelled:
             scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
                                                                       normal=~labels, moved_features=moved,
-                                                                      branch_features=branch)
+                                                                      global_features=branch)
             stats = {**labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule),
                      **map_statistics}
             if stats["num_images"] < 10:

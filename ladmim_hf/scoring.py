@@ -1,6 +1,6 @@
 """Scoring many image files with a detector: backbone features once (and, for a detector that scores
-moved poses, the moved images' features; for one whose memory-bank and global branches read a larger
-image, that image's features), then every branch's raw scores.
+moved poses, the moved images' features; for one whose global branch reads a larger image, that image's
+features), then every branch's raw scores.
 
 Training's calibration, `ladmim calibrate` and `ladmim evaluate` all go through these two functions,
 so a threshold is always set on scores computed the way they are used.
@@ -50,24 +50,24 @@ def extract_moved_features(detector: LadmimForAnomalyDetection, processor: Ladmi
 
 
 @torch.no_grad()
-def extract_branch_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
+def extract_global_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
                             batch_size: int, description: str, disable: bool = False) -> torch.Tensor | None:
-    """Features of image files at the detector's `config.branch_image_size` `(num_images, C, g', g')` (float32,
-    CPU; `detector.extract_branch_features`), or None when its branches read the tokenizer's features."""
-    if detector.config.branch_image_size is None:
+    """Features of image files at the detector's `config.global_image_size` `(num_images, C, g', g')` (float32,
+    CPU; `detector.extract_global_features`), or None when its global branch reads the tokenizer's features."""
+    if detector.config.global_image_size is None:
         return None
-    return _features_of_files([detector.extract_branch_features], detector.tokenizer.device, processor, paths, batch_size,
-                              f"{description} ({detector.config.branch_image_size} px)", disable)[0]
+    return _features_of_files([detector.extract_global_features], detector.tokenizer.device, processor, paths, batch_size,
+                              f"{description} ({detector.config.global_image_size} px)", disable)[0]
 
 
 class ScoringFeatures(NamedTuple):
     """What a detector scores image files from (float32, CPU): backbone `features` `(N, C, g, g)`, the moved
-    poses' `moved` `(N, 4, C, g, g)` (None without poses) and the memory-bank and global branches' `branch`
-    `(N, C, g', g')` (None when they read `features`)."""
+    poses' `moved` `(N, 4, C, g, g)` (None without poses) and the global branch's `global_features`
+    `(N, C, g', g')` at `config.global_image_size` (None when it reads `features`)."""
 
     features: torch.Tensor
     moved: torch.Tensor | None
-    branch: torch.Tensor | None
+    global_features: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -77,30 +77,30 @@ def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: Lad
     extracts = {"features": detector.tokenizer.extract_features}
     if detector.config.logical_pose_moves:
         extracts["moved"] = detector.extract_moved_features
-    if detector.config.branch_image_size is not None:
-        extracts["branch"] = detector.extract_branch_features
+    if detector.config.global_image_size is not None:
+        extracts["global_features"] = detector.extract_global_features
     values = _features_of_files(list(extracts.values()), detector.tokenizer.device, processor, paths, batch_size,
                                 description, disable)
     found = dict(zip(extracts, values))
-    return ScoringFeatures(found["features"], found.get("moved"), found.get("branch"))
+    return ScoringFeatures(found["features"], found.get("moved"), found.get("global_features"))
 
 
 def branch_scores(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str, num_masks: int | None,
                   seed: int, batch_size: int = 16, moved_features: torch.Tensor | None = None,
-                  branch_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  global_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Raw score of every enabled branch, `{branch: (num_images,)}` on the CPU (with retrieval also the
     logical score's two components, `LadmimAnomalyOutput.logical_components`), every image scored with
     the mask set of `seed` (so the result does not depend on `batch_size`). `moved_features`: the images'
-    `extract_moved_features`, needed when the model scores moved poses; `branch_features`: their
-    `extract_branch_features`, needed with `config.branch_image_size`."""
+    `extract_moved_features`, needed when the model scores moved poses; `global_features`: their
+    `extract_global_features`, needed with `config.global_image_size`."""
     return branch_scores_and_map_statistics(model, features, category, num_masks, seed, batch_size,
-                                            moved_features=moved_features, branch_features=branch_features)[0]
+                                            moved_features=moved_features, global_features=global_features)[0]
 
 
 def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features: torch.Tensor, category: str,
                                      num_masks: int | None, seed: int, batch_size: int = 16,
                                      normal: torch.Tensor | None = None, moved_features: torch.Tensor | None = None,
-                                     branch_features: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                                     global_features: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`branch_scores`, and `{branch}_map_mean` / `{branch}_map_std`: the mean and std over every pixel of
     the maps, for each branch with a map (what the maps are standardised with before fusion). `normal`
     `(num_images,)` bool: only those images' maps count (default: every image)."""
@@ -109,8 +109,8 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
     for start in range(0, len(features), batch_size):
         moved, branch = (None if extra is None else extra[start:start + batch_size].to(device)
-                         for extra in (moved_features, branch_features))
-        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, branch_features=branch,
+                         for extra in (moved_features, global_features))
+        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, global_features=branch,
                     category=category, num_masks=num_masks, seed=seed)
         for branch, values in {**out.branch_scores(), **out.logical_components()}.items():
             scores.setdefault(branch, []).append(values.cpu())
@@ -131,5 +131,5 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["ScoringFeatures", "branch_scores", "branch_scores_and_map_statistics", "extract_branch_features",
+__all__ = ["ScoringFeatures", "branch_scores", "branch_scores_and_map_statistics", "extract_global_features",
            "extract_features", "extract_moved_features", "extract_scoring_features"]

@@ -63,7 +63,7 @@ def fitted_branch_model(**overrides):
     with torch.no_grad():
         features = model.tokenizer.extract_features(images)
     for category in model.categories:
-        model.fit_feature_branches(features, category, seed=0, branch_features=model.extract_branch_features(images))
+        model.fit_feature_branches(features, category, seed=0, global_features=model.extract_global_features(images))
     model.config.calibration = {c: dict(BRANCH_STATS) for c in model.categories}
     return model
 

@@ -32,13 +32,13 @@ def exported(tmp_path_factory):
     Its predictors read one of the two taps (`predictor_taps`), so the graphs slice channels too; its
     logical branch scores five poses (`logical_pose_step`), so they move images and pick a pose too; and
     it retrieves (`logical_retrieval_neighbours`), so they retrieve and combine the two logical scores; and
-    its memory-bank and global branches read the image enlarged to 128 px (`branch_image_size`)."""
+    its global branch reads the image enlarged to 128 px (`global_image_size`)."""
     root = tmp_path_factory.mktemp("export")
     model = fitted_branch_model(fusion_rule="sum", histogram_distance="codebook_mmd", predictor_taps=[4],
                                 global_descriptor="part_histogram", global_parts=8, logical_pose_step=3,
                                 logical_retrieval_neighbours=2, logical_retrieval_rank=4, logical_retrieval_images=8,
                                 logical_retrieval_masks=6, logical_retrieval_num_masked=4, logical_retrieval_min_block=2,
-                                branch_image_size=128)
+                                global_image_size=128)
     for stats in model.config.calibration.values():  # component statistics, so the graphs combine z-scores
         stats.update(logical_predictor_mean=0.5, logical_predictor_std=0.2, logical_retrieval_mean=0.05,
                      logical_retrieval_std=0.01)

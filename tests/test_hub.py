@@ -337,14 +337,14 @@ def test_model_card_names_the_structural_map_and_patch_tokens(tmp_path):
                                           logical_pose_step=3, global_branch=True, global_descriptor="part_histogram",
                                           global_parts=8, logical_retrieval_neighbours=5, logical_retrieval_num_masked=4,
                                           logical_retrieval_min_block=2, logical_retrieval_rank=4,
-                                          branch_image_size=128)).save_pretrained(special)
+                                          global_image_size=128)).save_pretrained(special)
     plain_card, special_card = hub.build_model_card(plain, "org/plain"), hub.build_model_card(special, "org/special")
     assert "normalised per cell and channel" in special_card and "normalised per cell and channel" not in plain_card
     assert ("the logical branch scores each image as it is and moved 3 px right, left, down and up, and keeps the "
             "best-fitting pose") in special_card and "best-fitting pose" not in plain_card
     assert ("retrieves the 5 training images whose visible parts look most alike (40 masks of 4 cells) and compares "
             "the hidden cells with the closest of them") in special_card and "retrieves" not in plain_card
-    assert ("These training-free branches read the image enlarged to 128 px (8 x 8 cells), so parts a cell wide at "
+    assert ("The global branch reads the image enlarged to 128 px (8 x 8 cells), so parts a cell wide at "
             "64 px count.") in special_card and "enlarged" not in plain_card
     assert "one token per 2x2 cells" in special_card and "one token per" not in plain_card
 

@@ -453,9 +453,9 @@ def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path,
     """`model.logical_pose_step`: training caches the validation images' moved features (as the model
     extracts them), calibrates on their best-fitting poses, and `evaluate` scores test images as
     `model(pixel_values)` does. The run also retrieves (`model.logical_retrieval_neighbours`): stage 3
-    stores every training image's cells and calibrates both logical components. Its memory-bank and global
-    branches read the image enlarged to 128 px (`model.branch_image_size`): training caches those features as
-    the model extracts them, and fits and calibrates the branches on them."""
+    stores every training image's cells and calibrates both logical components. Its global branch reads the
+    image enlarged to 128 px (`model.global_image_size`): training caches those features as the model
+    extracts them, and fits and calibrates the branch on them."""
     import csv
 
     import torch
@@ -463,14 +463,14 @@ def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path,
     from ladmim_hf import LadmimForAnomalyDetection, LadmimImageProcessor
     from ladmim_hf.data import find_layout, normal_split
     from ladmim_hf.evaluation import evaluate
-    from ladmim_hf.training.pipeline import branch_cache_key, moved_cache_key
+    from ladmim_hf.training.pipeline import global_cache_key, moved_cache_key
 
     out = tmp_path / "run"
     config = _write_config(tmp_path / "tiny.yaml", synth_root, out, categories=["pushpins"], tokenizer={"max_steps": 2},
                            predictor={"max_steps": 2}, log_with=None)
     result = _train(config, "--set", "model.logical_pose_step=3", "model.logical_retrieval_neighbours=3",
                     "model.logical_retrieval_rank=4", "model.logical_retrieval_num_masked=4",
-                    "model.logical_retrieval_min_block=2", "model.branch_image_size=128")
+                    "model.logical_retrieval_min_block=2", "model.global_image_size=128")
     assert result.returncode == 0, result.stderr[-4000:]
     model = LadmimForAnomalyDetection.from_pretrained(out / "model").eval()
     processor = LadmimImageProcessor.from_pretrained(out / "model")
@@ -482,11 +482,11 @@ def test_training_with_poses_calibrates_and_evaluates_at_the_best_pose(tmp_path,
     with torch.no_grad():
         pixels = processor(validation)["pixel_values"]
         torch.testing.assert_close(cache[moved_cache_key("pushpins", 3)], model.extract_moved_features(pixels))
-        torch.testing.assert_close(cache[branch_cache_key("validation", "pushpins", 128)],
-                                   model.extract_branch_features(pixels), atol=1e-4, rtol=1e-3)  # other batches
+        torch.testing.assert_close(cache[global_cache_key("validation", "pushpins", 128)],
+                                   model.extract_global_features(pixels), atol=1e-4, rtol=1e-3)  # other batches
         scored = model(pixel_values=pixels, category="pushpins", seed=0)
         logical = scored.logical_score
-    assert cache[branch_cache_key("train", "pushpins", 128)].shape[-1] == 8 and bool(model.global_branch.fitted[class_id])
+    assert cache[global_cache_key("train", "pushpins", 128)].shape[-1] == 8 and bool(model.global_branch.fitted[class_id])
     calibration = model.config.calibration["pushpins"]
     assert calibration["logical_mean"] == pytest.approx(float(logical.mean()), rel=1e-5, abs=1e-6)
     assert {"logical_predictor_mean", "logical_retrieval_std"} <= set(calibration)

@@ -81,7 +81,7 @@ class DetectorGraph(nn.Module):
         masks = self.masks[None].expand(batch, -1, -1)
         raw = detector.branch_outputs(features, class_ids, masks, groups=[self.class_id], code_kernels=self.code_kernels,
                                       moved_features=detector.extract_moved_features(pixel_values),
-                                      branch_features=detector.extract_branch_features(pixel_values))
+                                      global_features=detector.extract_global_features(pixel_values))
         pred_score = detector.fuse_branches(detector.standardized_scores(raw.scores, self.category))
         anomaly_map = detector.fuse_branches(detector.standardized_maps(raw.maps, self.category))
         return (pred_score, anomaly_map, *(raw.scores[b] for b in self.branches),

@@ -250,11 +250,11 @@ def build_model_card(model_dir: str | os.PathLike, repo_id: str, metrics: dict |
                       "of the training images' cells, soft-assigned)")
         branch_text += (f" The global score is the Mahalanobis distance of the image's {descriptor} under a "
                         "Ledoit-Wolf covariance of the training images.")
-    size = getattr(config, "branch_image_size", None)
-    if size is not None and (config.memory_bank_size > 0 or config.global_branch):
-        branch_text += (f" These training-free branches read the image enlarged to {size} px "
-                        f"({config.branch_grid_size} x {config.branch_grid_size} cells), so parts a cell wide at "
-                        f"{config.tokenizer_config.image_size} px count.")
+        size = getattr(config, "global_image_size", None)
+        if size is not None:
+            branch_text += (f" The global branch reads the image enlarged to {size} px ({config.global_grid_size} x "
+                            f"{config.global_grid_size} cells), so parts a cell wide at {config.tokenizer_config.image_size} "
+                            "px count.")
     pipeline_scores = ", ".join(f'result["{b}_score"]' for b in branches)
     losses = {"l1": "the L1 histogram loss (the paper)", "kl": "a KL histogram loss",
               "token_ce": "a cross-entropy on each masked cell's code (the histogram is the mean of the cells' predictions)",

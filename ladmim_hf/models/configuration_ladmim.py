@@ -355,12 +355,12 @@ class LadmimConfig(PretrainedConfig):
             share of cells in each of `global_parts` k-means clusters of the training cells, soft-assigned).
         global_parts (`int`, *optional*, defaults to 128): k-means part clusters per category of the
             `"part_histogram"` descriptor.
-        branch_image_size (`int`, *optional*): pixels of the image the memory-bank and global branches
-            read: the processor's image, resized bilinearly to this size, run through the backbone and
-            its taps resized to the grid of the same cell size (`branch_image_size / image_size *
-            grid_size` cells a side). A larger image lets the frozen features resolve parts a cell or two
-            wide at `image_size` (a separator, a screw's length). `None` (the paper): the tokenizer's
-            features. Must be a multiple of the cell size (`image_size / grid_size` pixels).
+        global_image_size (`int`, *optional*): pixels of the image the global branch reads: the
+            processor's image, resized bilinearly to this size, run through the backbone and its taps
+            resized to the grid of the same cell size (`global_image_size / image_size * grid_size` cells a
+            side). On a larger image the part histogram counts parts a cell or two wide at `image_size`
+            (a separator, a screw's length). `None` (the paper): the tokenizer's features. Must be a
+            multiple of the cell size (`image_size / grid_size` pixels).
         fused_branches (`list[str]`, *optional*): the branches the fused score and map combine, from
             `"logical"`, `"structural"`, `"memory_bank"`, `"global"` (each must be enabled). Default:
             every enabled branch.
@@ -424,7 +424,7 @@ class LadmimConfig(PretrainedConfig):
         global_branch: bool = False,
         global_descriptor: str = "moments",
         global_parts: int = 128,
-        branch_image_size: int | None = None,
+        global_image_size: int | None = None,
         fused_branches: list[str] | None = None,
         fusion_rule: str = "sum",
         logical_pose_step: int = 0,
@@ -525,12 +525,15 @@ class LadmimConfig(PretrainedConfig):
             raise ValueError(f"global_descriptor must be one of {list(GLOBAL_DESCRIPTORS)}, got {global_descriptor!r}")
         if isinstance(global_parts, bool) or not isinstance(global_parts, int) or global_parts < 2:
             raise ValueError(f"global_parts must be a whole number >= 2, got {global_parts!r}")
-        if branch_image_size is not None:
+        if global_image_size is not None:
             cell = tokenizer_config.image_size / tokenizer_config.grid_size
-            if (isinstance(branch_image_size, bool) or not isinstance(branch_image_size, int)
-                    or branch_image_size % cell or branch_image_size < 2 * cell):
-                raise ValueError(f"branch_image_size must be a whole multiple of the cell size ({cell:g} px = image_size / "
-                                 f"grid_size), at least two cells, or null for the tokenizer's features; got {branch_image_size!r}")
+            if (isinstance(global_image_size, bool) or not isinstance(global_image_size, int)
+                    or global_image_size % cell or global_image_size < 2 * cell):
+                raise ValueError(f"global_image_size must be a whole multiple of the cell size ({cell:g} px = image_size / "
+                                 f"grid_size), at least two cells, or null for the tokenizer's features; got {global_image_size!r}")
+            if not global_branch:
+                raise ValueError("global_image_size sets the global branch's image: set global_branch: true, or "
+                                 "global_image_size: null")
         if fusion_rule not in FUSION_RULES:
             raise ValueError(f"fusion_rule must be one of {list(FUSION_RULES)}, got {fusion_rule!r}")
         self.memory_bank_size = memory_bank_size
@@ -539,7 +542,7 @@ class LadmimConfig(PretrainedConfig):
         self.global_branch = global_branch
         self.global_descriptor = global_descriptor
         self.global_parts = global_parts
-        self.branch_image_size = branch_image_size
+        self.global_image_size = global_image_size
         half = tokenizer_config.image_size // 2
         if isinstance(logical_pose_step, bool) or not isinstance(logical_pose_step, int) or not 0 <= logical_pose_step < half:
             raise ValueError(f"logical_pose_step must be a whole number of pixels in 0..{half - 1} (0 = the image as it is), "
@@ -587,13 +590,13 @@ class LadmimConfig(PretrainedConfig):
         return [branch for branch in BRANCHES if not switched_off.get(branch, False)]
 
     @property
-    def branch_grid_size(self) -> int | None:
-        """Cells a side of the memory-bank and global branches' features at `branch_image_size` (None: they
-        read the tokenizer's features)."""
-        if self.branch_image_size is None:
+    def global_grid_size(self) -> int | None:
+        """Cells a side of the global branch's features at `global_image_size` (None: it reads the
+        tokenizer's features)."""
+        if self.global_image_size is None:
             return None
         tokenizer = self.tokenizer_config
-        return self.branch_image_size * tokenizer.grid_size // tokenizer.image_size
+        return self.global_image_size * tokenizer.grid_size // tokenizer.image_size
 
     @property
     def logical_pose_moves(self) -> list[tuple[int, int]]:

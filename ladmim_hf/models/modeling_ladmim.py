@@ -172,7 +172,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             grid = config.tokenizer_config.grid_size
             self.retrieval = LadmimRetrieval(cats, grid * grid, config.global_parts, config.logical_retrieval_images,
                                              config.logical_retrieval_rank)
-            if config.branch_image_size is not None:
+            if config.global_image_size is not None:
                 self.retrieval_parts = LadmimGlobalBranch(cats, channels, "part_histogram", config.global_parts)
         # (start, stop) channel ranges of `config.predictor_taps` in the feature grid; None = every channel.
         # Plain numbers rather than a buffer: they follow from the config, and an exported graph slices.
@@ -227,22 +227,23 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     @property
     def retrieval_part_model(self) -> LadmimGlobalBranch | None:
         """Whose parts the retrieval assigns the tokenizer's cells to: the global branch's, or its own when
-        the global branch reads features at `config.branch_image_size`."""
+        the global branch reads features at `config.global_image_size`."""
         return self.retrieval_parts if self.retrieval_parts is not None else self.global_branch
 
     @torch.no_grad()
     def fit_feature_branches(self, features: torch.Tensor, category: str, seed: int = 0,
-                             branch_features: torch.Tensor | None = None) -> None:
+                             global_features: torch.Tensor | None = None) -> None:
         """Fit the memory-bank and global branches and the retrieval (those enabled) of one category from
-        its training images' raw backbone features `(num_images, C, g, g)`; `branch_features`
-        (`extract_branch_features`, `(num_images, C, g', g')`) are required with `config.branch_image_size`."""
+        its training images' raw backbone features `(num_images, C, g, g)`; the global branch reads
+        `global_features` (`extract_global_features`, `(num_images, C, g', g')`) instead, required with
+        `config.global_image_size`."""
         class_id = int(self.tokenizer.category_ids(category, 1)[0])
         features = features.to(self.device)
-        branch_features = self.check_branch_features(features, branch_features).to(self.device)
+        global_features = self.check_global_features(features, global_features).to(self.device)
         if self.memory_bank is not None:
-            self.memory_bank.fit(branch_features, class_id, seed=seed)
+            self.memory_bank.fit(features, class_id, seed=seed)
         if self.global_branch is not None:
-            self.global_branch.fit(branch_features, class_id, seed=seed)
+            self.global_branch.fit(global_features, class_id, seed=seed)
         if self.retrieval is not None:
             parts = self.retrieval_part_model
             if self.retrieval_parts is not None:
@@ -251,34 +252,33 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             self.retrieval.fit(parts.part_assignments(features, ids), parts.part_kernel(class_id), class_id)
 
     @torch.no_grad()
-    def extract_branch_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """Backbone features the memory-bank and global branches read: `(B, 3, S, S)` resized to
-        `config.branch_image_size` -> `(B, C, g', g')` with `g' = config.branch_grid_size`; None when they read
-        the tokenizer's features."""
-        size = self.config.branch_image_size
+    def extract_global_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """Backbone features the global branch reads: `(B, 3, S, S)` resized to `config.global_image_size`
+        -> `(B, C, g', g')` with `g' = config.global_grid_size`; None when it reads the tokenizer's features."""
+        size = self.config.global_image_size
         if size is None:
             return None
         resized = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False,
                                 antialias=size < pixel_values.shape[-1])
-        return self.tokenizer.backbone(resized, grid_size=self.config.branch_grid_size)
+        return self.tokenizer.backbone(resized, grid_size=self.config.global_grid_size)
 
-    def check_branch_features(self, features: torch.Tensor, branch_features: torch.Tensor | None) -> torch.Tensor:
-        """The features the memory-bank and global branches read: `branch_features`, checked against
-        `config.branch_image_size`, or `features` when that is unset."""
-        grid = self.config.branch_grid_size
+    def check_global_features(self, features: torch.Tensor, global_features: torch.Tensor | None) -> torch.Tensor:
+        """The features the global branch reads: `global_features`, checked against
+        `config.global_image_size`, or `features` when that is unset."""
+        grid = self.config.global_grid_size
         if grid is None:
-            if branch_features is not None:
-                raise ValueError("branch_features were given, but config.branch_image_size is unset: the memory-bank "
-                                 "and global branches read the tokenizer's features")
+            if global_features is not None:
+                raise ValueError("global_features were given, but config.global_image_size is unset: the global "
+                                 "branch reads the tokenizer's features")
             return features
-        if branch_features is None:
-            raise ValueError(f"config.branch_image_size is {self.config.branch_image_size}, so the memory-bank and global "
-                             "branches read their own features: pass pixel_values, or branch_features="
-                             "model.extract_branch_features(pixel_values) beside features")
+        if global_features is None:
+            raise ValueError(f"config.global_image_size is {self.config.global_image_size}, so the global branch reads "
+                             "its own features: pass pixel_values, or global_features="
+                             "model.extract_global_features(pixel_values) beside features")
         expected = (features.shape[0], features.shape[1], grid, grid)
-        if tuple(branch_features.shape) != expected:
-            raise ValueError(f"branch_features must have shape {expected} (batch, C, g, g), got {tuple(branch_features.shape)}")
-        return branch_features
+        if tuple(global_features.shape) != expected:
+            raise ValueError(f"global_features must have shape {expected} (batch, C, g, g), got {tuple(global_features.shape)}")
+        return global_features
 
     def predictor_inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The feature channels the predictors read (`config.predictor_taps`): `(B, C, g, g)` -> `(B, C', g, g)`."""
@@ -307,7 +307,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                        max_sequences_per_chunk: int | None = None, predictor_dtype=None,
                        code_kernels: dict[int, torch.Tensor] | None = None,
                        moved_features: torch.Tensor | None = None,
-                       branch_features: torch.Tensor | None = None) -> "LadmimBranchOutputs":
+                       global_features: torch.Tensor | None = None) -> "LadmimBranchOutputs":
         """Every enabled branch's raw score and map for raw backbone features, before standardisation.
 
         The one scoring path: `forward` calls it, and `ladmim export` traces it for one category
@@ -320,13 +320,13 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             moved_features: `extract_moved_features` of the same images `(B, 4, C, g, g)`; required
                 when `config.logical_pose_step` > 0 (the logical branch then scores every pose and
                 keeps the lowest), refused otherwise.
-            branch_features: `extract_branch_features` of the same images `(B, C, g', g')`; required when
-                `config.branch_image_size` is set (the memory-bank and global branches read them), refused
+            global_features: `extract_global_features` of the same images `(B, C, g', g')`; required when
+                `config.global_image_size` is set (the global branch reads them), refused
                 otherwise.
         """
         groups = class_ids.unique().tolist() if groups is None else list(groups)
         moves = self.check_moved_features(features, moved_features)
-        branch_features = self.check_branch_features(features, branch_features)
+        global_features = self.check_global_features(features, global_features)
         poses = 1 + len(moves)
         batch = features.shape[0]
         tokens = self.tokenizer.tokenize(features=features, category=class_ids)
@@ -395,10 +395,9 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             z = self.standardized_scores(components, names)
             scores["logical"] = torch.maximum(z["logical_predictor"], z["logical_retrieval"])
         if self.memory_bank is not None:
-            scores["memory_bank"], maps["memory_bank"] = self.memory_bank(branch_features, class_ids, size_px, self.categories,
-                                                                          groups)
+            scores["memory_bank"], maps["memory_bank"] = self.memory_bank(features, class_ids, size_px, self.categories, groups)
         if self.global_branch is not None:
-            scores["global"] = self.global_branch(branch_features, class_ids, self.categories)
+            scores["global"] = self.global_branch(global_features, class_ids, self.categories)
         return LadmimBranchOutputs(scores, maps, mask_scores, predicted_all, target_all, pose_scores, components)
 
     def retrieval_masks(self) -> torch.Tensor:
@@ -530,7 +529,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 threshold: float | None = None, return_histograms: bool = False,
                 max_sequences_per_chunk: int | None = None, predictor_dtype=None,
                 moved_features: torch.Tensor | None = None,
-                branch_features: torch.Tensor | None = None) -> LadmimAnomalyOutput:
+                global_features: torch.Tensor | None = None) -> LadmimAnomalyOutput:
         """Score images.
 
         Args:
@@ -556,8 +555,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
             moved_features: with `features` and `config.logical_pose_step` > 0, the features of the
                 moved images `(B, 4, C, g, g)` (`extract_moved_features`); computed from
                 `pixel_values` when those are given instead.
-            branch_features: with `features` and `config.branch_image_size` set, the memory-bank and global
-                branches' features `(B, C, g', g')` (`extract_branch_features`); computed from
+            global_features: with `features` and `config.global_image_size` set, the global branch's
+                features `(B, C, g', g')` (`extract_global_features`); computed from
                 `pixel_values` when those are given instead.
         """
         with _eval_mode(self):
@@ -572,8 +571,8 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 features = self.tokenizer.extract_features(pixel_values)
             if moved_features is None and pixel_values is not None:
                 moved_features = self.extract_moved_features(pixel_values)
-            if branch_features is None and pixel_values is not None:
-                branch_features = self.extract_branch_features(pixel_values)
+            if global_features is None and pixel_values is not None:
+                global_features = self.extract_global_features(pixel_values)
             batch = features.shape[0]
             class_ids = self.tokenizer.category_ids(category, batch)
             if bool_masked_pos is None:
@@ -588,7 +587,7 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
                 if masks.dim() == 2:
                     masks = masks[:, None]
             raw = self.branch_outputs(features, class_ids, masks, None, return_histograms, max_sequences_per_chunk,
-                                      predictor_dtype, moved_features=moved_features, branch_features=branch_features)
+                                      predictor_dtype, moved_features=moved_features, global_features=global_features)
             scores, maps = raw.scores, raw.maps
             for branch, values in scores.items():
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()

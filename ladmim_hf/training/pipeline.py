@@ -36,7 +36,7 @@ from ..io_utils import atomic_save_directory, atomic_write_json, recover_interru
 from ..models.modeling_ladmim import LadmimForAnomalyDetection
 from ..models.modeling_ladmim_predictor import LadmimPredictorModel
 from ..models.modeling_ladmim_tokenizer import LadmimTokenizerModel
-from ..scoring import extract_branch_features, extract_features, extract_moved_features
+from ..scoring import extract_global_features, extract_features, extract_moved_features
 from .loop import Progress, _masks_for_step, _StopFlag, run_stage
 from .settings import SettingsError, TrainSettings, _check_resume
 
@@ -148,8 +148,8 @@ def moved_cache_key(category: str, step: int) -> str:
     return f"validation_moved_{step}px/{category}"
 
 
-def branch_cache_key(split: str, category: str, image_size: int) -> str:
-    """The feature cache's key for a split's images at `branch_image_size` (each size its own)."""
+def global_cache_key(split: str, category: str, image_size: int) -> str:
+    """The feature cache's key for a split's images at `global_image_size` (each size its own)."""
     return f"{split}_{image_size}px/{category}"
 
 
@@ -195,13 +195,13 @@ def cache_features(
             cache[key] = extract_moved_features(model, processor, splits[category].validation,
                                                 settings.feature_batch_size, f"features validation/{category}",
                                                 run.disable_bars)
-    # With branch_image_size, the memory-bank and global branches fit and score on the larger image's features.
-    size = model.config.branch_image_size
+    # With global_image_size, the global branch fits and scores on the larger image's features.
+    size = model.config.global_image_size
     for category in categories if size is not None else []:
         for split in ("train", "validation"):
-            key = branch_cache_key(split, category, size)
+            key = global_cache_key(split, category, size)
             if key not in cache:
-                cache[key] = extract_branch_features(model, processor, getattr(splits[category], split),
+                cache[key] = extract_global_features(model, processor, getattr(splits[category], split),
                                                      settings.feature_batch_size, f"features {split}/{category}",
                                                      run.disable_bars)
     if accelerator.is_main_process:
@@ -311,11 +311,11 @@ def train_predictors(run: TrainingRun, model: LadmimForAnomalyDetection, cache: 
         accelerator.print(f"[{stage_name}] {run.summary[stage_name]}")
 
 
-def branch_features(model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor], split: str,
+def global_features(model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor], split: str,
                     category: str) -> torch.Tensor | None:
-    """The cached features of a split at the model's `branch_image_size` (None when that is unset)."""
-    size = model.config.branch_image_size
-    return None if size is None else cache[branch_cache_key(split, category, size)]
+    """The cached features of a split at the model's `global_image_size` (None when that is unset)."""
+    size = model.config.global_image_size
+    return None if size is None else cache[global_cache_key(split, category, size)]
 
 
 def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor]) -> dict:
@@ -328,7 +328,7 @@ def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[st
         if model.config.tokenizer_config.residual_normalization == "cell_channel":
             model.tokenizer.fit_residual_statistics(cache[f"train/{category}"], category)
         model.fit_feature_branches(cache[f"train/{category}"], category, seed=settings.seed,
-                                   branch_features=branch_features(model, cache, "train", category))
+                                   global_features=global_features(model, cache, "train", category))
     model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
     num_masks = settings.calibration_num_masks  # None: the model's num_masks
@@ -340,7 +340,7 @@ def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[st
             logger.warning("%s: %s", category, warning)
         calibration[category] = calibrate_category(model, features.to(run.accelerator.device), category, num_masks,
                                                    settings.seed, settings.calibration_fpr, moved,
-                                                   branch_features(model, cache, "validation", category))
+                                                   global_features(model, cache, "validation", category))
     model.config.calibration = calibration
     return calibration
 
