@@ -84,9 +84,9 @@ def score(model, features: torch.Tensor, category: str, num_masks: int, seed: in
     scores, maps = {}, {}
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
-        moved, branch = (None if extra is None else extra[start:start + batch_size]
-                         for extra in (moved_features, global_features))
-        out = model(features=chunk, moved_features=moved, global_features=branch, category=category,
+        moved, global_chunk = (None if extra is None else extra[start:start + batch_size]
+                               for extra in (moved_features, global_features))
+        out = model(features=chunk, moved_features=moved, global_features=global_chunk, category=category,
                     num_masks=num_masks, seed=seed)
         for name, value in out.branch_scores().items():
             scores.setdefault(name, []).append(value)

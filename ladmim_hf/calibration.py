@@ -186,18 +186,18 @@ def calibrate(model: str, data_root: str, categories: Any = "all", fpr: float = 
             warning = calibration_size_warning(len(paths), fpr)
             if warning:
                 logger.warning("%s: %s", category, warning)
-        features, moved, branch = extract_scoring_features(detector, processor, paths, batch_size,
-                                                           f"features {data_category}")
+        features, moved, global_features = extract_scoring_features(detector, processor, paths, batch_size,
+                                                                    f"features {data_category}")
         if labelled:
             scores, map_statistics = branch_scores_and_map_statistics(detector, features, category, num_masks, seed,
                                                                       normal=~labels, moved_features=moved,
-                                                                      global_features=branch)
+                                                                      global_features=global_features)
             stats = {**labelled_statistics(scores, labels, detector.config.fused_branches, detector.config.fusion_rule),
                      **map_statistics}
             if stats["num_images"] < 10:
                 logger.warning("%s: only %d good images set the z statistics", category, stats["num_images"])
         else:
-            stats = calibrate_category(detector, features, category, num_masks, seed, fpr, moved, branch)
+            stats = calibrate_category(detector, features, category, num_masks, seed, fpr, moved, global_features)
         check_calibration(category, stats)
         results[category], sources[category] = stats, source
         logger.info("%s: threshold %.3f from %s", category, stats["threshold"], source)

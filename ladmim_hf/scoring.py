@@ -108,10 +108,10 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     scores: dict[str, list[torch.Tensor]] = {}
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
     for start in range(0, len(features), batch_size):
-        moved, branch = (None if extra is None else extra[start:start + batch_size].to(device)
-                         for extra in (moved_features, global_features))
-        out = model(features=features[start:start + batch_size].to(device), moved_features=moved, global_features=branch,
-                    category=category, num_masks=num_masks, seed=seed)
+        moved, global_chunk = (None if extra is None else extra[start:start + batch_size].to(device)
+                               for extra in (moved_features, global_features))
+        out = model(features=features[start:start + batch_size].to(device), moved_features=moved,
+                    global_features=global_chunk, category=category, num_masks=num_masks, seed=seed)
         for branch, values in {**out.branch_scores(), **out.logical_components()}.items():
             scores.setdefault(branch, []).append(values.cpu())
         counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)

@@ -141,12 +141,13 @@ def test_moved_features_of_files_equal_the_models_own(tmp_path):
     with torch.no_grad():
         expected = model.extract_moved_features(processor(paths)["pixel_values"])
     torch.testing.assert_close(moved, expected)
-    features, moved_too = extract_scoring_features(model, processor, paths, 2, "test", True)  # each file read once
+    features, moved_too, global_features = extract_scoring_features(model, processor, paths, 2, "test", True)  # read once
     torch.testing.assert_close(features, extract_features(model.tokenizer, processor, paths, 2, "test", True))
     torch.testing.assert_close(moved_too, expected)
+    assert global_features is None  # the global branch reads the tokenizer's features
     model.config.logical_pose_step = 0
     assert extract_moved_features(model, processor, paths, 2, "test", True) is None
-    assert extract_scoring_features(model, processor, paths, 2, "test", True)[1] is None
+    assert extract_scoring_features(model, processor, paths, 2, "test", True).moved is None
 
 
 def test_paper_config_scores_the_image_as_it_is():

@@ -359,7 +359,7 @@ class LadmimConfig(PretrainedConfig):
             processor's image, resized bilinearly to this size, run through the backbone and its taps
             resized to the grid of the same cell size (`global_image_size / image_size * grid_size` cells a
             side). On a larger image the part histogram counts parts a cell or two wide at `image_size`
-            (a separator, a screw's length). `None` (the paper): the tokenizer's features. Must be a
+            (an extra washer, a cable in another slot). `None` (the paper): the tokenizer's features. Must be a
             multiple of the cell size (`image_size / grid_size` pixels).
         fused_branches (`list[str]`, *optional*): the branches the fused score and map combine, from
             `"logical"`, `"structural"`, `"memory_bank"`, `"global"` (each must be enabled). Default:

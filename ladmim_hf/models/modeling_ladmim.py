@@ -125,6 +125,21 @@ class LadmimBranchOutputs(NamedTuple):
     logical_components: dict[str, torch.Tensor] | None = None
 
 
+def _check_extra_input(name: str, value: torch.Tensor | None, expected: tuple | None, layout: str, unused: str,
+                       needed: str) -> None:
+    """Check an input that only some configs read (`moved_features`, `global_features`): refused when the config
+    does not read it (`expected` None; `unused` says why), required when it does (`needed` says how), and of
+    shape `expected` (`layout` names the axes)."""
+    if expected is None:
+        if value is not None:
+            raise ValueError(f"{name} were given, but {unused}")
+        return
+    if value is None:
+        raise ValueError(needed)
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {layout}, got {tuple(value.shape)}")
+
+
 class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     """LADMIM: a class-switched tokenizer, one predictor per category, optional training-free
     branches, and calibrated fusion.
@@ -266,19 +281,14 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
         """The features the global branch reads: `global_features`, checked against
         `config.global_image_size`, or `features` when that is unset."""
         grid = self.config.global_grid_size
-        if grid is None:
-            if global_features is not None:
-                raise ValueError("global_features were given, but config.global_image_size is unset: the global "
-                                 "branch reads the tokenizer's features")
-            return features
-        if global_features is None:
-            raise ValueError(f"config.global_image_size is {self.config.global_image_size}, so the global branch reads "
-                             "its own features: pass pixel_values, or global_features="
-                             "model.extract_global_features(pixel_values) beside features")
-        expected = (features.shape[0], features.shape[1], grid, grid)
-        if tuple(global_features.shape) != expected:
-            raise ValueError(f"global_features must have shape {expected} (batch, C, g, g), got {tuple(global_features.shape)}")
-        return global_features
+        _check_extra_input(
+            "global_features", global_features,
+            None if grid is None else (features.shape[0], features.shape[1], grid, grid), "(batch, C, g, g)",
+            unused="config.global_image_size is unset: the global branch reads the tokenizer's features",
+            needed=f"config.global_image_size is {self.config.global_image_size}, so the global branch reads its own "
+                   "features: pass pixel_values, or global_features=model.extract_global_features(pixel_values) "
+                   "beside features")
+        return features if grid is None else global_features
 
     def predictor_inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The feature channels the predictors read (`config.predictor_taps`): `(B, C, g, g)` -> `(B, C', g, g)`."""
@@ -427,19 +437,13 @@ class LadmimForAnomalyDetection(LadmimPreTrainedModel):
     def check_moved_features(self, features: torch.Tensor, moved_features: torch.Tensor | None) -> list[tuple[int, int]]:
         """`config.logical_pose_moves`, after checking that `moved_features` fits them and `features`."""
         moves = self.config.logical_pose_moves
-        if not moves:
-            if moved_features is not None:
-                raise ValueError("moved_features were given, but config.logical_pose_step is 0: the logical branch "
-                                 "scores only the image as it is")
-            return moves
-        if moved_features is None:
-            raise ValueError(f"config.logical_pose_step is {self.config.logical_pose_step}, so the logical branch also "
-                             "scores each image moved: pass pixel_values, or moved_features="
-                             "model.extract_moved_features(pixel_values) beside features")
-        expected = (features.shape[0], len(moves), *features.shape[1:])
-        if tuple(moved_features.shape) != expected:
-            raise ValueError(f"moved_features must have shape {expected} (batch, moves, C, g, g), "
-                             f"got {tuple(moved_features.shape)}")
+        _check_extra_input(
+            "moved_features", moved_features,
+            (features.shape[0], len(moves), *features.shape[1:]) if moves else None, "(batch, moves, C, g, g)",
+            unused="config.logical_pose_step is 0: the logical branch scores only the image as it is",
+            needed=f"config.logical_pose_step is {self.config.logical_pose_step}, so the logical branch also scores each "
+                   "image moved: pass pixel_values, or moved_features=model.extract_moved_features(pixel_values) "
+                   "beside features")
         return moves
 
     def standardized_scores(self, scores: dict[str, torch.Tensor], categories: str | Sequence[str]) -> dict[str, torch.Tensor]:
