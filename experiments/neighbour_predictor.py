@@ -172,9 +172,10 @@ def moved_test_features(model, processor, layout, categories: list[str], step: i
 
 
 def part_model(model, train: torch.Tensor, category: str, parts: int, seed: int) -> tuple[LadmimGlobalBranch, int]:
-    """The model's global part histogram when it has `parts` parts, else one fitted on `train` here;
-    returns the branch and the category's row in it."""
-    branch = model.global_branch
+    """The model's parts of the tokenizer's cells (the retrieval's own, or the global part histogram's when it
+    reads the tokenizer's features) when they number `parts`, else parts fitted on `train` here; returns the
+    branch and the category's row in it."""
+    branch = model.retrieval_parts if model.config.global_image_size is not None else model.global_branch
     if branch is not None and branch.descriptor_kind == "part_histogram" and branch.part_centres.shape[1] == parts:
         return branch, int(model.tokenizer.category_ids(category, 1)[0])
     fitted = LadmimGlobalBranch(1, train.shape[1], "part_histogram", parts)
