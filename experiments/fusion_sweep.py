@@ -76,18 +76,12 @@ def with_all_branches(model, train_features: dict, seed: int, memory_bank_size: 
     return full.eval()
 
 
-def score(model, features: torch.Tensor, category: str, num_masks: int, seed: int, batch_size: int = 16,
-          moved_features: torch.Tensor | None = None, global_features: torch.Tensor | None = None):
-    """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}`, every image with the mask set of `seed`
-    (as training's calibration and `evaluate` score; `moved_features` for a model with `logical_pose_step`,
-    `global_features` for one with `global_image_size`)."""
+def score(model, inputs, category: str, num_masks: int, seed: int, batch_size: int = 16):
+    """Raw branch scores `{branch: (N,)}` and maps `{branch: (N, S, S)}` of `inputs` (`scoring.ScoringFeatures`),
+    every image with the mask set of `seed` (as training's calibration and `evaluate` score)."""
     scores, maps = {}, {}
-    for start in range(0, len(features), batch_size):
-        chunk = features[start:start + batch_size]
-        moved, global_chunk = (None if extra is None else extra[start:start + batch_size]
-                               for extra in (moved_features, global_features))
-        out = model(features=chunk, moved_features=moved, global_features=global_chunk, category=category,
-                    num_masks=num_masks, seed=seed)
+    for start in range(0, len(inputs.features), batch_size):
+        out = model(**inputs.model_inputs(start, start + batch_size), category=category, num_masks=num_masks, seed=seed)
         for name, value in out.branch_scores().items():
             scores.setdefault(name, []).append(value)
         for name, value in out.branch_maps().items():
@@ -123,9 +117,8 @@ def main(argv=None) -> None:
     from ladmim_hf.calibration import calibrate_category
     from ladmim_hf.data import evaluation_rows, find_layout, load_defects_config, select_categories
     from ladmim_hf.evaluation import load_detector, resize_map
-    from ladmim_hf.scoring import (extract_global_features, extract_features, extract_moved_features,
-                                   extract_scoring_features)
-    from ladmim_hf.training.pipeline import global_cache_key, moved_cache_key
+    from ladmim_hf.scoring import ScoringFeatures, extract_features, extract_scoring_features, features_of_files
+    from ladmim_hf.training.pipeline import cached_split_features, split_extracts
     from ladmim_hf.metrics import loco_au_spro, loco_image_aurocs
 
     model, processor = load_detector(args.model)
@@ -140,28 +133,15 @@ def main(argv=None) -> None:
             cache[key] = extract_features(model.tokenizer, processor, paths, 16, f"features {key}")
         return cache[key]
 
-    def moved_validation(category: str) -> torch.Tensor | None:
-        """The validation images' moved features when the model scores moved poses (from the cache when it
-        holds them, as training keeps them)."""
-        if not model.config.logical_pose_moves:
-            return None
-        key = moved_cache_key(category, model.config.logical_pose_step)
-        if key not in cache:
-            cache[key] = extract_moved_features(model, processor, layout.paths(category, "validation"), 16,
-                                                f"features {category}")
-        return cache[key]
-
-    def global_validation(category: str) -> torch.Tensor | None:
-        """The validation images' features at the model's global_image_size, when it has one (cached as training
-        keeps them)."""
-        size = model.config.global_image_size
-        if size is None:
-            return None
-        key = global_cache_key("validation", category, size)
-        if key not in cache:
-            cache[key] = extract_global_features(model, processor, layout.paths(category, "validation"), 16,
-                                                 f"features {category}")
-        return cache[key]
+    def validation_features(category: str) -> ScoringFeatures:
+        """What the model scores the validation images from (moved poses and global_image_size features
+        included), from the cache where training keeps it; the missing ones extracted, each image read once."""
+        missing = {key: extract for key, extract in split_extracts(model, "validation", category).items()
+                   if key not in cache}
+        if missing:
+            cache.update(features_of_files(missing, model.tokenizer.device, processor, layout.paths(category, "validation"),
+                                           16, f"features validation/{category}"))
+        return cached_split_features(model, cache, "validation", category)
 
     model = with_all_branches(model, {c: cached("train", c) for c in categories}, args.seed, args.memory_bank_size,
                               args.memory_bank_neighbourhood)
@@ -173,8 +153,8 @@ def main(argv=None) -> None:
         S.progress(f"{category}: scoring")
         # Training's own calibration (the threshold is not used here), then the model's own
         # standardisation of scores and maps.
-        stats = calibrate_category(model, cached("validation", category), category, num_masks, args.seed, 0.01,
-                                   moved_validation(category), global_validation(category))
+        features, moved, global_features = validation_features(category)
+        stats = calibrate_category(model, features, category, num_masks, args.seed, 0.01, moved, global_features)
         if args.map_statistics == "score":  # without map statistics, maps fall back to the score's
             stats = {key: value for key, value in stats.items() if "_map_" not in key}
         model.config.calibration[category] = stats
@@ -182,8 +162,7 @@ def main(argv=None) -> None:
         types = [r["anomaly_type"] for r in rows]
         # each test image read once for its plain, moved (with poses) and global_image_size features
         test = extract_scoring_features(model, processor, [r["path"] for r in rows], 16, f"features {category}")
-        test_scores, test_maps = score(model, test.features, category, test_masks, args.eval_seed, batch_size=8,
-                                       moved_features=test.moved, global_features=test.global_features)
+        test_scores, test_maps = score(model, test, category, test_masks, args.eval_seed, batch_size=8)
         z = model.standardized_scores(test_scores, [category] * len(types))
         z_maps = model.standardized_maps(test_maps, [category] * len(types))
         saved[category] = {"z": z, "types": types}

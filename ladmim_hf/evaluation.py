@@ -134,15 +134,12 @@ def evaluate(model: str, data_root: str, categories: Any = "all", output_dir: st
             raise FileNotFoundError(f"no test images for category {category!r} under {data_root}")
         paths = [r["path"] for r in rows]
         types = [r["anomaly_type"] for r in rows]
-        features, moved_features, global_features = extract_scoring_features(detector, processor, paths, batch_size,
-                                                                             f"features {category}")
+        scoring = extract_scoring_features(detector, processor, paths, batch_size, f"features {category}")
+        features = scoring.features
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in tqdm(range(0, len(paths), batch_size), desc=f"scoring {category}", unit="batch"):
-            chunk = features[start:start + batch_size]
-            moved, global_chunk = (None if extra is None else extra[start:start + batch_size]
-                                   for extra in (moved_features, global_features))
-            out = detector(features=chunk, moved_features=moved, global_features=global_chunk, category=category,
-                           num_masks=num_masks, seed=seed, predictor_dtype=predictor_dtype)
+            out = detector(**scoring.model_inputs(start, start + batch_size), category=category, num_masks=num_masks,
+                           seed=seed, predictor_dtype=predictor_dtype)
             named = {"pred_score": out.pred_score, "anomaly_map": out.anomaly_map,
                      **{f"{b}_score": v for b, v in out.branch_scores().items()},
                      **{f"{b}_map": v for b, v in out.branch_maps().items()}}

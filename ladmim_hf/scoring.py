@@ -30,6 +30,15 @@ def _features_of_files(extracts: list[Callable[[torch.Tensor], torch.Tensor]], d
 
 
 @torch.no_grad()
+def features_of_files(extracts: dict[str, Callable[[torch.Tensor], torch.Tensor]], device,
+                      processor: LadmimImageProcessor, paths: list[str], batch_size: int, description: str,
+                      disable: bool = False) -> dict[str, torch.Tensor]:
+    """`{name: extract}` applied to the files' pixels, every file read once: `{name: float32 CPU tensor}`."""
+    values = _features_of_files(list(extracts.values()), device, processor, paths, batch_size, description, disable)
+    return dict(zip(extracts, values))
+
+
+@torch.no_grad()
 def extract_features(tokenizer: LadmimTokenizerModel, processor: LadmimImageProcessor, paths: list[str],
                      batch_size: int, description: str, disable: bool = False) -> torch.Tensor:
     """Frozen backbone features `(num_images, C, g, g)` (float32, CPU) of image files, with a progress bar."""
@@ -69,6 +78,14 @@ class ScoringFeatures(NamedTuple):
     moved: torch.Tensor | None
     global_features: torch.Tensor | None
 
+    def model_inputs(self, start: int, stop: int, device=None) -> dict[str, torch.Tensor | None]:
+        """Rows `start:stop` as the detector's keywords `features`, `moved_features` and `global_features`
+        (moved to `device` when given)."""
+        def rows(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[start:stop].to(device)
+        return {"features": rows(self.features), "moved_features": rows(self.moved),
+                "global_features": rows(self.global_features)}
+
 
 @torch.no_grad()
 def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: LadmimImageProcessor, paths: list[str],
@@ -79,9 +96,7 @@ def extract_scoring_features(detector: LadmimForAnomalyDetection, processor: Lad
         extracts["moved"] = detector.extract_moved_features
     if detector.config.global_image_size is not None:
         extracts["global_features"] = detector.extract_global_features
-    values = _features_of_files(list(extracts.values()), detector.tokenizer.device, processor, paths, batch_size,
-                                description, disable)
-    found = dict(zip(extracts, values))
+    found = features_of_files(extracts, detector.tokenizer.device, processor, paths, batch_size, description, disable)
     return ScoringFeatures(found["features"], found.get("moved"), found.get("global_features"))
 
 
@@ -107,11 +122,10 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     device = next(model.parameters()).device
     scores: dict[str, list[torch.Tensor]] = {}
     moments: dict[str, list[float]] = {}  # pixel count, sum, sum of squares (float64)
+    inputs = ScoringFeatures(features, moved_features, global_features)
     for start in range(0, len(features), batch_size):
-        moved, global_chunk = (None if extra is None else extra[start:start + batch_size].to(device)
-                               for extra in (moved_features, global_features))
-        out = model(features=features[start:start + batch_size].to(device), moved_features=moved,
-                    global_features=global_chunk, category=category, num_masks=num_masks, seed=seed)
+        out = model(**inputs.model_inputs(start, start + batch_size, device), category=category, num_masks=num_masks,
+                    seed=seed)
         for branch, values in {**out.branch_scores(), **out.logical_components()}.items():
             scores.setdefault(branch, []).append(values.cpu())
         counted = None if normal is None else torch.as_tensor(normal[start:start + batch_size], dtype=torch.bool)
@@ -131,5 +145,5 @@ def branch_scores_and_map_statistics(model: LadmimForAnomalyDetection, features:
     return {branch: torch.cat(values) for branch, values in scores.items()}, statistics
 
 
-__all__ = ["ScoringFeatures", "branch_scores", "branch_scores_and_map_statistics", "extract_global_features",
-           "extract_features", "extract_moved_features", "extract_scoring_features"]
+__all__ = ["ScoringFeatures", "branch_scores", "branch_scores_and_map_statistics", "extract_features",
+           "extract_global_features", "extract_moved_features", "extract_scoring_features", "features_of_files"]

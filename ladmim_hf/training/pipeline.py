@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -36,7 +36,7 @@ from ..io_utils import atomic_save_directory, atomic_write_json, recover_interru
 from ..models.modeling_ladmim import LadmimForAnomalyDetection
 from ..models.modeling_ladmim_predictor import LadmimPredictorModel
 from ..models.modeling_ladmim_tokenizer import LadmimTokenizerModel
-from ..scoring import extract_global_features, extract_features, extract_moved_features
+from ..scoring import ScoringFeatures, features_of_files
 from .loop import Progress, _masks_for_step, _StopFlag, run_stage
 from .settings import SettingsError, TrainSettings, _check_resume
 
@@ -153,6 +153,33 @@ def global_cache_key(split: str, category: str, image_size: int) -> str:
     return f"{split}_{image_size}px/{category}"
 
 
+def split_cache_keys(model: LadmimForAnomalyDetection, split: str, category: str) -> dict[str, str]:
+    """The feature cache's keys of everything the model reads of a split's images, by `ScoringFeatures` field:
+    the tokenizer's `features`, with `logical_pose_step` the validation images `moved` (calibration scores
+    every pose), with `global_image_size` the larger image's `global_features` (the global branch fits and
+    scores on them)."""
+    keys = {"features": f"{split}/{category}"}
+    if split == "validation" and model.config.logical_pose_moves:
+        keys["moved"] = moved_cache_key(category, model.config.logical_pose_step)
+    if model.config.global_image_size is not None:
+        keys["global_features"] = global_cache_key(split, category, model.config.global_image_size)
+    return keys
+
+
+def split_extracts(model: LadmimForAnomalyDetection, split: str, category: str) -> dict[str, Callable]:
+    """`{feature cache key: extract}` of `split_cache_keys`: what computes each from the images' pixels."""
+    extracts = {"features": model.tokenizer.extract_features, "moved": model.extract_moved_features,
+                "global_features": model.extract_global_features}
+    return {key: extracts[field] for field, key in split_cache_keys(model, split, category).items()}
+
+
+def cached_split_features(model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor], split: str,
+                          category: str) -> ScoringFeatures:
+    """What the model scores a split's images from, out of the feature cache (`split_cache_keys`)."""
+    keys = split_cache_keys(model, split, category)
+    return ScoringFeatures(*(cache[keys[field]] if field in keys else None for field in ScoringFeatures._fields))
+
+
 def cache_features(
     run: TrainingRun,
 ) -> tuple[LadmimForAnomalyDetection, LadmimImageProcessor, dict[str, torch.Tensor], dict]:
@@ -160,7 +187,8 @@ def cache_features(
 
     Every split is listed (and its images checked) before the model is built or anything written.
     Returns the freshly built model (its tokenizer on the accelerator's device), the image processor,
-    the feature cache (`"train/<category>"`, `"validation/<category>"`) and each category's split.
+    the feature cache (`"train/<category>"`, `"validation/<category>"` and the other keys of `split_extracts`)
+    and each category's split.
     """
     settings, accelerator, categories, output_dir = run.settings, run.accelerator, run.categories, run.output_dir
     cache_path = output_dir / "cache" / "features.pt"
@@ -169,8 +197,6 @@ def cache_features(
         cache = torch.load(cache_path, weights_only=True)
     splits = {c: normal_split(run.layout, c, settings.holdout_fraction, settings.seed, settings.skip_bad_files)
               for c in categories}
-    to_extract = {f"{split}/{category}": getattr(splits[category], split)
-                  for category in categories for split in ("train", "validation") if f"{split}/{category}" not in cache}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -184,26 +210,14 @@ def cache_features(
     torch.manual_seed(settings.seed)
     model = build_model(settings, categories)
     processor = LadmimImageProcessor(size=model.config.tokenizer_config.image_size)
-    tokenizer = model.tokenizer.to(accelerator.device)
-    for key, paths in to_extract.items():
-        cache[key] = extract_features(tokenizer, processor, paths, settings.feature_batch_size, f"features {key}",
-                                      run.disable_bars)
-    # With logical_pose_step, calibration scores the validation images at the moved poses as well.
-    for category in categories if model.config.logical_pose_moves else []:
-        key = moved_cache_key(category, model.config.logical_pose_step)
-        if key not in cache:  # the backbone (in the tokenizer, already on the device) is all that runs
-            cache[key] = extract_moved_features(model, processor, splits[category].validation,
-                                                settings.feature_batch_size, f"features validation/{category}",
-                                                run.disable_bars)
-    # With global_image_size, the global branch fits and scores on the larger image's features.
-    size = model.config.global_image_size
-    for category in categories if size is not None else []:
-        for split in ("train", "validation"):
-            key = global_cache_key(split, category, size)
-            if key not in cache:
-                cache[key] = extract_global_features(model, processor, getattr(splits[category], split),
-                                                     settings.feature_batch_size, f"features {split}/{category}",
-                                                     run.disable_bars)
+    model.tokenizer.to(accelerator.device)  # the backbone is all that runs
+    for category in categories:
+        for split in ("train", "validation"):  # each image read once for every feature missing from the cache
+            missing = {key: extract for key, extract in split_extracts(model, split, category).items() if key not in cache}
+            if missing:
+                cache.update(features_of_files(missing, accelerator.device, processor, getattr(splits[category], split),
+                                               settings.feature_batch_size, f"features {split}/{category}",
+                                               run.disable_bars))
     if accelerator.is_main_process:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
@@ -311,13 +325,6 @@ def train_predictors(run: TrainingRun, model: LadmimForAnomalyDetection, cache: 
         accelerator.print(f"[{stage_name}] {run.summary[stage_name]}")
 
 
-def global_features(model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor], split: str,
-                    category: str) -> torch.Tensor | None:
-    """The cached features of a split at the model's `global_image_size` (None when that is unset)."""
-    size = model.config.global_image_size
-    return None if size is None else cache[global_cache_key(split, category, size)]
-
-
 def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[str, torch.Tensor]) -> dict:
     """Stage 3: calibration on normal validation images (never on test images). The structural map's
     residual statistics, the memory bank and the global branch are fitted on the training images,
@@ -327,20 +334,18 @@ def calibrate(run: TrainingRun, model: LadmimForAnomalyDetection, cache: dict[st
     for category in tqdm(categories, desc="feature branches", disable=run.disable_bars):
         if model.config.tokenizer_config.residual_normalization == "cell_channel":
             model.tokenizer.fit_residual_statistics(cache[f"train/{category}"], category)
-        model.fit_feature_branches(cache[f"train/{category}"], category, seed=settings.seed,
-                                   global_features=global_features(model, cache, "train", category))
+        train = cached_split_features(model, cache, "train", category)
+        model.fit_feature_branches(train.features, category, seed=settings.seed, global_features=train.global_features)
     model._warned_uncalibrated.update(categories)  # raw scores are exactly what calibration needs
     calibration = {}
     num_masks = settings.calibration_num_masks  # None: the model's num_masks
     for category in tqdm(categories, desc="calibration", disable=run.disable_bars):
-        features = cache[f"validation/{category}"]
-        moved = cache[moved_cache_key(category, model.config.logical_pose_step)] if model.config.logical_pose_moves else None
+        features, moved, global_features = cached_split_features(model, cache, "validation", category)
         warning = calibration_size_warning(len(features), settings.calibration_fpr)
         if warning:
             logger.warning("%s: %s", category, warning)
         calibration[category] = calibrate_category(model, features.to(run.accelerator.device), category, num_masks,
-                                                   settings.seed, settings.calibration_fpr, moved,
-                                                   global_features(model, cache, "validation", category))
+                                                   settings.seed, settings.calibration_fpr, moved, global_features)
     model.config.calibration = calibration
     return calibration
 
